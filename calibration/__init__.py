@@ -1,0 +1,1 @@
+"""Calibration of per-layer thresholds and warm-up steps (Optuna)."""

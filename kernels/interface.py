@@ -1,0 +1,183 @@
+"""Public LiteAttention entry point: validation, state sizing and backend dispatch.
+
+Three layers, as in FlashAttention:
+
+1. the backends (:func:`reference_forward`, the Triton kernel) share one tensor signature;
+2. ``torch.ops.litepatch.lite_attention_fwd``, a custom op (``torch.compile`` sees one node that
+   mutates the state tensors), whose CPU implementation is the reference and CUDA one the kernel;
+3. :func:`lite_attention`, which checks inputs, sizes the :class:`SkipState` and calls the op.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .reference import reference_forward
+from .state import DEFAULT_TILES, ORDERS, SkipState, TileConfig, normalize_ranges
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# name -> forward with the signature of ``reference_forward``; "reference" always exists.
+_BACKENDS: dict[str, Callable] = {"reference": reference_forward}
+# name -> (tiles for a head dim, predicate saying whether it can take the inputs)
+_BACKEND_TILES: dict[str, Callable[[int], TileConfig]] = {"reference": lambda head_dim: DEFAULT_TILES}
+
+
+def register_backend(name: str, forward: Callable, tiles: Callable[[int], TileConfig]) -> None:
+    """Registers a forward with :func:`reference_forward`'s signature and its tile choice per head dim."""
+    _BACKENDS[name] = forward
+    _BACKEND_TILES[name] = tiles
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def check_threshold(threshold: float) -> float:
+    """Returns ``threshold`` as a float; refuses NaN and positive values (log2 units, ≤ 0)."""
+    threshold = float(threshold)
+    if math.isnan(threshold):
+        raise ValueError("threshold is NaN; use a value <= 0 in log2 units (e.g. -6.0) or -inf to skip nothing")
+    if threshold > 0:
+        raise ValueError(
+            f"threshold must be <= 0 in log2 units (-10 conservative, 0 aggressive, -inf skips nothing), got {threshold}"
+        )
+    return threshold
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and head_dim "
+            "(layout [batch, seqlen, heads, head_dim]; grouped K/V heads are not supported)"
+        )
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        raise ValueError(f"empty sequence: q has {q.shape[1]} tokens, k has {k.shape[1]}")
+
+
+def _pick_backend(backend: str, device: torch.device) -> str:
+    if backend != "auto":
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
+        return backend
+    if device.type == "cuda" and "triton" not in _BACKENDS:
+        _load_triton_backend()
+    return "triton" if device.type == "cuda" and "triton" in _BACKENDS else "reference"
+
+
+def _load_triton_backend() -> None:
+    """Imports the Triton kernel (it registers itself); without Triton the reference serves CUDA too."""
+    try:
+        from . import triton_fwd  # noqa: F401
+    except ImportError:
+        pass
+
+
+def lite_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: SkipState | None = None,
+    *,
+    threshold: float = -10.0,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    order: str = "anchor",
+    must_compute_queries: Sequence[tuple[int, int]] | None = None,
+    must_compute_keys: Sequence[tuple[int, int]] | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LiteAttention forward: computes the tiles of ``state``'s read list and writes the next one.
+
+    Args:
+        q (`torch.Tensor`): ``(batch_size, seqlen_q, nheads, headdim)``, fp16/bf16 (fp32 on the reference).
+        k, v (`torch.Tensor`): ``(batch_size, seqlen_k, nheads, headdim)``. Any strides.
+        state (`SkipState`, *optional*): skip lists of this layer and branch, updated in place. A new or
+            reset state (or ``None``) computes every tile.
+        threshold (`float`, defaults to `-10.0`): skip test in log2 units; ``-inf`` skips nothing, ``0``
+            is the most aggressive allowed.
+        softmax_scale (`float`, *optional*): defaults to ``1/sqrt(headdim)``.
+        return_lse (`bool`, defaults to `False`): also return the natural-log LSE ``(batch_size, nheads, seqlen_q)``.
+        order (`str`, defaults to `"anchor"`): key-tile visiting order, ``"anchor"`` or ``"alternate"``.
+        must_compute_queries, must_compute_keys: ``[(start, end), ...]`` token ranges whose tiles are never
+            skipped (e.g. text tokens of joint attention).
+        backend (`str`, defaults to `"auto"`): ``"triton"`` on CUDA when installed, else ``"reference"``.
+
+    Returns:
+        ``out`` with the shape and dtype of ``q``, or ``(out, lse)``.
+
+    Example:
+        >>> state = SkipState()
+        >>> for step in range(50):
+        ...     out = lite_attention(q, k, v, state, threshold=-6.0)
+        >>> state.kept_fraction()
+    """
+    _check_inputs(q, k, v)
+    threshold = check_threshold(threshold)
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k = k.shape[1]
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    must_q = normalize_ranges(must_compute_queries, seq_q, "must_compute_queries")
+    must_k = normalize_ranges(must_compute_keys, seq_k, "must_compute_keys")
+    name = _pick_backend(backend, q.device)
+    tiles = _BACKEND_TILES[name](head_dim)
+    state = state if state is not None else SkipState()
+    shape = (batch, heads, seq_q, seq_k)
+    if not state.matches(shape, tiles, q.device, must_q, must_k):
+        state.initialize(shape, tiles, q.device, must_q, must_k)
+    must_q_mask, must_k_mask = state.must_masks(q.device)
+    descending = order == "alternate" and state.calls % 2 == 0
+    out, lse = torch.ops.litepatch.lite_attention_fwd(
+        q, k, v, state.keep, state.anchor, state.kept, must_q_mask, must_k_mask,
+        name, tiles.block_m, tiles.block_n, threshold, scale, order == "anchor", descending,
+    )
+    state.calls += 1
+    return (out, lse) if return_lse else out
+
+
+@torch.library.custom_op("litepatch::lite_attention_fwd", mutates_args=("keep", "anchor", "kept"))
+def _lite_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    anchor: torch.Tensor,
+    kept: torch.Tensor,
+    must_q: torch.Tensor,
+    must_k: torch.Tensor,
+    backend: str,
+    block_m: int,
+    block_n: int,
+    threshold: float,
+    softmax_scale: float,
+    use_anchor: bool,
+    descending: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _BACKENDS[backend](
+        q, k, v, keep, anchor, kept, must_q, must_k,
+        block_m=block_m, block_n=block_n, threshold=threshold, softmax_scale=softmax_scale,
+        use_anchor=use_anchor, descending=descending,
+    )
+
+
+@_lite_attention_fwd.register_fake
+def _(q, k, v, keep, anchor, kept, must_q, must_k, backend, block_m, block_n, threshold, softmax_scale,
+      use_anchor, descending):
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return q.new_empty(q.shape), lse

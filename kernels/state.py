@@ -1,0 +1,194 @@
+"""Skip state shared by every LiteAttention backend (the PyTorch reference and the Triton kernel).
+
+Layout (one :class:`SkipState` per attention layer x CFG branch; batch rows and heads inside it):
+
+* ``keep``: ``int32[B, H, q_tiles, n_words]``, ``n_words = ceil(k_tiles / 32)``. Bit ``j % 32`` of
+  word ``j // 32`` is set when key tile ``j`` is in the *read list* of that (batch row, head,
+  q-tile): the next call computes it. Bits at or beyond ``k_tiles`` are always zero. A call reads
+  the row and rewrites it in place (read list minus the tiles it found skippable); a program owns
+  its own row, so no double buffer is needed.
+* ``anchor``: ``int32[B, H, q_tiles]``: the key tile that held the q-tile's largest score in the
+  previous call. The next call visits it first, then the other read tiles in ascending order.
+* ``kept``: ``int64[]`` (0-dim, on the device): tiles computed by the last call, summed over all
+  batch rows, heads and q-tiles. Read lazily (no host sync per call).
+
+Memory at Wan2.1-14B 720p (B1, H40, S=75,600) with 128x64 tiles: 591 q-tiles x 37 words x 40 heads
+x 4 B = 3.34 MiB of ``keep`` plus 94 KiB of ``anchor`` per layer per branch (1.7 MiB with 128x128).
+
+Must-compute ranges (token ranges that are never skipped) are fixed when the state is created:
+a tile dropped earlier could not come back, so changing them re-initialises the state.
+
+Example:
+    >>> state = SkipState()
+    >>> out = lite_attention(q, k, v, state, threshold=-6.0)   # first call: every tile
+    >>> out = lite_attention(q, k, v, state, threshold=-6.0)   # reads the list the first call wrote
+    >>> state.kept_fraction()
+    0.41
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+TokenRanges = tuple[tuple[int, int], ...]
+
+ORDERS = ("anchor", "alternate")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes that fix the state layout: ``block_m`` query rows by ``block_n`` key rows."""
+
+    block_m: int = 128
+    block_n: int = 64
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
+DEFAULT_TILES = TileConfig()
+
+
+def normalize_ranges(ranges: Sequence[Sequence[int]] | None, length: int, what: str) -> TokenRanges:
+    """Validates ``[(start, end), ...]`` token ranges (end exclusive) against a sequence length."""
+    if not ranges:
+        return ()
+    out = []
+    for item in ranges:
+        if len(item) != 2:
+            raise ValueError(f"{what} must be (start, end) pairs, got {item!r}")
+        start, end = int(item[0]), int(item[1])
+        if not 0 <= start < end <= length:
+            raise ValueError(f"{what} range ({start}, {end}) is outside [0, {length}) or empty")
+        out.append((start, end))
+    return tuple(sorted(out))
+
+
+def tiles_touched(ranges: TokenRanges, block: int, n_tiles: int) -> torch.Tensor:
+    """Bool ``[n_tiles]``: tiles holding at least one token of the ranges."""
+    touched = torch.zeros(n_tiles, dtype=torch.bool)
+    for start, end in ranges:
+        touched[start // block : (end - 1) // block + 1] = True
+    return touched
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``[..., n]`` -> int32 ``[..., ceil(n / 32)]`` with bit ``j % 32`` of word ``j // 32``."""
+    n = mask.shape[-1]
+    n_words = max(1, math.ceil(n / 32))
+    padded = torch.zeros(*mask.shape[:-1], n_words * 32, dtype=torch.int64, device=mask.device)
+    padded[..., :n] = mask.to(torch.int64)
+    weights = torch.ones(32, dtype=torch.int64, device=mask.device) << torch.arange(32, device=mask.device)
+    words = (padded.view(*mask.shape[:-1], n_words, 32) * weights).sum(-1)
+    return (words - ((words >> 31) << 32)).to(torch.int32)  # two's complement into int32
+
+
+def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: int32 ``[..., n_words]`` -> bool ``[..., n]``."""
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :n].bool()
+
+
+@dataclass
+class SkipState:
+    """Skip lists of one attention layer for one CFG branch (all batch rows and heads).
+
+    Created empty; the first call sizes it from the shapes it sees and computes every tile. A call
+    with other shapes, tiles or must-compute ranges re-initialises it (that call is dense again).
+    """
+
+    keep: torch.Tensor | None = None
+    anchor: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
+    tiles: TileConfig = DEFAULT_TILES
+    shape: tuple[int, int, int, int] | None = None  # (B, H, seq_q, seq_k)
+    must_compute_queries: TokenRanges = ()
+    must_compute_keys: TokenRanges = ()
+    calls: int = 0
+    _must_masks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def initialized(self) -> bool:
+        return self.keep is not None
+
+    @property
+    def q_tiles(self) -> int:
+        return math.ceil(self.shape[2] / self.tiles.block_m)
+
+    @property
+    def k_tiles(self) -> int:
+        return math.ceil(self.shape[3] / self.tiles.block_n)
+
+    def total_tiles(self) -> int:
+        batch, heads = self.shape[:2]
+        return batch * heads * self.q_tiles * self.k_tiles
+
+    def reset(self) -> None:
+        """Forgets every skip decision: the next call computes all tiles again."""
+        self.keep = self.anchor = self.kept = None
+        self.shape = None
+        self.calls = 0
+
+    def matches(self, shape, tiles: TileConfig, device, must_q: TokenRanges, must_k: TokenRanges) -> bool:
+        return (
+            self.initialized
+            and self.shape == tuple(shape)
+            and self.tiles == tiles
+            and self.keep.device == device
+            and self.must_compute_queries == must_q
+            and self.must_compute_keys == must_k
+        )
+
+    def initialize(self, shape, tiles: TileConfig, device, must_q: TokenRanges, must_k: TokenRanges) -> None:
+        """Sizes the state for ``shape = (B, H, seq_q, seq_k)``; every tile is in the read list."""
+        self.shape = tuple(int(s) for s in shape)
+        self.tiles = tiles
+        self.must_compute_queries, self.must_compute_keys = must_q, must_k
+        self._must_masks = {}
+        batch, heads, seq_q, seq_k = self.shape
+        all_tiles = torch.ones(self.k_tiles, dtype=torch.bool, device=device)
+        self.keep = pack_bits(all_tiles).expand(batch, heads, self.q_tiles, -1).contiguous()
+        self.anchor = initial_anchor(seq_q, seq_k, tiles, device).expand(batch, heads, -1).contiguous()
+        self.kept = torch.zeros((), dtype=torch.int64, device=device)
+        self.calls = 0
+
+    def must_masks(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bool ``[q_tiles]``, bool ``[k_tiles]``): tiles that may never be marked skippable."""
+        if device not in self._must_masks:
+            must_q = tiles_touched(self.must_compute_queries, self.tiles.block_m, self.q_tiles)
+            must_k = tiles_touched(self.must_compute_keys, self.tiles.block_n, self.k_tiles)
+            self._must_masks[device] = (must_q.to(device), must_k.to(device))
+        return self._must_masks[device]
+
+    def read_list(self) -> torch.Tensor:
+        """Bool ``[B, H, q_tiles, k_tiles]``: the tiles the next call computes."""
+        return unpack_bits(self.keep, self.k_tiles)
+
+    def kept_fraction(self) -> float:
+        """Fraction of tiles the last call computed (1.0 before any call). Synchronises the device."""
+        if not self.initialized or self.calls == 0:
+            return 1.0
+        return float(self.kept) / self.total_tiles()
+
+    def nbytes(self) -> int:
+        """Bytes of skip state held on the device."""
+        return sum(t.numel() * t.element_size() for t in (self.keep, self.anchor, self.kept) if t is not None)
+
+
+def initial_anchor(seq_q: int, seq_k: int, tiles: TileConfig, device) -> torch.Tensor:
+    """int32 ``[q_tiles]``: the diagonal key tile when ``seq_q == seq_k``, else tile 0."""
+    q_tiles = math.ceil(seq_q / tiles.block_m)
+    if seq_q != seq_k:
+        return torch.zeros(q_tiles, dtype=torch.int32, device=device)
+    k_tiles = math.ceil(seq_k / tiles.block_n)
+    first_rows = torch.arange(q_tiles, device=device) * tiles.block_m
+    centre = torch.clamp(first_rows + tiles.block_m // 2, max=seq_q - 1)
+    return torch.clamp(centre // tiles.block_n, max=k_tiles - 1).to(torch.int32)

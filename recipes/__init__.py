@@ -1,0 +1,1 @@
+"""Recipes: schema, loading and saving, built-ins and the Hugging Face Hub."""
