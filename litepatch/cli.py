@@ -1,0 +1,50 @@
+"""The ``litepatch`` command. Each subcommand lives beside the code it drives and exposes
+``add_arguments(parser)`` and ``run(args) -> int``; this module only dispatches and turns errors
+into one clear line with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Modules are imported lazily: `litepatch --help` stays fast.
+COMMANDS = {
+    "demo": ("litepatch.demo.cli", "generate with the built-in demo DiT, dense vs litepatch, and compare"),
+    "inspect": ("litepatch.inspect_cli", "list the attention layers litepatch finds in a model"),
+    "recipes": ("litepatch.recipes.cli", "list, show, pull and push recipes"),
+    "calibrate": ("litepatch.calibration.cli", "search per-layer thresholds under a quality budget (JOB.yaml)"),
+}
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="litepatch", description="LiteAttention for diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        sub.choices[name].set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("litepatch: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, TypeError, FileNotFoundError, PermissionError, OSError, ImportError) as err:
+        print(f"litepatch {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
