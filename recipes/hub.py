@@ -1,0 +1,423 @@
+"""Recipes on the Hugging Face Hub: references, pull (into the huggingface_hub cache) and push (YAML + model card).
+
+A Hub reference is ``"org/repo/name[@revision]"``: the file ``name.yaml`` of the model repository
+``org/repo`` at ``revision`` (branch, tag or commit; default ``main``). A short ``"name[@revision]"``
+means the default recipes repository (see :func:`litepatch.recipes.default_recipes_repo`).
+
+Everything goes through the real ``huggingface_hub`` client, so its conventions hold: the cache
+directory (``HF_HUB_CACHE``/``HF_HOME``, or ``cache_dir=``), ``HF_HUB_OFFLINE=1`` (or
+``local_files_only=True``) to use only what is cached, ``HF_ENDPOINT`` for mirrors, the token from
+``hf auth login``/``HF_TOKEN`` or ``token=``. A pulled file is read with the same limits as a local
+one (:func:`litepatch.recipes.loads`) and the resolved commit goes into
+``recipe.provenance.hub_revision``.
+
+Example:
+    >>> from litepatch.recipes import push, pull, resolve
+    >>> push(recipe, "me/litepatch-recipes")                   # doctest: +SKIP
+    >>> path = pull("me/litepatch-recipes/wan2.1-14b-720p@main")  # doctest: +SKIP
+    >>> resolve("me/litepatch-recipes/wan2.1-14b-720p").provenance.hub_revision  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError, RecipeHubError, RecipeNotFoundError, RecipeValidationError
+from .io import check_name, default_recipes_repo, dumps, load, validate
+from .schema import Recipe
+
+_REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+README_NAME = "README.md"
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A parsed Hub reference: ``repo_id`` (``org/repo``), recipe ``name``, ``revision`` (None: main)."""
+
+    repo_id: str
+    name: str
+    revision: str | None = None
+    short: bool = False  # written without org/repo: looked up in the default repository
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.yaml"
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}/{self.name}" + (f"@{self.revision}" if self.revision else "")
+
+
+def check_repo_id(repo_id: object) -> str:
+    """Returns ``repo_id`` if it is ``org/repo`` with safe parts; raises :class:`RecipeValidationError`."""
+    if not isinstance(repo_id, str):
+        raise RecipeValidationError(f"Hub repository id must be a string 'org/repo', got {type(repo_id).__name__}")
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(_REPO_PART.match(p) and ".." not in p for p in parts) or "\\" in repo_id:
+        raise RecipeValidationError(
+            f"Hub repository id {repo_id!r} is not of the form 'org/repo' (letters, digits, '.', '_', '-'; "
+            "no '..', backslashes or extra '/')"
+        )
+    return repo_id
+
+
+def _check_revision(revision: object) -> str:
+    if not isinstance(revision, str) or not revision or any(c.isspace() for c in revision) or ".." in revision:
+        raise RecipeValidationError(
+            f"revision {revision!r} is not a valid branch, tag or commit name (no spaces, no '..')"
+        )
+    return revision
+
+
+def parse_ref(ref: str | HubRef, *, revision: str | None = None, recipes_repo: str | None = None) -> HubRef:
+    """Parses ``"org/repo/name[@revision]"`` or ``"name[@revision]"`` (default repository).
+
+    A revision in the reference and a different ``revision=`` argument are an error.
+
+    Example:
+        >>> parse_ref("org/repo/wan-720p@v1")
+        HubRef(repo_id='org/repo', name='wan-720p', revision='v1', short=False)
+    """
+    if isinstance(ref, HubRef):
+        base = ref
+    else:
+        if not isinstance(ref, str):
+            raise RecipeValidationError(f"Hub reference must be a string 'org/repo/name[@revision]', got {ref!r}")
+        body, sep, pinned = ref.partition("@")
+        pinned_rev = _check_revision(pinned) if sep else None
+        if "\\" in body or body.startswith("/") or os.path.isabs(body):
+            raise RecipeValidationError(
+                f"recipe reference {ref!r} contains a backslash or an absolute path; "
+                "use 'org/repo/name[@revision]' or a path to an existing .yaml file"
+            )
+        parts = body.split("/")
+        if any(p in ("..", ".") for p in parts):
+            raise RecipeValidationError(
+                f"recipe reference {ref!r} contains '..' or '.' path parts; use 'org/repo/name[@revision]'"
+            )
+        if len(parts) == 1:
+            base = HubRef(check_repo_id(default_recipes_repo(recipes_repo)), check_name(parts[0]), pinned_rev, True)
+        elif len(parts) == 3:
+            repo_id = check_repo_id(f"{parts[0]}/{parts[1]}")
+            base = HubRef(repo_id, check_name(parts[2], "recipe name in the Hub reference"), pinned_rev)
+        else:
+            raise RecipeValidationError(
+                f"recipe reference {ref!r} is neither a name, a path to an existing .yaml file nor "
+                "'org/repo/name[@revision]' (a Hub repository and a recipe name in it)"
+            )
+    if revision is not None:
+        _check_revision(revision)
+        if base.revision is not None and base.revision != revision:
+            raise RecipeValidationError(
+                f"recipe reference {ref!s} pins revision {base.revision!r} but revision={revision!r} was passed; "
+                "give only one"
+            )
+        base = dataclasses.replace(base, revision=revision)
+    return base
+
+
+def _hub_errors():
+    """The huggingface_hub error classes (``huggingface_hub.errors`` since 0.24, ``utils`` before)."""
+    try:
+        from huggingface_hub import errors
+    except ImportError:  # pragma: no cover - old huggingface_hub
+        from huggingface_hub import utils as errors
+    return errors
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _is_offline(local_files_only: bool | None) -> bool:
+    from huggingface_hub import constants
+
+    return bool(local_files_only) or bool(constants.HF_HUB_OFFLINE)
+
+
+def _translate(err: Exception, ref: HubRef, *, action: str, local_files_only: bool | None = None) -> RecipeError:
+    """One clear message per failure of the Hub client, saying what to do."""
+    errors = _hub_errors()
+    rev = ref.revision or "main"
+    if isinstance(err, errors.GatedRepoError):
+        return RecipeHubError(
+            f"Hub repository {ref.repo_id!r} is gated: accept its conditions on {_endpoint()}/{ref.repo_id} "
+            "and log in (`hf auth login` or HF_TOKEN)"
+        )
+    if isinstance(err, errors.RepositoryNotFoundError):
+        return RecipeNotFoundError(
+            f"Hub repository {ref.repo_id!r} not found on {_endpoint()} (or it is private): check the name, "
+            "or log in (`hf auth login`, HF_TOKEN or token=) if it is private"
+        )
+    if isinstance(err, errors.RevisionNotFoundError):
+        return RecipeNotFoundError(
+            f"revision {rev!r} not found in Hub repository {ref.repo_id!r}: check the branch, tag or commit, "
+            "or drop '@revision' to use main"
+        )
+    if isinstance(err, errors.LocalEntryNotFoundError):
+        if _is_offline(local_files_only):
+            return RecipeNotFoundError(
+                f"recipe {ref!s} is not in the local Hugging Face cache and Hub access is off "
+                "(HF_HUB_OFFLINE=1 or local_files_only=True): run `litepatch recipes pull "
+                f"{ref!s}` once while online, or unset HF_HUB_OFFLINE"
+            )
+        cause = err.__cause__ or err.__context__
+        detail = f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
+        return RecipeHubError(
+            f"could not reach the Hub at {_endpoint()} to {action} {ref!s}{detail} and it is not cached: "
+            "check your connection, proxy and HF_ENDPOINT, then retry"
+        )
+    if isinstance(err, errors.EntryNotFoundError):
+        return RecipeNotFoundError(
+            f"recipe {ref.name!r} ({ref.filename}) not found in Hub repository {ref.repo_id!r} at revision {rev!r}: "
+            f"check the name (files: {_endpoint()}/{ref.repo_id}/tree/{rev})"
+        )
+    if isinstance(err, errors.HfHubHTTPError):
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if status in (401, 403):
+            return RecipeHubError(
+                f"the Hub refused to {action} {ref!s} (HTTP {status}: {first}): log in with a token that has "
+                "access (`hf auth login`, HF_TOKEN or token=)"
+            )
+        return RecipeHubError(f"the Hub failed to {action} {ref!s} (HTTP {status}: {first}); retry later")
+    if isinstance(err, (ConnectionError, TimeoutError, OSError)) or type(err).__module__.startswith(("httpx", "requests")):
+        return RecipeHubError(
+            f"could not reach the Hub at {_endpoint()} to {action} {ref!s} ({type(err).__name__}: {err}): "
+            "check your connection, proxy and HF_ENDPOINT, then retry"
+        )
+    return RecipeHubError(f"could not {action} {ref!s}: {type(err).__name__}: {err}")
+
+
+def pull(
+    ref: str | HubRef,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+    recipes_repo: str | None = None,
+) -> Path:
+    """Downloads ``name.yaml`` into the huggingface_hub cache (or finds it there) and returns its path.
+
+    Offline afterwards: with ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` the cached copy is used
+    (for a pinned commit it is used without any network call in any case).
+
+    Raises:
+        RecipeNotFoundError: repository, revision or file not found, or offline with nothing cached.
+        RecipeHubError: network or server errors, authentication.
+
+    Example:
+        >>> path = pull("org/repo/wan2.1-14b-720p@main")  # doctest: +SKIP
+    """
+    from huggingface_hub import hf_hub_download
+
+    parsed = parse_ref(ref, revision=revision, recipes_repo=recipes_repo)
+    try:
+        path = hf_hub_download(
+            parsed.repo_id,
+            parsed.filename,
+            revision=parsed.revision,
+            cache_dir=cache_dir,
+            local_files_only=bool(local_files_only),
+            token=token,
+        )
+    except Exception as err:  # noqa: BLE001 - translated into one clear message per case
+        raise _translate(err, parsed, action="download", local_files_only=local_files_only) from err
+    return Path(path)
+
+
+def _commit_of(path: Path, parsed: HubRef) -> str | None:
+    """The commit of a file in the huggingface_hub cache: ``.../snapshots/<commit>/<file>``."""
+    if path.parent.parent.name == "snapshots" and _COMMIT.match(path.parent.name):
+        return path.parent.name
+    if parsed.revision and _COMMIT.match(parsed.revision):
+        return parsed.revision
+    return None
+
+
+def load_pulled(path: str | os.PathLike, parsed: HubRef) -> Recipe:
+    """Loads a pulled recipe and records the commit it came from in ``provenance.hub_revision``."""
+    path = Path(path)
+    recipe = load(path)
+    recipe.provenance.hub_revision = _commit_of(path, parsed)
+    return recipe
+
+
+# --------------------------------------------------------------------------------------------- push
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "not measured"
+    if isinstance(value, float) and math.isinf(value):
+        return "-inf" if value < 0 else "inf"
+    return format(value, spec)
+
+
+def _yaml_scalar(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def model_card(recipe: Recipe, repo_id: str, *, name: str | None = None) -> str:
+    """The README section for one recipe: quality/speed table, fingerprint, context, provenance, usage."""
+    name = name or recipe.name
+    m, c, fp, p = recipe.measured, recipe.context, recipe.fingerprint, recipe.provenance
+    lines = [
+        f"## `{name}`",
+        "",
+        recipe.description or "",
+        "",
+        "| quality / speed | value |",
+        "|---|---|",
+        f"| PSNR vs dense (dB) | {_fmt(m.psnr, '.2f')} |",
+        f"| SSIM vs dense | {_fmt(m.ssim, '.4f')} |",
+        f"| relative L2 vs dense | {_fmt(m.rel_l2, '.4g')} |",
+        f"| attention tiles computed | {_fmt(m.kept_fraction, '.1%')} |",
+        f"| speed-up | {_fmt(m.speedup, '.2f')}{'x' if m.speedup is not None else ''} |",
+        f"| hardware | {m.hardware or 'not recorded'} |",
+        f"| litepatch version | {m.litepatch_version or 'not recorded'} |",
+        "",
+        f"Default threshold {_fmt(recipe.threshold)} (log2 units), warm-up steps {recipe.warmup_steps}, "
+        f"visiting order `{recipe.order}`, {len(recipe.layers)} per-layer override(s).",
+        "",
+        "**Model fingerprint**: "
+        + (
+            f"`{fp.model_class or '?'}`, {fp.num_layers} attention layers, {fp.heads} heads, head dim {fp.head_dim}"
+            + (f" (layers `{fp.layer_names[0]}` ... `{fp.layer_names[-1]}`)" if fp.layer_names else "")
+            if fp is not None
+            else "none (applies to any model)"
+        ),
+        "",
+        f"**Context**: resolution {c.resolution or '-'}, frames {c.frames or '-'}, steps {c.steps or '-'}, "
+        f"scheduler {c.scheduler or '-'}, CFG {c.cfg_mode or '-'}.",
+        "",
+        f"**Provenance**: {p.source}" + (f"; budget {p.budget}" if p.budget else "")
+        + (f"; study {p.study}" if p.study else "") + (f"; {len(p.prompts)} prompt(s)" if p.prompts else "")
+        + (f", seeds {p.seeds}" if p.seeds else "") + ".",
+        "",
+    ]
+    if p.notes:
+        lines += [p.notes, ""]
+    lines += [
+        "```python",
+        "import litepatch",
+        f'handle = litepatch.apply(pipe.transformer, recipe="{repo_id}/{name}")  # pin a commit with @<sha>',
+        "video = pipe(prompt).frames",
+        "print(handle.stats())",
+        "```",
+        "",
+        f"CLI: `litepatch recipes show {repo_id}/{name}`",
+    ]
+    return "\n".join(lines).strip() + "\n"
+
+
+_HEADER = """---
+library_name: litepatch
+tags:
+- litepatch
+- liteattention
+- sparse-attention
+- diffusion
+---
+
+# LiteAttention recipes for litepatch
+
+Per-layer LiteAttention settings for [litepatch](https://github.com/litepatch/litepatch). Each `NAME.yaml`
+is a recipe: data only (YAML), checked against the model's fingerprint before it is applied.
+"""
+
+
+def _section_markers(name: str) -> tuple[str, str]:
+    return f"<!-- litepatch-recipe: {name} -->", f"<!-- /litepatch-recipe: {name} -->"
+
+
+def merge_readme(existing: str | None, section: str, name: str) -> str:
+    """Adds or replaces the section of recipe ``name`` in a repository README (other sections are kept)."""
+    start, end = _section_markers(name)
+    block = f"{start}\n{section}{end}\n"
+    if not existing or "<!-- litepatch-recipe:" not in existing:
+        text = existing if existing and existing.strip() else _HEADER
+        return text.rstrip("\n") + "\n\n" + block
+    if start in existing and end in existing:
+        before, _, rest = existing.partition(start)
+        _, _, after = rest.partition(end)
+        return before + block + after.lstrip("\n")
+    return existing.rstrip("\n") + "\n\n" + block
+
+
+def _existing_readme(api: Any, repo_id: str, revision: str | None, token: str | bool | None) -> str | None:
+    errors = _hub_errors()
+    try:
+        path = api.hf_hub_download(repo_id, README_NAME, revision=revision, token=token)
+    except (errors.EntryNotFoundError, errors.RevisionNotFoundError):
+        return None
+    with open(path, "rb") as f:
+        return f.read(1 << 20).decode("utf-8", errors="replace")
+
+
+def push(
+    recipe: Recipe,
+    repo_id: str,
+    *,
+    name: str | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+) -> Any:
+    """Uploads ``recipe`` as ``<name>.yaml`` plus its section of the README model card, in one commit.
+
+    Creates the repository when missing (``private`` applies then). The README keeps the sections of
+    the other recipes in the repository. Returns huggingface_hub's ``CommitInfo`` (``.oid`` is the
+    commit to pin: ``org/repo/name@<oid>``).
+
+    Raises:
+        RecipeValidationError: the recipe, name or repo_id is invalid (nothing is uploaded).
+        RecipeNotFoundError, RecipeHubError: as in :func:`pull`.
+
+    Example:
+        >>> info = push(recipe, "me/litepatch-recipes", commit_message="Wan 720p, psnr>=30")  # doctest: +SKIP
+        >>> info.oid  # doctest: +SKIP
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    if not isinstance(recipe, Recipe):
+        raise RecipeValidationError(f"push expects a litepatch Recipe, got {type(recipe).__name__}; load() it first")
+    name = check_name(name or recipe.name)
+    check_repo_id(repo_id)
+    if revision is not None:
+        _check_revision(revision)
+    to_upload = dataclasses.replace(
+        recipe, name=name, provenance=dataclasses.replace(recipe.provenance, hub_revision=None)
+    )
+    validate(to_upload)
+    text = dumps(to_upload)
+    ref = HubRef(repo_id, name, revision)
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+        readme = merge_readme(_existing_readme(api, repo_id, revision, token), model_card(to_upload, repo_id), name)
+        operations = [
+            CommitOperationAdd(path_in_repo=ref.filename, path_or_fileobj=text.encode("utf-8")),
+            CommitOperationAdd(path_in_repo=README_NAME, path_or_fileobj=readme.encode("utf-8")),
+        ]
+        return api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or f"litepatch: upload recipe {name}",
+            revision=revision,
+            token=token,
+        )
+    except RecipeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - translated into one clear message per case
+        raise _translate(err, ref, action="upload") from err
