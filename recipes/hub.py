@@ -163,13 +163,13 @@ def _translate(err: Exception, ref: HubRef, *, action: str, local_files_only: bo
             "or drop '@revision' to use main"
         )
     if isinstance(err, errors.LocalEntryNotFoundError):
-        if _is_offline(local_files_only):
+        cause = err.__cause__ or err.__context__
+        if _is_offline(local_files_only) or isinstance(cause, getattr(errors, "OfflineModeIsEnabled", ())):
             return RecipeNotFoundError(
                 f"recipe {ref!s} is not in the local Hugging Face cache and Hub access is off "
                 "(HF_HUB_OFFLINE=1 or local_files_only=True): run `litepatch recipes pull "
                 f"{ref!s}` once while online, or unset HF_HUB_OFFLINE"
             )
-        cause = err.__cause__ or err.__context__
         detail = f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
         return RecipeHubError(
             f"could not reach the Hub at {_endpoint()} to {action} {ref!s}{detail} and it is not cached: "
