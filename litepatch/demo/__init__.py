@@ -1,0 +1,1 @@
+"""The built-in demo: a small trained Wan-like video DiT, its procedural data and sampler."""

@@ -1,0 +1,378 @@
+"""The built-in demo DiT: a small Wan-like video diffusion transformer.
+
+It works directly in a tiny RGB "latent" space (3 channels, values in [-1, 1]), so decoding is a
+rescale. Layout and naming follow the original Wan repository, scaled down:
+
+* patchify ``[B, C, F, H, W]`` with a ``Conv3d`` (patch ``(1, 2, 2)``) into tokens ordered
+  frame-major (frame, row, column);
+* each :class:`DemoBlock`: AdaLN-modulated self-attention with 3D rotary embedding (time, height,
+  width) and RMS-normalised q/k, cross-attention to the condition tokens, AdaLN-modulated MLP;
+* the timestep (``0..1000``, flow-matching sigma times 1000) drives the AdaLN modulation;
+* the condition is three tokens (shape, colour, direction); index ``-1`` (or ``cond=None``) is
+  the "null" token used for classifier-free guidance;
+* the output is the flow-matching velocity ``noise - x0``.
+
+Self-attention calls ``torch.nn.functional.scaled_dot_product_attention`` on ``[B, H, S, D]``
+tensors, which is what the litepatch patcher finds and replaces.
+
+Example:
+    >>> model = load_demo_model()                       # the committed trained weights
+    >>> latents = torch.randn(1, 3, 8, 32, 32)
+    >>> cond = torch.tensor([[0, 1, 2]])                # circle, green, moving right (see data.py)
+    >>> velocity = model(latents, timestep=torch.tensor([500.0]), cond=cond)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHTS_FILE = "demo_dit.safetensors"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Shape of the demo model and of the videos it makes (defaults: the committed weights)."""
+
+    in_channels: int = 3
+    frames: int = 8
+    height: int = 32
+    width: int = 32
+    patch: tuple[int, int, int] = (1, 2, 2)
+    dim: int = 128
+    heads: int = 2
+    ffn_dim: int = 512
+    layers: int = 6
+    freq_dim: int = 128
+    cond_vocab: tuple[int, int, int] = (4, 6, 4)  # shapes, colours, directions (see data.py)
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"head_dim must be even and >= 6, got {self.head_dim}")
+        for size, p, name in zip((self.frames, self.height, self.width), self.patch, ("frames", "height", "width")):
+            if size % p:
+                raise ValueError(f"{name} {size} is not divisible by its patch size {p}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Token grid (frames, rows, columns) of one video."""
+        return (self.frames // self.patch[0], self.height // self.patch[1], self.width // self.patch[2])
+
+    @property
+    def seq_len(self) -> int:
+        return math.prod(self.grid)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DemoConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown DemoConfig keys {unknown}; known: {sorted(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values)
+
+
+def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[B]`` timesteps -> ``[B, dim]`` (cos, sin) features, as in Wan."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=timestep.device) / half)
+    angles = timestep.double()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+def rope_frequencies(grid: tuple[int, int, int], head_dim: int, theta: float, device) -> torch.Tensor:
+    """Complex ``[S, head_dim // 2]`` rotations for a (frames, rows, columns) grid, frame-major.
+
+    The head dim is split as in Wan: ``2 * (d // 6)`` dims each for rows and columns, the rest for time.
+    """
+    half = head_dim // 2
+    split_hw = (head_dim // 6)
+    split_t = half - 2 * split_hw
+    parts = []
+    for axis, n_pairs in enumerate((split_t, split_hw, split_hw)):
+        freqs = 1.0 / theta ** (torch.arange(n_pairs, dtype=torch.float64, device=device) / n_pairs)
+        pos = torch.arange(grid[axis], dtype=torch.float64, device=device)
+        angles = pos[:, None] * freqs[None]  # [grid[axis], n_pairs]
+        shape = [1, 1, 1, n_pairs]
+        shape[axis] = grid[axis]
+        parts.append(angles.view(shape).expand(*grid, n_pairs))
+    angles = torch.cat(parts, dim=-1).reshape(-1, half)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotates ``x`` ``[B, H, S, D]`` by ``freqs`` ``[S, D/2]`` (adjacent pairs are complex numbers)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs).flatten(-2).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
+class WanSelfAttention(nn.Module):
+    """Self-attention over the video tokens with 3D RoPE; calls SDPA with ``[B, H, S, D]``."""
+
+    def __init__(self, dim: int, heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # [B, H, S, D]
+
+    def query_key(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated ``q`` and ``k`` ``[B, H, S, D]`` (what the attention scores are made of)."""
+        q = apply_rope(self._split(self.norm_q(self.q(x))), freqs)
+        k = apply_rope(self._split(self.norm_k(self.k(x))), freqs)
+        return q, k
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        q, k = self.query_key(x, freqs)
+        v = self._split(self.v(x))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class WanCrossAttention(nn.Module):
+    """Cross-attention from the video tokens to the condition tokens (kept dense by litepatch)."""
+
+    def __init__(self, dim: int, heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q = self._split(self.norm_q(self.q(x)))
+        k = self._split(self.norm_k(self.k(context)))
+        v = self._split(self.v(context))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class DemoBlock(nn.Module):
+    """One Wan block: modulated self-attention, cross-attention, modulated MLP."""
+
+    def __init__(self, cfg: DemoConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = WanSelfAttention(dim, cfg.heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(dim, eps=cfg.eps)
+        self.cross_attn = WanCrossAttention(dim, cfg.heads, cfg.eps)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(1)  # each [B, dim]
+        y = self.self_attn(self.norm1(x) * (1 + scale1[:, None]) + shift1[:, None], freqs)
+        x = x + gate1[:, None] * y
+        x = x + self.cross_attn(self.norm3(x), context)
+        y = self.ffn(self.norm2(x) * (1 + scale2[:, None]) + shift2[:, None])
+        return x + gate2[:, None] * y
+
+
+class DemoDiT(nn.Module):
+    """The demo video DiT. ``forward(latents, timestep=t, cond=c)`` returns the velocity.
+
+    Args:
+        latents: ``[B, C, F, H, W]``.
+        timestep: ``[B]`` or a scalar, flow-matching sigma times 1000.
+        cond: long ``[B, 3]`` (shape, colour, direction; ``-1`` = null) or ``None`` (unconditional).
+    """
+
+    def __init__(self, config: DemoConfig | None = None):
+        super().__init__()
+        cfg = self.config = config or DemoConfig()
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch, stride=cfg.patch)
+        # one table per condition slot; the last row of each is the null token (CFG)
+        self.cond_embedding = nn.ModuleList(nn.Embedding(n + 1, dim) for n in cfg.cond_vocab)
+        self.text_embedding = nn.Sequential(nn.Linear(dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(DemoBlock(cfg) for _ in range(cfg.layers))
+        self.head_norm = nn.LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.head_modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.head = nn.Linear(dim, cfg.in_channels * math.prod(cfg.patch))
+        self._freqs: dict = {}
+
+    def null_cond(self, batch: int, device=None) -> torch.Tensor:
+        return torch.full((batch, len(self.config.cond_vocab)), -1, dtype=torch.long, device=device)
+
+    def embed_condition(self, cond: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        """``[B, 3]`` indices (``-1`` = null) -> ``[B, 3, dim]`` condition tokens."""
+        if cond is None:
+            cond = self.null_cond(batch, device)
+        cond = torch.as_tensor(cond, device=device).long()
+        if cond.dim() == 1:
+            cond = cond.expand(batch, -1)
+        if cond.shape != (batch, len(self.config.cond_vocab)):
+            raise ValueError(f"cond must be [batch={batch}, {len(self.config.cond_vocab)}], got {tuple(cond.shape)}")
+        tokens = []
+        for slot, (table, n) in enumerate(zip(self.cond_embedding, self.config.cond_vocab)):
+            idx = cond[:, slot]
+            if bool(((idx < -1) | (idx >= n)).any()):
+                raise ValueError(f"cond slot {slot} must be in [-1, {n - 1}], got {idx.tolist()}")
+            tokens.append(table(torch.where(idx < 0, n, idx)))
+        return self.text_embedding(torch.stack(tokens, dim=1))
+
+    def _rope(self, grid: tuple[int, int, int], device) -> torch.Tensor:
+        key = (grid, str(device))
+        if key not in self._freqs:
+            self._freqs[key] = rope_frequencies(grid, self.config.head_dim, self.config.rope_theta, device)
+        return self._freqs[key]
+
+    def forward(
+        self, latents: torch.Tensor, timestep: torch.Tensor | float, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        cfg = self.config
+        if latents.dim() != 5 or latents.shape[1] != cfg.in_channels:
+            raise ValueError(f"latents must be [B, {cfg.in_channels}, F, H, W], got {tuple(latents.shape)}")
+        batch = latents.shape[0]
+        timestep = torch.as_tensor(timestep, device=latents.device, dtype=torch.float32)
+        if timestep.dim() == 0:
+            timestep = timestep.expand(batch)
+        x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)  # [B, S, dim], frame-major
+        t_emb = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(x.dtype))
+        e = self.time_projection(t_emb).unflatten(1, (6, cfg.dim))
+        context = self.embed_condition(cond, batch, latents.device).to(x.dtype)
+        freqs = self._rope(grid, latents.device)
+        for block in self.blocks:
+            x = block(x, e, context, freqs)
+        shift, scale = (self.head_modulation + t_emb[:, None]).unbind(1)
+        x = self.head(self.head_norm(x) * (1 + scale[:, None]) + shift[:, None])
+        return self._unpatchify(x, grid).to(latents.dtype)
+
+    def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        pf, ph, pw = self.config.patch
+        c = self.config.in_channels
+        x = x.view(x.shape[0], *grid, pf, ph, pw, c)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # B, C, F, pf, H, ph, W, pw
+        return x.reshape(x.shape[0], c, grid[0] * pf, grid[1] * ph, grid[2] * pw)
+
+
+def default_weights_path() -> Path:
+    """Path of the committed trained weights inside the installed package."""
+    return Path(str(resources.files("litepatch") / "assets" / WEIGHTS_FILE))
+
+
+def save_demo_model(model: DemoDiT, path: str | Path, metadata: dict | None = None) -> None:
+    """Writes fp16 weights plus the config (and ``metadata``) as safetensors metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
+    meta = {"config": json.dumps(model.config.to_dict())}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_demo_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> DemoDiT:
+    """Loads the demo DiT (default: the committed trained weights) in fp32 eval mode.
+
+    Example:
+        >>> model = load_demo_model()
+        >>> model.config.seq_len
+        2048
+    """
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path) if path is not None else default_weights_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"demo weights not found at {path}; train them with benchmarks/train_demo.py")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if "config" not in meta:
+            raise ValueError(f"{path} has no 'config' metadata; it was not written by save_demo_model")
+        config = DemoConfig.from_dict(json.loads(meta["config"]))
+        state = {k: f.get_tensor(k).float() for k in f.keys()}
+    model = DemoDiT(config)
+    model.load_state_dict(state, strict=True)
+    model.training_metadata = meta
+    return model.to(device).eval()
+
+
+def neighbourhood_mask(grid: tuple[int, int, int], radius: tuple[int, int, int], device=None) -> torch.Tensor:
+    """Bool ``[S, S]``: key token within ``radius`` (frames, rows, columns) of the query token."""
+    coords = torch.stack(
+        torch.meshgrid(*(torch.arange(g, device=device) for g in grid), indexing="ij"), dim=-1
+    ).reshape(-1, 3)
+    diff = (coords[:, None, :] - coords[None, :, :]).abs()
+    return (diff <= torch.tensor(radius, device=device)).all(-1)
+
+
+@torch.no_grad()
+def attention_locality(
+    model: DemoDiT,
+    latents: torch.Tensor,
+    timestep: torch.Tensor | float,
+    cond: torch.Tensor | None = None,
+    radius: tuple[int, int, int] = (1, 2, 2),
+) -> dict:
+    """Fraction of self-attention probability mass inside a spatio-temporal neighbourhood.
+
+    ``radius`` is in tokens (frames, rows, columns). Returns ``{"per_layer": [...], "mean": m,
+    "uniform": u}``, ``u`` being what uniform attention would give (the neighbourhood's share of keys).
+
+    Example:
+        >>> videos, cond = make_videos(2, seed=0)
+        >>> attention_locality(load_demo_model(), videos, 500.0, cond)["mean"]
+        0.6...
+    """
+    captured: list[tuple[WanSelfAttention, torch.Tensor, torch.Tensor]] = []
+
+    def hook(module, args):
+        captured.append((module, args[0], args[1]))
+
+    handles = [block.self_attn.register_forward_pre_hook(hook) for block in model.blocks]
+    try:
+        model(latents, timestep=timestep, cond=cond)
+    finally:
+        for h in handles:
+            h.remove()
+    grid = tuple(s // p for s, p in zip(latents.shape[2:], model.config.patch))
+    mask = neighbourhood_mask(grid, radius, latents.device)
+    per_layer = []
+    for module, x, freqs in captured:
+        q, k = module.query_key(x, freqs)
+        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
+        per_layer.append(float((probs * mask).sum(-1).mean()))
+    return {"per_layer": per_layer, "mean": sum(per_layer) / len(per_layer), "uniform": float(mask.float().mean())}

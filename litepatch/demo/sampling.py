@@ -1,0 +1,108 @@
+"""Flow-matching Euler sampler with classifier-free guidance, and the demo's image metrics.
+
+The model is called like a diffusers transformer, ``model(latents, timestep=t, cond=c)``, once per
+CFG branch (sequential CFG: conditional first, then unconditional, with the same timestep), which is
+how the litepatch patcher tells branches and steps apart.
+
+Example:
+    >>> model = load_demo_model()
+    >>> latents = sample(model, torch.tensor([[0, 0, 1]]), steps=30, seed=0)   # red circle moving right
+    >>> frames = to_frames(latents)                                            # uint8 [1, 8, 32, 32, 3]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """``steps + 1`` sigmas from 1 to 0 (Wan/SD3 time shift ``shift * s / (1 + (shift - 1) * s)``)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return (shift * s / (1 + (shift - 1) * s)).float()
+
+
+def initial_noise(batch: int, shape: tuple[int, int, int, int], seed: int) -> torch.Tensor:
+    """Seeded Gaussian noise ``[batch, *shape]``, drawn on the CPU so every device starts from the same."""
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(int(seed)))
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    cond: torch.Tensor,
+    *,
+    steps: int = 50,
+    guidance: float = 4.0,
+    shift: float = 1.0,
+    seed: int = 0,
+    noise: torch.Tensor | None = None,
+    callback: Callable[[int, float, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Generates ``[B, C, F, H, W]`` latents for ``cond`` ``[B, 3]`` with ``steps`` Euler steps.
+
+    ``guidance`` 1.0 skips the unconditional branch. ``callback(step, sigma, latents)`` runs after each step.
+    """
+    param = next(model.parameters())
+    cond = torch.as_tensor(cond, device=param.device).long()
+    if cond.dim() == 1:
+        cond = cond[None]
+    cfg = model.config
+    if noise is None:
+        noise = initial_noise(cond.shape[0], (cfg.in_channels, cfg.frames, cfg.height, cfg.width), seed)
+    x = noise.to(param.device, torch.float32)
+    sigmas = flow_sigmas(steps, shift)
+    for i in range(steps):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        t = torch.full((x.shape[0],), sigma * 1000.0, device=x.device)
+        velocity = model(x, timestep=t, cond=cond).float()
+        if guidance != 1.0:
+            uncond = model(x, timestep=t, cond=None).float()
+            velocity = uncond + guidance * (velocity - uncond)
+        x = x + (sigma_next - sigma) * velocity
+        if callback is not None:
+            callback(i, sigma, x)
+    return x
+
+
+def to_frames(latents: torch.Tensor) -> torch.Tensor:
+    """Decodes demo latents ``[B, 3, F, H, W]`` in ``[-1, 1]`` to uint8 RGB frames ``[B, F, H, W, 3]``."""
+    return ((latents.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> float:
+    """Peak signal-to-noise ratio in dB of ``x`` against ``ref`` (``inf`` when equal)."""
+    mse = float((x.float() - ref.float()).pow(2).mean())
+    if mse == 0:
+        return float("inf")
+    return 10.0 * torch.log10(torch.tensor(data_range**2 / mse)).item()
+
+
+def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0, window: int = 7) -> float:
+    """Mean SSIM over frames and channels of ``[B, C, F, H, W]`` videos (Gaussian window, sigma 1.5)."""
+    if x.shape != ref.shape or x.dim() != 5:
+        raise ValueError(f"ssim needs two [B, C, F, H, W] tensors of one shape, got {tuple(x.shape)}, {tuple(ref.shape)}")
+    b, c, f, h, w = x.shape
+    a = x.float().permute(0, 2, 1, 3, 4).reshape(b * f * c, 1, h, w)
+    r = ref.float().permute(0, 2, 1, 3, 4).reshape(b * f * c, 1, h, w)
+    coords = torch.arange(window, dtype=torch.float32) - (window - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = (g / g.sum()).to(a.device)
+    kernel = (g[:, None] * g[None, :])[None, None]
+
+    def blur(t):
+        return F.conv2d(t, kernel)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_r = blur(a), blur(r)
+    var_a = blur(a * a) - mu_a**2
+    var_r = blur(r * r) - mu_r**2
+    cov = blur(a * r) - mu_a * mu_r
+    s = ((2 * mu_a * mu_r + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_r**2 + c1) * (var_a + var_r + c2))
+    return float(s.mean())
