@@ -1,2 +1,30 @@
-"""litepatch: LiteAttention for diffusion transformers."""
+"""litepatch: LiteAttention for diffusion transformers.
+
+>>> import litepatch
+>>> handle = litepatch.apply(pipe.transformer, threshold=-6.0, warmup_steps=8)
+>>> video = pipe(prompt, num_inference_steps=50).frames
+>>> print(handle.stats().table())
+>>> handle.remove()
+"""
+
 __version__ = "0.1.0"
+
+from .api import DEFAULT_THRESHOLD, LiteHandle, apply, fingerprint, inspect, remove  # noqa: E402
+from .discovery import AttentionLayerInfo  # noqa: E402
+from .recipes.schema import LayerSetting, ModelFingerprint, Recipe  # noqa: E402
+from .stats import LiteStats  # noqa: E402
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "AttentionLayerInfo",
+    "LayerSetting",
+    "LiteHandle",
+    "LiteStats",
+    "ModelFingerprint",
+    "Recipe",
+    "__version__",
+    "apply",
+    "fingerprint",
+    "inspect",
+    "remove",
+]

@@ -1,0 +1,383 @@
+"""The public front door: :func:`apply`, :func:`remove`, :func:`inspect`, :func:`fingerprint`.
+
+Example:
+    >>> import litepatch
+    >>> handle = litepatch.apply(pipe.transformer, threshold=-6.0, warmup_steps=8)
+    >>> video = pipe(prompt, num_inference_steps=50).frames      # unchanged user code
+    >>> print(handle.stats().table())
+    >>> handle.remove()                                          # the model is exactly as before
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+import torch
+
+from .discovery import AttentionLayerInfo, find_attention_layers
+from .hooks import LayerPatch, RootPatch, Runtime
+from .kernels import ORDERS, check_threshold
+from .recipes.schema import LayerSetting, ModelFingerprint, Recipe
+from .stats import LiteStats
+
+DEFAULT_THRESHOLD = -10.0
+
+
+def _roots(model) -> list[tuple[str, torch.nn.Module]]:
+    """(name prefix, module) pairs to patch: the module itself, or a pipeline's transformer(s)."""
+    if isinstance(model, torch.nn.Module):
+        return [("", model)]
+    transformer = getattr(model, "transformer", None)
+    if isinstance(transformer, torch.nn.Module):
+        roots = [("", transformer)]
+        second = getattr(model, "transformer_2", None)
+        if isinstance(second, torch.nn.Module):
+            roots.append(("transformer_2.", second))
+        return roots
+    raise TypeError(
+        f"expected a torch.nn.Module or a diffusers pipeline with a .transformer, got {type(model).__name__}"
+    )
+
+
+def _layers(model) -> list[tuple[AttentionLayerInfo, torch.nn.Module, torch.nn.Module]]:
+    found = []
+    for prefix, root in _roots(model):
+        for info, module in find_attention_layers(root):
+            if prefix:
+                info = dataclasses.replace(info, name=prefix + info.name)
+            found.append((info, module, root))
+    return found
+
+
+def inspect(model) -> list[AttentionLayerInfo]:
+    """Lists the attention layers litepatch finds, how it classified them and why (a dry run).
+
+    Args:
+        model: a ``torch.nn.Module`` or a diffusers pipeline (its ``.transformer``, and ``.transformer_2``
+            of Wan2.2, whose layer names get the prefix ``"transformer_2."``).
+
+    Example:
+        >>> for info in litepatch.inspect(pipe.transformer):
+        ...     print(info.name, info.kind, info.heads, info.head_dim, info.reason)
+        blocks.0.attn1 self 12 128 diffusers: queries and keys from the same tokens
+        blocks.0.attn2 cross 12 128 diffusers: is_cross_attention=True
+    """
+    return [info for info, _, _ in _layers(model)]
+
+
+def fingerprint(model) -> ModelFingerprint:
+    """What identifies ``model`` for recipes: class, number of sparse layers, heads, head dim, their names.
+
+    Example:
+        >>> litepatch.fingerprint(transformer).num_layers
+        30
+    """
+    roots = _roots(model)
+    sparse = [info for info in inspect(model) if info.sparse]
+    return ModelFingerprint(
+        model_class=type(roots[0][1]).__name__,
+        num_layers=len(sparse),
+        heads=sparse[0].heads if sparse else 0,
+        head_dim=sparse[0].head_dim if sparse else 0,
+        layer_names=[info.name for info in sparse],
+    )
+
+
+def _as_recipe(recipe) -> Recipe:
+    if recipe is None:
+        return Recipe(name="custom", threshold=DEFAULT_THRESHOLD)
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (str, os.PathLike)):
+        try:
+            from .recipes import resolve
+        except ImportError:
+            try:
+                from .recipes.io import resolve
+            except ImportError as err:
+                raise ImportError(f"cannot resolve recipe {recipe!r}: litepatch.recipes has no resolve ({err})")
+        return resolve(recipe)
+    raise TypeError(f"recipe must be a Recipe, a path or a recipe name, got {type(recipe).__name__}")
+
+
+def _layer_settings(layers: Mapping) -> dict[str, LayerSetting]:
+    if not isinstance(layers, Mapping):
+        raise TypeError(f"layers must be a dict of {{pattern: LayerSetting | float}}, got {type(layers).__name__}")
+    out = {}
+    for pattern, setting in layers.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError(f"layers keys must be non-empty fnmatch patterns (str), got {pattern!r}")
+        if isinstance(setting, LayerSetting):
+            out[pattern] = setting
+        elif isinstance(setting, (int, float)) and not isinstance(setting, bool):
+            out[pattern] = LayerSetting(threshold=float(setting))
+        elif setting is None:
+            out[pattern] = LayerSetting(dense=True)
+        else:
+            raise TypeError(
+                f"layers[{pattern!r}] must be a LayerSetting, a threshold (float) or None (dense), got {setting!r}"
+            )
+    return out
+
+
+def _effective_recipe(recipe, threshold, warmup_steps, order, layers) -> Recipe:
+    recipe = _as_recipe(recipe)
+    changes = {}
+    if threshold is not None:
+        changes["threshold"] = check_threshold(threshold)
+        changes["schedule"] = []
+    if warmup_steps is not None:
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        changes["warmup_steps"] = warmup_steps
+    if order is not None:
+        changes["order"] = order
+    if layers is not None:
+        changes["layers"] = _layer_settings(layers)
+    recipe = dataclasses.replace(recipe, **changes) if changes else dataclasses.replace(recipe)
+    _validate_recipe(recipe)
+    return recipe
+
+
+def _validate_recipe(recipe: Recipe) -> None:
+    check_threshold(recipe.threshold)
+    for value in recipe.schedule:
+        check_threshold(value)
+    if recipe.order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {recipe.order!r}")
+    if not isinstance(recipe.warmup_steps, int) or recipe.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {recipe.warmup_steps!r}")
+    for pattern, setting in recipe.layers.items():
+        if setting.threshold is not None:
+            check_threshold(setting.threshold)
+        for value in setting.schedule:
+            check_threshold(value)
+
+
+def _check_against_model(recipe: Recipe, model, allow_mismatch: bool) -> None:
+    import fnmatch
+
+    model_fp = fingerprint(model)
+    unmatched = [p for p in recipe.layers if not any(fnmatch.fnmatchcase(n, p) for n in model_fp.layer_names)]
+    if unmatched:
+        examples = ", ".join(model_fp.layer_names[:3]) or "none found"
+        raise ValueError(
+            f"layer pattern(s) {', '.join(map(repr, unmatched))} match no self/joint attention layer of "
+            f"{model_fp.model_class} (its layers look like {examples}; see litepatch.inspect(model))"
+        )
+    try:
+        from .recipes import check_fingerprint
+    except ImportError:
+        try:
+            from .recipes.io import check_fingerprint
+        except ImportError:
+            check_fingerprint = None
+    if check_fingerprint is not None:
+        check_fingerprint(recipe, model_fp, allow_mismatch=allow_mismatch)
+
+
+class LiteHandle:
+    """A patched model: statistics, reconfiguration and removal. Returned by :func:`apply`.
+
+    Attributes:
+        layers: names of the patched (self and joint) attention layers.
+        recipe: the effective :class:`~litepatch.recipes.schema.Recipe` (keyword overrides applied).
+        step, branch, generation: where the running generation is (read by the calibrator).
+    """
+
+    def __init__(self, model, runtime: Runtime, roots: list[torch.nn.Module], modules: dict[str, torch.nn.Module]):
+        self.model = model
+        self._runtime = runtime
+        self._roots = roots
+        self._modules = modules
+        self._removed = False
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._runtime.layers)
+
+    @property
+    def recipe(self) -> Recipe:
+        return self._runtime.recipe
+
+    @property
+    def step(self) -> int:
+        return max(self._runtime.tracker.step, 0)
+
+    @property
+    def branch(self):
+        return self._runtime.tracker.branch
+
+    @property
+    def generation(self) -> int:
+        return self._runtime.tracker.generation
+
+    @property
+    def active(self) -> bool:
+        return not self._removed
+
+    def remove(self) -> None:
+        """Restores every patched module exactly (same modules, forwards and outputs); idempotent."""
+        if self._removed:
+            return
+        for root in self._roots:
+            attachment = root.__dict__.get("_litepatch")
+            if isinstance(attachment, RootPatch):
+                attachment.uninstall(root)
+        for name, module in self._modules.items():
+            self._runtime.layers[name].uninstall(module)
+        self._removed = True
+
+    def reset(self) -> None:
+        """Starts a new generation: every skip state is dropped and warm-up runs again."""
+        self._runtime.reset_states()
+        self._runtime.tracker.reset()
+
+    def clear_stats(self) -> None:
+        self._runtime.log.clear()
+
+    def configure(self, recipe=None, *, threshold=None, warmup_steps=None, order=None, layers=None) -> Recipe:
+        """Changes the settings in place (e.g. between calibration trials); resets state and statistics.
+
+        With ``recipe=None`` the current recipe is the base and only the given fields change.
+
+        Example:
+            >>> handle.configure(threshold=-4.0, layers={"blocks.0.*": None})
+        """
+        self._check_active()
+        base = self._runtime.recipe if recipe is None else recipe
+        new = _effective_recipe(base, threshold, warmup_steps, order, layers)
+        if new.layers:
+            _check_against_model(new, self.model, allow_mismatch=True)
+        self._runtime.recipe = new
+        self.reset()
+        self.clear_stats()
+        return new
+
+    def stats(self) -> LiteStats:
+        """Per-call sparsity of the patched layers since ``apply``/``configure``/``clear_stats``."""
+        recipe = self._runtime.recipe
+        return LiteStats(
+            records=self._runtime.log.freeze(),
+            recipe_name=recipe.name,
+            hub_revision=recipe.provenance.hub_revision,
+        )
+
+    def _check_active(self) -> None:
+        if self._removed:
+            raise RuntimeError("this litepatch handle was removed; call litepatch.apply(model) again")
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else f"{len(self._runtime.layers)} layers"
+        return f"LiteHandle({state}, recipe={self.recipe.name!r}, threshold={self.recipe.threshold})"
+
+
+def _attached(model) -> list[torch.nn.Module]:
+    return [root for _, root in _roots(model) if isinstance(root.__dict__.get("_litepatch"), RootPatch)]
+
+
+def apply(
+    model,
+    recipe: Recipe | str | os.PathLike | None = None,
+    *,
+    threshold: float | None = None,
+    warmup_steps: int | None = None,
+    order: str | None = None,
+    layers: Mapping | None = None,
+    adapter: str | None = None,
+    backend: str = "auto",
+    allow_fingerprint_mismatch: bool = False,
+    force: bool = False,
+) -> LiteHandle:
+    """Replaces the self and joint attention of ``model`` with LiteAttention, in place.
+
+    Args:
+        model: a ``torch.nn.Module`` or a diffusers pipeline (``.transformer`` and, for Wan2.2,
+            ``.transformer_2`` are patched).
+        recipe: a :class:`Recipe`, a path, a built-in name or a Hub reference. Keyword arguments
+            override its fields; with neither, ``threshold`` is ``-10.0`` (log2 units).
+        threshold (`float`, *optional*): skip threshold in log2 units (``-inf`` skips nothing, ``0`` is the
+            most aggressive allowed).
+        warmup_steps (`int`, *optional*): dense steps at the start of each generation.
+        order (`str`, *optional*): key-tile visiting order, ``"anchor"`` or ``"alternate"``.
+        layers (`dict`, *optional*): ``{fnmatch pattern: LayerSetting | float | None}``; ``None`` keeps a layer dense.
+        adapter (`str`, *optional*): reserved for forcing a module-family adapter; ``None`` or ``"auto"``.
+        backend (`str`, defaults to `"auto"`): kernel backend (``"triton"`` on CUDA, ``"reference"``).
+        allow_fingerprint_mismatch (`bool`): apply a recipe made for another model (warns instead of raising).
+        force (`bool`): re-apply to an already patched model (the old patch is removed first).
+
+    Returns:
+        A :class:`LiteHandle`.
+
+    Raises:
+        ValueError: bad threshold/order/warm-up, recipe made for another model, layer patterns that
+            match no attention layer, no attention layer found, or a model patched already.
+
+    Example:
+        >>> handle = litepatch.apply(transformer, threshold=-6.0, warmup_steps=2,
+        ...                          layers={"blocks.0.*": LayerSetting(dense=True)})
+        >>> handle.layers[:2]
+        ['blocks.0.attn1', 'blocks.1.attn1']
+    """
+    if adapter not in (None, "auto"):
+        raise ValueError(f"adapter {adapter!r} is unknown; attention is found by introspection (use None)")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    from .kernels import available_backends
+
+    if backend not in ("auto", *available_backends(), "triton"):
+        raise ValueError(f"unknown backend {backend!r}; available: auto, {', '.join(available_backends())}")
+    effective = _effective_recipe(recipe, threshold, warmup_steps, order, layers)
+    roots = _roots(model)
+    patched = _attached(model)
+    if patched and not force:
+        raise ValueError(
+            f"{type(patched[0]).__name__} is already patched by litepatch; call handle.remove() (or "
+            "litepatch.remove(model)) first, or pass force=True"
+        )
+    found = _layers(model)
+    sparse = [(info, module, root) for info, module, root in found if info.sparse]
+    if not sparse:
+        classes = sorted({info.module_class for info, _, _ in found})
+        raise ValueError(
+            f"no self or joint attention layer found in {type(roots[0][1]).__name__}"
+            + (f" (only cross-attention: {', '.join(classes)})" if classes else "")
+            + "; litepatch looks for diffusers attention modules, timm-style Attention and modules whose "
+            "forward calls torch.nn.functional.scaled_dot_product_attention"
+        )
+    _check_against_model(effective, model, allow_fingerprint_mismatch)
+    if patched:
+        remove(model)
+
+    runtime = Runtime(recipe=effective, backend=backend)
+    modules = {}
+    for info, module, _ in sparse:
+        layer = LayerPatch(info, module, runtime)
+        runtime.layers[info.name] = layer
+        modules[info.name] = module
+    handle = LiteHandle(model, runtime, [root for _, root in roots], modules)
+    for name, layer in runtime.layers.items():
+        layer.install(modules[name])
+    for _, root in roots:
+        RootPatch(root, runtime, handle).install(root)
+    return handle
+
+
+def remove(model) -> bool:
+    """Removes litepatch from ``model`` (module or pipeline); returns False when it was not patched.
+
+    Example:
+        >>> litepatch.remove(pipe)
+        True
+    """
+    found = False
+    for root in _attached(model):
+        attachment = root.__dict__["_litepatch"]
+        attachment.handle.remove()
+        found = True
+    return found
+
+
+__all__ = ["DEFAULT_THRESHOLD", "LiteHandle", "apply", "fingerprint", "inspect", "remove"]

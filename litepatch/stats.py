@@ -1,0 +1,126 @@
+"""Sparsity statistics of a patched model: fraction of attention tiles computed per call.
+
+During generation each sparse call appends a raw record whose computed-tile count stays a 0-dim
+tensor on the device (no host synchronisation); :meth:`CallLog.freeze` turns them into numbers in
+one transfer when :meth:`LiteHandle.stats` is called.
+
+Example:
+    >>> stats = handle.stats()
+    >>> stats.kept_fraction()        # over every call of the sparse layers, dense calls count 1.0
+    0.62
+    >>> print(stats.table())
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+RECORD_KEYS = ("layer", "step", "branch", "generation", "kept_fraction", "dense", "reason", "kept_tiles", "total_tiles")
+
+
+@dataclass
+class CallLog:
+    """Raw per-call records; ``kept`` may be a device tensor until :meth:`freeze`."""
+
+    raw: list[dict] = field(default_factory=list)
+
+    def add(self, *, layer: str, step: int, branch, generation: int, dense: bool, reason: str,
+            kept: torch.Tensor | int, total: int) -> None:
+        self.raw.append(
+            {"layer": layer, "step": step, "branch": branch, "generation": generation, "dense": dense,
+             "reason": reason, "kept": kept, "total": total}
+        )
+
+    def clear(self) -> None:
+        self.raw.clear()
+
+    def freeze(self) -> list[dict]:
+        tensors = [r["kept"] for r in self.raw if isinstance(r["kept"], torch.Tensor)]
+        values = iter(torch.stack([t.detach().to("cpu", torch.int64) for t in tensors]).tolist()) if tensors else iter(())
+        records = []
+        for r in self.raw:
+            kept = next(values) if isinstance(r["kept"], torch.Tensor) else int(r["kept"])
+            total = int(r["total"])
+            records.append(
+                {"layer": r["layer"], "step": r["step"], "branch": r["branch"], "generation": r["generation"],
+                 "kept_fraction": kept / total if total else 1.0, "dense": r["dense"], "reason": r["reason"],
+                 "kept_tiles": kept, "total_tiles": total}
+            )
+        return records
+
+
+def _weighted(records: list[dict]) -> float:
+    total = sum(r["total_tiles"] for r in records)
+    if total == 0:
+        return 1.0
+    return sum(r["kept_tiles"] for r in records) / total
+
+
+@dataclass
+class LiteStats:
+    """Per-call records of the patched (self and joint) layers, with summaries.
+
+    Attributes:
+        records: dicts with ``layer``, ``step``, ``branch``, ``generation``, ``kept_fraction``, ``dense``
+            (warm-up, dense layer or fallback: computed every tile), ``reason``, ``kept_tiles``, ``total_tiles``.
+        recipe_name: the effective recipe's name.
+        hub_revision: ``recipe.provenance.hub_revision`` (None for local recipes).
+    """
+
+    records: list[dict]
+    recipe_name: str = "custom"
+    hub_revision: str | None = None
+
+    def kept_fraction(self) -> float:
+        """Tiles computed / tiles of dense attention over every call (dense calls count 1.0)."""
+        return _weighted(self.records)
+
+    def per_layer(self) -> dict[str, float]:
+        """Layer name -> tile-weighted kept fraction over all its calls."""
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for r in self.records:
+            groups[r["layer"]].append(r)
+        return {name: _weighted(rs) for name, rs in groups.items()}
+
+    def per_step(self) -> dict[int, float]:
+        """Step -> tile-weighted kept fraction over all layers, branches and generations."""
+        groups: dict[int, list[dict]] = defaultdict(list)
+        for r in self.records:
+            groups[r["step"]].append(r)
+        return {step: _weighted(groups[step]) for step in sorted(groups)}
+
+    def per_branch(self) -> dict:
+        """Branch key (index or cache-context name) -> tile-weighted kept fraction."""
+        groups: dict = defaultdict(list)
+        for r in self.records:
+            groups[r["branch"]].append(r)
+        return {branch: _weighted(rs) for branch, rs in groups.items()}
+
+    def table(self) -> str:
+        """A plain-text table: per step (kept fraction, dense calls) then per layer."""
+        if not self.records:
+            return f"litepatch stats ({self.recipe_name}): no attention calls recorded"
+        lines = [f"litepatch stats: recipe {self.recipe_name}"
+                 + (f" @ {self.hub_revision}" if self.hub_revision else "")
+                 + f", {len(self.records)} calls, kept {self.kept_fraction():.1%} of tiles"]
+        lines.append(f"{'step':>5}  {'kept':>7}  {'calls':>5}  {'dense':>5}")
+        by_step: dict[int, list[dict]] = defaultdict(list)
+        for r in self.records:
+            by_step[r["step"]].append(r)
+        for step in sorted(by_step):
+            rs = by_step[step]
+            lines.append(f"{step:>5}  {_weighted(rs):>7.1%}  {len(rs):>5}  {sum(r['dense'] for r in rs):>5}")
+        width = max(len(name) for name in self.per_layer())
+        lines.append(f"{'layer':<{width}}  {'kept':>7}")
+        for name, frac in self.per_layer().items():
+            lines.append(f"{name:<{width}}  {frac:>7.1%}")
+        reasons = sorted({r["reason"] for r in self.records if r["dense"]})
+        if reasons:
+            lines.append("dense calls: " + "; ".join(reasons))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()

@@ -1,0 +1,260 @@
+"""Tiny random-weight models for the patcher tests: real diffusers classes with small configs and
+hand-written Wan/timm-style modules that call SDPA themselves. Every factory returns
+``(model, inputs)`` where ``model(**inputs)`` runs one denoising call on CPU in fp32.
+
+Sequences are a few hundred tokens (several 128x64 tiles) with 1-2 blocks, so a test stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ------------------------------------------------------------------------------ hand-written models
+class WanSelfAttention(nn.Module):
+    """Like the original Wan repository's ``WanSelfAttention``: calls SDPA itself."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(b, s, self.dim))
+
+
+class WanCrossAttention(WanSelfAttention):
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k(context).view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v(context).view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(b, s, self.dim))
+
+
+class WanStyleBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = WanSelfAttention(dim, num_heads)
+        self.cross_attn = WanCrossAttention(dim, num_heads)
+        self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.modulation = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x, t_emb, context):
+        shift, scale = self.modulation(t_emb).unsqueeze(1).chunk(2, dim=-1)
+        x = x + self.self_attn(self.norm1(x) * (1 + scale) + shift)
+        x = x + self.cross_attn(self.norm2(x), context)
+        return x + self.ffn(self.norm3(x))
+
+
+class WanStyleDiT(nn.Module):
+    """A hand-written Wan-style DiT: ``forward(x, t, context)`` with a smooth token layout."""
+
+    def __init__(self, dim: int = 64, num_heads: int = 2, depth: int = 2, in_dim: int = 8):
+        super().__init__()
+        self.dim = dim
+        self.patch_embedding = nn.Linear(in_dim, dim)
+        self.text_embedding = nn.Linear(16, dim)
+        self.time_embedding = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(WanStyleBlock(dim, num_heads) for _ in range(depth))
+        self.head = nn.Linear(dim, in_dim)
+
+    def sinusoidal(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+        args = t.float().reshape(-1, 1) * freqs
+        return torch.cat([args.cos(), args.sin()], dim=-1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h = self.patch_embedding(x)
+        t_emb = self.time_embedding(self.sinusoidal(t).expand(x.shape[0], -1))
+        ctx = self.text_embedding(context)
+        for block in self.blocks:
+            h = block(h, t_emb, ctx)
+        return self.head(h)
+
+
+def wan_style(seq: int = 300, batch: int = 1, seed: int = 0):
+    torch.manual_seed(seed)
+    model = WanStyleDiT().eval()
+    # Smooth latents along the sequence (like video): neighbouring tokens are similar.
+    base = torch.randn(batch, seq // 20 + 2, 8)
+    x = F.interpolate(base.transpose(1, 2), size=seq, mode="linear", align_corners=True).transpose(1, 2)
+    return model, {"x": x.contiguous(), "t": torch.tensor([999.0]), "context": torch.randn(batch, 12, 16)}
+
+
+class TimmAttention(nn.Module):
+    """timm's ``Attention`` block (``qkv``, ``num_heads``, ``fused_attn``)."""
+
+    def __init__(self, dim: int, num_heads: int = 2):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = num_heads, dim // num_heads, (dim // num_heads) ** -0.5
+        self.fused_attn = True
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class TimmStyleViT(nn.Module):
+    def __init__(self, dim: int = 64, depth: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"norm": nn.LayerNorm(dim), "attn": TimmAttention(dim)})
+                                    for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block["attn"](block["norm"](x))
+        return x
+
+
+# ------------------------------------------------------------------------------------ diffusers
+def _smooth(shape, seed_dims=3):
+    return torch.randn(*shape)
+
+
+def wan_diffusers(seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
+    ).eval()
+    # 3 frames x 8 x 12 latent -> 3 x 4 x 6 = 72 tokens ... use 5 x 8 x 16 -> 5 * 4 * 8 = 160 tokens
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 5, 8, 16),
+        "timestep": torch.tensor([999]),
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def cogvideox(seed: int = 0):
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=1, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=12,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 3, 4, 16, 16),  # 3 frames x 8 x 8 = 192 tokens
+        "encoder_hidden_states": torch.randn(1, 12, 16),
+        "timestep": torch.tensor([999]),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def hunyuan_video(seed: int = 0, masked: bool = True):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), guidance_embeds=True,
+    ).eval()
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    if masked:
+        mask[:, 7:] = False
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 3, 16, 16),  # 3 x 8 x 8 = 192 tokens
+        "timestep": torch.tensor([999]),
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "encoder_attention_mask": mask,
+        "pooled_projections": torch.randn(1, 8),
+        "guidance": torch.tensor([3500.0]),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def ltx_video(seed: int = 0):
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+        cross_attention_dim=32, num_layers=1, caption_channels=16, qk_norm="rms_norm_across_heads",
+    ).eval()
+    frames, height, width = 3, 8, 10  # 240 tokens
+    inputs = {
+        "hidden_states": torch.randn(1, frames * height * width, 8),
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "timestep": torch.tensor([999]),
+        "encoder_attention_mask": torch.ones(1, 10),
+        "num_frames": frames,
+        "height": height,
+        "width": width,
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def flux(seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    image_tokens, text_tokens = 192, 12
+    inputs = {
+        "hidden_states": torch.randn(1, image_tokens, 4),
+        "encoder_hidden_states": torch.randn(1, text_tokens, 16),
+        "pooled_projections": torch.randn(1, 8),
+        "timestep": torch.tensor([1.0]),
+        "img_ids": torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(12.0), torch.arange(16.0),
+                                              indexing="ij"), -1).reshape(-1, 3),
+        "txt_ids": torch.zeros(text_tokens, 3),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def sd3(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=32, pooled_projection_dim=8, out_channels=4,
+        pos_embed_max_size=32,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 32, 32),  # 16 x 16 = 256 tokens
+        "encoder_hidden_states": torch.randn(1, 12, 16),
+        "pooled_projections": torch.randn(1, 8),
+        "timestep": torch.tensor([999]),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+DIFFUSERS_FACTORIES = {
+    "wan": wan_diffusers,
+    "cogvideox": cogvideox,
+    "hunyuan_video": hunyuan_video,
+    "ltx_video": ltx_video,
+    "flux": flux,
+    "sd3": sd3,
+}
