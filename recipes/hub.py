@@ -170,6 +170,8 @@ def _translate(err: Exception, ref: HubRef, *, action: str, local_files_only: bo
                 "(HF_HUB_OFFLINE=1 or local_files_only=True): run `litepatch recipes pull "
                 f"{ref!s}` once while online, or unset HF_HUB_OFFLINE"
             )
+        if isinstance(cause, errors.HfHubHTTPError) and getattr(cause, "response", None) is not None:
+            return _translate(cause, ref, action=action, local_files_only=local_files_only)
         detail = f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
         return RecipeHubError(
             f"could not reach the Hub at {_endpoint()} to {action} {ref!s}{detail} and it is not cached: "

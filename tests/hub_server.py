@@ -128,7 +128,9 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         if self.headers.get("Authorization") == f"Bearer {self.state.token}":
             return True
-        self._error(401, "RepoNotFound", "Invalid username or password.", head)
+        # like the real Hub: reads of a private repo look like a missing repo, writes are plain 401s
+        code = "RepoNotFound" if self.command in ("GET", "HEAD") else None
+        self._error(401, code, "Invalid username or password.", head)
         return False
 
     def _repo(self, repo_id: str, head: bool = False) -> Repo | None:
