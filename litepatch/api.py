@@ -236,6 +236,8 @@ class LiteHandle:
         self._runtime.tracker.reset()
 
     def clear_stats(self) -> None:
+        """Drops the statistics recorded so far."""
+        self._runtime.flush()
         self._runtime.log.clear()
 
     def configure(self, recipe=None, *, threshold=None, warmup_steps=None, order=None, layers=None) -> Recipe:
@@ -259,6 +261,7 @@ class LiteHandle:
     def stats(self) -> LiteStats:
         """Per-call sparsity of the patched layers since ``apply``/``configure``/``clear_stats``."""
         recipe = self._runtime.recipe
+        self._runtime.flush()
         return LiteStats(
             records=self._runtime.log.freeze(),
             recipe_name=recipe.name,

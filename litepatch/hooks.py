@@ -53,6 +53,11 @@ class Runtime:
     def reset_states(self) -> None:
         for layer in self.layers.values():
             layer.states.clear()
+            layer.plan = None
+
+    def flush(self) -> None:
+        for layer in self.layers.values():
+            layer.flush()
 
 
 def _dense_tiles(q: torch.Tensor, k: torch.Tensor) -> int:
@@ -117,6 +122,8 @@ class LayerPatch:
         self.runtime = runtime
         self.states: dict = {}
         self.warned: set[str] = set()
+        self.plan: Plan | None = None
+        self.last_call: tuple | None = None
         self.layout = info.text_layout if info.text_layout != "unknown" else text_layout_of(module)
         self.previous_forward = module.__dict__.get("forward", _MISSING)
         self.original = module.forward
@@ -194,11 +201,50 @@ class LayerPatch:
             return "autograd is recording (the LiteAttention kernel has no backward)"
         return None
 
-    def attend(self, args: tuple, kwargs: dict, hidden_tokens: int | None, encoder_tokens: int | None):
-        """Handles one intercepted SDPA call: LiteAttention, or the original SDPA when it cannot."""
-        runtime = self.runtime
-        tracker = runtime.tracker
+    def make_plan(self) -> Plan:
+        """Decides the coming call from the tracker (eager code, before the top-level forward runs)."""
+        tracker, recipe = self.runtime.tracker, self.runtime.recipe
         step, branch = max(tracker.step, 0), tracker.branch
+        if step < recipe.warmup_steps:
+            return Plan(step, branch, tracker.generation, None, "warm-up", None)
+        threshold = recipe.threshold_for(self.name, step)
+        if threshold is None:
+            return Plan(step, branch, tracker.generation, None, "dense layer", None)
+        state = self.states.get(branch)
+        if state is None:
+            state = self.states[branch] = SkipState()
+        # ``lite_attention`` increments ``state.calls``; torch.compile would specialise on its value and
+        # recompile every call. Only "first call or not" and (for the alternating order) the parity matter.
+        if state.calls > 1:
+            state.calls = 1 if recipe.order == "anchor" else 2 + state.calls % 2
+        return Plan(step, branch, tracker.generation, float(threshold), "", state)
+
+    def flush(self) -> None:
+        """Turns the last call into a stats record (its kept count stays a device tensor)."""
+        last, self.last_call = self.last_call, None
+        if last is None:
+            return
+        plan, reason, total = last
+        dense = plan.state is None or bool(reason)
+        if dense:
+            kept = total
+        else:
+            kept, total = plan.state.kept.clone(), plan.state.total_tiles()
+        self.runtime.log.add(
+            layer=self.name, step=plan.step, branch=plan.branch, generation=plan.generation, dense=dense,
+            reason=reason or plan.dense_reason, kept=kept, total=total,
+        )
+
+    def attend(self, args: tuple, kwargs: dict, hidden_tokens: int | None, encoder_tokens: int | None):
+        """Handles one intercepted SDPA call: LiteAttention, or the original SDPA when it cannot.
+
+        Reads only ``self.plan`` (decided in eager code by the root pre-hook), so under torch.compile
+        the step counter never becomes a guard; the call is recorded by a store to ``self.last_call``.
+        """
+        plan = self.plan
+        if plan is None or self.last_call is not None:  # called outside a patched root's forward
+            self.flush()
+            plan = self.make_plan()
         call = _parse_sdpa(args, kwargs)
         reason = self._unsupported(call)
         q, k, v = call["query"], call["key"], call["value"]
@@ -208,49 +254,48 @@ class LayerPatch:
             if encoder_tokens and hidden_tokens and seq == hidden_tokens + encoder_tokens:
                 must = _text_ranges(self.layout, encoder_tokens, seq)
             elif self.info.kind == "joint":
-                text = runtime.text_tokens if self.info.single_stream else None
+                text = self.runtime.text_tokens if self.info.single_stream else None
                 if text and text < seq:
                     must = _text_ranges(self.layout, text, seq)
                 else:
                     reason = "joint attention whose text length is unknown"
         if reason is not None:
             self._warn(reason)
-            self._log_dense(q, k, step, branch, reason, tensors=reason is None or isinstance(q, torch.Tensor))
+            self.last_call = (plan, reason, _dense_tiles(q, k) if _is_4d(q, k) else 0)
             return _SDPA(*args, **kwargs)
-        if step < runtime.recipe.warmup_steps:
-            self._log_dense(q, k, step, branch, "warm-up")
+        if plan.state is None:
+            self.last_call = (plan, plan.dense_reason, _dense_tiles(q, k))
             return _SDPA(*args, **kwargs)
-        threshold = runtime.recipe.threshold_for(self.name, step)
-        if threshold is None:
-            self._log_dense(q, k, step, branch, "dense layer")
-            return _SDPA(*args, **kwargs)
-        state = self.states.get(branch)
-        if state is None:
-            state = self.states[branch] = SkipState()
         out = lite_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
-            state,
-            threshold=threshold,
+            plan.state,
+            threshold=plan.threshold,
             softmax_scale=call["scale"],
-            order=runtime.recipe.order,
+            order=self.runtime.recipe.order,
             must_compute_queries=must or None,
             must_compute_keys=must or None,
-            backend=runtime.backend,
+            backend=self.runtime.backend,
         )
-        runtime.log.add(
-            layer=self.name, step=step, branch=branch, generation=tracker.generation, dense=False, reason="",
-            kept=state.kept.clone(), total=state.total_tiles(),
-        )
+        self.last_call = (plan, "", 0)
         return out.transpose(1, 2)
 
-    def _log_dense(self, q, k, step: int, branch, reason: str, tensors: bool = True) -> None:
-        total = _dense_tiles(q, k) if tensors and q.dim() >= 3 and k.dim() >= 3 else 0
-        self.runtime.log.add(
-            layer=self.name, step=step, branch=branch, generation=self.runtime.tracker.generation, dense=True,
-            reason=reason, kept=total, total=total,
-        )
+
+def _is_4d(q, k) -> bool:
+    return isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a layer does in the coming call: dense (``state is None``, with a reason) or sparse."""
+
+    step: int
+    branch: object
+    generation: int
+    threshold: float | None
+    dense_reason: str
+    state: SkipState | None
 
 
 class RootPatch:
@@ -266,9 +311,12 @@ class RootPatch:
     def _pre_hook(self, module, args, kwargs):
         timestep, text_tokens = self.reader.read(args, kwargs)
         runtime = self.runtime
+        runtime.flush()
         if runtime.tracker.observe(timestep, runtime.context_name):
             runtime.reset_states()
         runtime.text_tokens = text_tokens
+        for layer in runtime.layers.values():
+            layer.plan = layer.make_plan()
         return None
 
     def install(self, module: torch.nn.Module) -> None:
