@@ -92,7 +92,7 @@ def wan_style(seq: int = 300, batch: int = 1, seed: int = 0):
     return model, {"x": x.contiguous(), "t": torch.tensor([999.0]), "context": torch.randn(batch, 12, 16)}
 
 
-class TimmAttention(nn.Module):
+class Attention(nn.Module):
     """timm's ``Attention`` block (``qkv``, ``num_heads``, ``fused_attn``)."""
 
     def __init__(self, dim: int, num_heads: int = 2):
@@ -113,7 +113,7 @@ class TimmAttention(nn.Module):
 class TimmStyleViT(nn.Module):
     def __init__(self, dim: int = 64, depth: int = 2):
         super().__init__()
-        self.blocks = nn.ModuleList(nn.ModuleDict({"norm": nn.LayerNorm(dim), "attn": TimmAttention(dim)})
+        self.blocks = nn.ModuleList(nn.ModuleDict({"norm": nn.LayerNorm(dim), "attn": Attention(dim)})
                                     for _ in range(depth))
 
     def forward(self, x):

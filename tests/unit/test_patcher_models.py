@@ -1,0 +1,185 @@
+"""The patcher on tiny random-weight models built from the real diffusers classes, and on hand-written
+Wan-style / timm-style modules that call SDPA themselves (CPU, fp32)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import tiny_models as tm
+
+import litepatch
+
+pytest.importorskip("diffusers")
+
+# model -> {layer name: kind} for every attention layer litepatch must find.
+EXPECTED = {
+    "wan_style": {f"blocks.{i}.{a}": k for i in range(2) for a, k in (("self_attn", "self"), ("cross_attn", "cross"))},
+    "wan": {f"blocks.{i}.{a}": k for i in range(2) for a, k in (("attn1", "self"), ("attn2", "cross"))},
+    "cogvideox": {"transformer_blocks.0.attn1": "joint"},
+    "hunyuan_video": {
+        "context_embedder.token_refiner.refiner_blocks.0.attn": "self",
+        "transformer_blocks.0.attn": "joint",
+        "single_transformer_blocks.0.attn": "joint",
+    },
+    "ltx_video": {"transformer_blocks.0.attn1": "self", "transformer_blocks.0.attn2": "cross"},
+    "flux": {"transformer_blocks.0.attn": "joint", "single_transformer_blocks.0.attn": "joint"},
+    "sd3": {"transformer_blocks.0.attn": "joint", "transformer_blocks.1.attn": "joint"},
+}
+FACTORIES = {"wan_style": tm.wan_style, **tm.DIFFUSERS_FACTORIES}
+TIMESTEPS = (999, 900, 800, 700)
+
+
+def _smooth(t: torch.Tensor) -> torch.Tensor:
+    """Video-like latents: low-frequency noise upsampled to the input's shape (neighbours are similar)."""
+    if t.dim() >= 4:
+        small = torch.randn(*t.shape[:2], *([2] * (t.dim() - 2)))
+        mode = "trilinear" if t.dim() == 5 else "bilinear"
+        return 3 * F.interpolate(small, size=t.shape[2:], mode=mode, align_corners=True)
+    small = torch.randn(t.shape[0], 3, t.shape[2])
+    return 3 * F.interpolate(small.transpose(1, 2), size=t.shape[1], mode="linear", align_corners=True).transpose(1, 2)
+
+
+def _inputs_at(name: str, inputs: dict, t: int) -> dict:
+    inputs = dict(inputs)
+    key = "t" if "t" in inputs else "timestep"
+    inputs[key] = torch.tensor([t / 1000 if name == "flux" else float(t)])
+    return inputs
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _snapshot(model):
+    return (
+        [(n, type(m)) for n, m in model.named_modules()],
+        list(model.state_dict().keys()),
+        {n: sorted(k for k in vars(m) if k in ("forward", "cache_context", "_litepatch")) for n, m in model.named_modules()},
+        {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()},
+    )
+
+
+@pytest.fixture(params=list(FACTORIES), scope="module")
+def built(request):
+    name = request.param
+    model, inputs = FACTORIES[name]()
+    torch.manual_seed(1)
+    key = "x" if "x" in inputs else "hidden_states"
+    inputs[key] = _smooth(inputs[key])
+    return name, model, inputs
+
+
+def test_every_attention_layer_found_and_classified(built):
+    name, model, _ = built
+    infos = litepatch.inspect(model)
+    assert {i.name: i.kind for i in infos} == EXPECTED[name]
+    for info in infos:
+        assert info.sparse == (info.kind != "cross")
+        assert info.heads == 2 and info.head_dim in (16, 32), info
+        assert info.reason
+    fp = litepatch.fingerprint(model)
+    assert fp.layer_names == [n for n, k in EXPECTED[name].items() if k != "cross"]
+    assert fp.num_layers == len(fp.layer_names) and fp.model_class == type(model).__name__
+
+
+def test_threshold_minus_inf_equals_unpatched_and_remove_restores(built):
+    name, model, inputs = built
+    before = _snapshot(model)
+    reference = _run(model, inputs)
+    handle = litepatch.apply(model, threshold=float("-inf"))
+    assert sorted(handle.layers) == sorted(n for n, k in EXPECTED[name].items() if k != "cross")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patched = _run(model, inputs)
+    torch.testing.assert_close(patched, reference, rtol=1e-5, atol=1e-5)
+    records = handle.stats().records
+    assert {r["layer"] for r in records} == set(handle.layers)
+    if name != "hunyuan_video":  # Hunyuan passes masks everywhere: every call falls back
+        assert not any(r["dense"] for r in records)
+        assert all(r["kept_fraction"] == 1.0 for r in records)
+    handle.remove()
+    assert _snapshot(model) == before
+    assert torch.equal(_run(model, inputs), reference)
+
+
+def test_aggressive_threshold_skips_tiles_without_nan(built):
+    name, model, inputs = built
+    handle = litepatch.apply(model, threshold=0.0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outs = [_run(model, _inputs_at(name, inputs, t)) for t in TIMESTEPS]
+        stats = handle.stats()
+    finally:
+        handle.remove()
+    assert all(torch.isfinite(o).all() for o in outs)
+    per_step = stats.per_step()
+    assert sorted(per_step) == [0, 1, 2, 3]
+    assert per_step[0] == 1.0  # the first call computes every tile
+    if name == "hunyuan_video":
+        assert all(r["dense"] and "attention mask" in r["reason"] for r in stats.records)
+    else:
+        assert stats.kept_fraction() < 1.0, stats.table()
+        assert per_step[3] <= per_step[2] <= per_step[1] < 1.0  # skip lists shrink monotonically
+
+
+def test_hunyuan_masked_calls_fall_back_once_per_layer_and_stay_exact():
+    model, inputs = tm.hunyuan_video(masked=True)
+    reference = _run(model, inputs)
+    handle = litepatch.apply(model, threshold=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [_run(model, _inputs_at("hunyuan_video", inputs, t)) for t in (999, 999, 900)]
+    handle.remove()
+    messages = [str(w.message) for w in caught if "litepatch" in str(w.message)]
+    assert len(messages) == len(handle.layers) == 3  # one per layer, not one per call
+    assert all("attention mask" in m for m in messages)
+    assert torch.equal(outs[0], reference) and torch.equal(outs[1], reference)
+
+
+def test_joint_text_tokens_are_never_skipped():
+    """CogVideoX puts 12 text tokens first: their key tile (tile 0) stays in every read list."""
+    model, inputs = tm.cogvideox()
+    inputs["hidden_states"] = _smooth(inputs["hidden_states"])
+    handle = litepatch.apply(model, threshold=0.0)
+    for t in TIMESTEPS:
+        _run(model, _inputs_at("cogvideox", inputs, t))
+    layer = model.transformer_blocks[0].attn1._litepatch
+    state = layer.states[0]
+    assert state.must_compute_queries == ((0, 12),) and state.must_compute_keys == ((0, 12),)
+    read = state.read_list()
+    assert read[..., 0].all()  # key tile 0 holds the text tokens
+    assert read[:, :, 0, :].all()  # q-tile 0 holds the text queries
+    assert not read.all()
+    handle.remove()
+
+
+def test_flux_single_stream_takes_text_length_from_top_level():
+    model, inputs = tm.flux()
+    handle = litepatch.apply(model, threshold=-6.0)
+    _run(model, inputs)
+    single = model.single_transformer_blocks[0].attn._litepatch
+    assert single.states[0].must_compute_keys == ((0, 12),)  # 12 text tokens first, from encoder_hidden_states
+    double = model.transformer_blocks[0].attn._litepatch
+    assert double.states[0].must_compute_keys == ((0, 12),)
+    handle.remove()
+
+
+def test_timm_style_attention_found_and_exact():
+    torch.manual_seed(0)
+    model = tm.TimmStyleViT().eval()
+    x = torch.randn(1, 200, 64)
+    infos = litepatch.inspect(model)
+    assert [(i.name, i.kind) for i in infos] == [("blocks.0.attn", "self"), ("blocks.1.attn", "self")]
+    assert infos[0].reason.startswith("timm-style")
+    reference = _run(model, {"x": x})
+    handle = litepatch.apply(model, threshold=float("-inf"))
+    torch.testing.assert_close(_run(model, {"x": x}), reference, rtol=1e-5, atol=1e-5)
+    assert len(handle.stats().records) == 2
+    handle.remove()
+    assert torch.equal(_run(model, {"x": x}), reference)
