@@ -375,12 +375,14 @@ def remove(model) -> bool:
         >>> litepatch.remove(pipe)
         True
     """
-    found = False
+    handles = []
     for root in _attached(model):
-        attachment = root.__dict__["_litepatch"]
-        attachment.handle.remove()
-        found = True
-    return found
+        handle = root.__dict__["_litepatch"].handle
+        if handle not in handles:
+            handles.append(handle)
+    for handle in handles:
+        handle.remove()
+    return bool(handles)
 
 
 __all__ = ["DEFAULT_THRESHOLD", "LiteHandle", "apply", "fingerprint", "inspect", "remove"]

@@ -1,0 +1,360 @@
+"""litepatch.apply / LiteHandle: validation before touching the model, re-apply, remove, configure,
+layer settings, warm-up, fallbacks, steps/branches/generations in a real scheduler loop, torch.compile."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tiny_models as tm
+
+import litepatch
+from litepatch import LayerSetting, Recipe
+from litepatch.context import StepTracker
+from litepatch.recipes.schema import Provenance
+
+
+def _smooth_wan_style(seq=300, batch=1):
+    model, inputs = tm.wan_style(seq=seq, batch=batch)
+    return model, inputs
+
+
+def _run(model, inputs, t=None):
+    inputs = dict(inputs)
+    if t is not None:
+        inputs["t"] = torch.tensor([float(t)])
+    with torch.no_grad():
+        return model(**inputs)
+
+
+def _instance_attrs(model):
+    return {n: sorted(k for k in vars(m) if k in ("forward", "cache_context", "_litepatch")) for n, m in model.named_modules()}
+
+
+# ----------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"threshold": 1.0}, "threshold must be <= 0"),
+        ({"threshold": float("nan")}, "NaN"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"order": "backwards"}, "order must be one of"),
+        ({"layers": {"blocks.9.*": 0.0}}, "'blocks.9.\\*' match no"),
+        ({"layers": {"blocks.*.cross_attn": LayerSetting(dense=True)}}, "match no self/joint"),
+        ({"backend": "cuda-magic"}, "unknown backend"),
+        ({"recipe": Recipe(threshold=2.0)}, "threshold must be <= 0"),
+    ],
+)
+def test_bad_arguments_raise_before_the_model_is_touched(kwargs, match):
+    model, _ = tm.wan_style()
+    before = _instance_attrs(model)
+    with pytest.raises(ValueError, match=match):
+        litepatch.apply(model, **kwargs)
+    assert _instance_attrs(model) == before
+
+
+def test_model_without_attention_is_refused():
+    with pytest.raises(ValueError, match="no self or joint attention layer found in Sequential"):
+        litepatch.apply(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match="torch.nn.Module or a diffusers pipeline"):
+        litepatch.apply(object())
+
+
+def test_reapply_raises_unless_forced_and_remove_is_exact():
+    model, inputs = tm.wan_style()
+    reference = _run(model, inputs)
+    before = _instance_attrs(model)
+    handle = litepatch.apply(model, threshold=-6.0)
+    assert model._litepatch is not None and model.blocks[0].self_attn._litepatch.name == "blocks.0.self_attn"
+    with pytest.raises(ValueError, match="already patched"):
+        litepatch.apply(model)
+    forced = litepatch.apply(model, threshold=-3.0, force=True)
+    assert not handle.active and forced.recipe.threshold == -3.0
+    _run(model, inputs)
+    assert litepatch.remove(model) is True
+    assert litepatch.remove(model) is False
+    forced.remove()  # idempotent
+    assert _instance_attrs(model) == before
+    assert torch.equal(_run(model, inputs), reference)
+
+
+def test_defaults_recipe_and_overrides():
+    model, _ = tm.wan_style()
+    handle = litepatch.apply(model)
+    assert handle.recipe.threshold == litepatch.DEFAULT_THRESHOLD == -10.0
+    handle.remove()
+    recipe = Recipe(name="mine", threshold=-4.0, warmup_steps=3, provenance=Provenance(hub_revision="abc123"))
+    handle = litepatch.apply(model, recipe, warmup_steps=1, layers={"blocks.1.*": -2.0})
+    assert handle.recipe.name == "mine" and handle.recipe.threshold == -4.0 and handle.recipe.warmup_steps == 1
+    assert handle.recipe.threshold_for("blocks.1.self_attn", 5) == -2.0
+    assert recipe.warmup_steps == 3 and not recipe.layers  # the caller's recipe is not modified
+    stats = handle.stats()
+    assert stats.recipe_name == "mine" and stats.hub_revision == "abc123"
+    handle.remove()
+
+
+def test_recipe_from_a_yaml_path(tmp_path):
+    io = pytest.importorskip("litepatch.recipes.io")
+    model, inputs = tm.wan_style()
+    path = tmp_path / "r.yaml"
+    io.save(Recipe(name="from-file", threshold=-5.0, warmup_steps=1), path)
+    handle = litepatch.apply(model, str(path))
+    assert handle.recipe.name == "from-file" and handle.recipe.threshold == -5.0
+    handle.remove()
+
+
+# ------------------------------------------------------------------------------ warm-up, layers
+def test_warmup_dense_layers_stats_and_configure():
+    model, inputs = _smooth_wan_style()
+    handle = litepatch.apply(model, threshold=0.0, warmup_steps=1, layers={"blocks.0.*": LayerSetting(dense=True)})
+    for t in (999, 900, 800):
+        _run(model, inputs, t)
+        assert handle.step == {999: 0, 900: 1, 800: 2}[t]
+    stats = handle.stats()
+    by = {(r["layer"], r["step"]): r for r in stats.records}
+    assert len(stats.records) == 6
+    assert by[("blocks.0.self_attn", 0)]["reason"] == "warm-up" and by[("blocks.1.self_attn", 0)]["dense"]
+    assert all(by[("blocks.0.self_attn", s)]["reason"] == "dense layer" for s in (1, 2))
+    assert not by[("blocks.1.self_attn", 1)]["dense"] and by[("blocks.1.self_attn", 1)]["kept_fraction"] == 1.0
+    assert by[("blocks.1.self_attn", 2)]["kept_fraction"] < 1.0  # the second sparse call skips
+    assert model.blocks[0].self_attn._litepatch.states == {}  # dense layers never get a state
+    per_layer = stats.per_layer()
+    assert per_layer["blocks.0.self_attn"] == 1.0 and per_layer["blocks.1.self_attn"] < 1.0
+    total = sum(r["total_tiles"] for r in stats.records)
+    assert math.isclose(stats.kept_fraction(), sum(r["kept_tiles"] for r in stats.records) / total)
+    table = stats.table()
+    assert "blocks.1.self_attn" in table and "warm-up" in table and "dense layer" in table
+
+    recipe = handle.configure(threshold=float("-inf"), warmup_steps=0, layers={})
+    assert recipe.threshold == float("-inf") and handle.stats().records == []
+    for t in (999, 900):
+        _run(model, inputs, t)
+    assert [r["kept_fraction"] for r in handle.stats().records] == [1.0] * 4
+    with pytest.raises(ValueError, match="threshold must be <= 0"):
+        handle.configure(threshold=0.5)
+    handle.remove()
+    with pytest.raises(RuntimeError, match="removed"):
+        handle.configure(threshold=-1.0)
+
+
+def test_kept_counts_stay_on_device_until_stats():
+    model, inputs = _smooth_wan_style()
+    handle = litepatch.apply(model, threshold=0.0)
+    _run(model, inputs, 999)
+    _run(model, inputs, 900)
+    handle._runtime.flush()
+    raw = handle._runtime.log.raw
+    assert all(isinstance(r["kept"], torch.Tensor) and r["kept"].dim() == 0 for r in raw)
+    records = handle.stats().records
+    assert all(isinstance(r["kept_tiles"], int) for r in records)
+    handle.remove()
+
+
+# ------------------------------------------------------------------------------------ fallbacks
+class SDPACaller(nn.Module):
+    """Calls SDPA with whatever keyword arguments the test sets."""
+
+    def __init__(self, **sdpa_kwargs):
+        super().__init__()
+        self.sdpa_kwargs = sdpa_kwargs
+        self.heads_kv = sdpa_kwargs.pop("heads_kv", 2)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = x.view(b, s, 2, -1).transpose(1, 2)
+        kv = x.view(b, s, 2, -1)[:, :, : self.heads_kv].transpose(1, 2)
+        return F.scaled_dot_product_attention(q, kv, kv, **self.sdpa_kwargs).transpose(1, 2).reshape(b, s, -1)
+
+
+@pytest.mark.parametrize(
+    "sdpa_kwargs, dtype, grad, reason",
+    [
+        ({"attn_mask": torch.ones(200, 200, dtype=torch.bool)}, torch.float32, False, "attention mask"),
+        ({"is_causal": True}, torch.float32, False, "is_causal"),
+        ({"dropout_p": 0.5}, torch.float32, False, "dropout_p=0.5"),
+        ({"heads_kv": 1, "enable_gqa": True}, torch.float32, False, "grouped K/V heads"),
+        ({}, torch.float64, False, "dtype torch.float64"),
+        ({}, torch.float32, True, "autograd"),
+    ],
+)
+def test_unsupported_calls_fall_back_with_one_warning(sdpa_kwargs, dtype, grad, reason):
+    model = SDPACaller(**sdpa_kwargs)
+    x = torch.randn(1, 200, 32, dtype=dtype, requires_grad=grad)
+    torch.manual_seed(0)
+    with torch.set_grad_enabled(grad):
+        reference = model(x)
+    handle = litepatch.apply(model, threshold=0.0)
+    with warnings.catch_warnings(record=True) as caught, torch.set_grad_enabled(grad):
+        warnings.simplefilter("always")
+        for t in range(3):
+            torch.manual_seed(0)
+            out = model(x)
+            assert torch.equal(out, reference)
+    messages = [str(w.message) for w in caught if "litepatch" in str(w.message)]
+    assert len(messages) == 1 and reason in messages[0], messages
+    assert all(r["dense"] and reason in r["reason"] for r in handle.stats().records)
+    handle.remove()
+
+
+# ----------------------------------------------------------------------------- step tracking
+def test_step_tracker_schedule():
+    tracker = StepTracker()
+    seen = [(tracker.observe(t), tracker.generation, tracker.step, tracker.branch) for t in (999, 999, 500, 500, 10)]
+    assert seen == [(True, 0, 0, 0), (False, 0, 0, 1), (False, 0, 1, 0), (False, 0, 1, 1), (False, 0, 2, 0)]
+    assert tracker.observe(999) and (tracker.generation, tracker.step) == (1, 0)
+    assert tracker.observe(999, "cond") is False and tracker.branch == "cond"
+    tracker.reset()
+    assert tracker.observe(500) and tracker.generation == 2
+    assert not tracker.observe(None) and tracker.step == 1  # no timestep: every call is a step
+
+
+def _cfg_loop(model, scheduler, latents, context, steps=3, named=False, guidance=4.0):
+    """A diffusers scheduler loop with sequential CFG: two transformer calls per step."""
+    scheduler.set_timesteps(steps)
+    calls = []
+    for t in scheduler.timesteps:
+        outputs = []
+        for name, ctx in (("cond", context), ("uncond", torch.zeros_like(context))):
+            kwargs = {"x": latents, "t": t.reshape(1), "context": ctx}
+            calls.append((name, kwargs))
+            if named:
+                with model.cache_context(name):
+                    outputs.append(model(**kwargs))
+            else:
+                outputs.append(model(**kwargs))
+        noise = outputs[1] + guidance * (outputs[0] - outputs[1])
+        latents = scheduler.step(noise, t, latents).prev_sample
+    return latents, calls
+
+
+def test_scheduler_loop_branches_keep_separate_state_and_generations_restart():
+    diffusers = pytest.importorskip("diffusers")
+    model, inputs = _smooth_wan_style()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    handle = litepatch.apply(model, threshold=0.0, warmup_steps=1)
+    with torch.no_grad():
+        _, calls = _cfg_loop(model, scheduler, inputs["x"], inputs["context"])
+    stats = handle.stats()
+    layer = model.blocks[1].self_attn._litepatch
+    assert sorted(layer.states) == [0, 1]
+    assert layer.states[0] is not layer.states[1]
+    steps = sorted({r["step"] for r in stats.records})
+    assert steps == [0, 1, 2] and {r["branch"] for r in stats.records} == {0, 1}
+    assert all(r["dense"] and r["reason"] == "warm-up" for r in stats.records if r["step"] == 0)
+    cfg_cond = [r["kept_tiles"] for r in stats.records if r["branch"] == 0 and r["layer"] == layer.name]
+
+    # Replaying only the cond calls on a fresh patch gives the same skip decisions: no state leaks across branches.
+    handle.remove()
+    handle = litepatch.apply(model, threshold=0.0, warmup_steps=1)
+    with torch.no_grad():
+        for name, kwargs in calls:
+            if name == "cond":
+                model(**kwargs)
+    alone = [r["kept_tiles"] for r in handle.stats().records if r["layer"] == layer.name]
+    assert alone == cfg_cond
+    assert min(cfg_cond) < max(cfg_cond)  # the branch did skip tiles
+
+    # A second generation: warm-up again, then a first sparse call computes every tile.
+    handle.clear_stats()
+    with torch.no_grad():
+        _cfg_loop(model, scheduler, inputs["x"], inputs["context"])
+    assert handle.generation == 1  # the replay was generation 0 of this handle
+    gen = [r for r in handle.stats().records if r["generation"] == handle.generation]
+    assert all(r["dense"] for r in gen if r["step"] == 0)
+    assert all(r["kept_fraction"] == 1.0 for r in gen if r["step"] == 1)
+    handle.remove()
+
+
+def test_cache_context_names_the_branch():
+    diffusers = pytest.importorskip("diffusers")
+    model, inputs = tm.wan_diffusers()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(3)
+    before = _instance_attrs(model)
+    handle = litepatch.apply(model, threshold=-2.0)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            for name in ("cond", "uncond"):
+                with model.cache_context(name):
+                    model(**{**inputs, "timestep": t.reshape(1)})
+    assert sorted(model.blocks[0].attn1._litepatch.states) == ["cond", "uncond"]
+    records = handle.stats().records
+    assert {r["branch"] for r in records} == {"cond", "uncond"} and {r["step"] for r in records} == {0, 1, 2}
+    handle.remove()
+    assert _instance_attrs(model) == before
+
+
+def test_reset_starts_a_new_generation():
+    model, inputs = _smooth_wan_style()
+    handle = litepatch.apply(model, threshold=0.0)
+    for t in (999, 900, 800):
+        _run(model, inputs, t)
+    assert model.blocks[0].self_attn._litepatch.states[0].read_list().sum() < model.blocks[0].self_attn._litepatch.states[0].total_tiles()
+    handle.reset()
+    handle.clear_stats()
+    _run(model, inputs, 700)  # would continue the schedule, but reset() forced a new generation
+    assert handle.step == 0 and handle.generation == 1
+    assert all(r["kept_fraction"] == 1.0 for r in handle.stats().records)
+    handle.remove()
+
+
+def test_batched_cfg_rows_have_their_own_skip_lists():
+    model, inputs = tm.wan_style(batch=2)
+    inputs["x"][1] = inputs["x"][1].flip(0)  # the two rows see different tokens
+    handle = litepatch.apply(model, threshold=0.0)
+    for t in (999, 900):
+        _run(model, inputs, t)
+    read = model.blocks[0].self_attn._litepatch.states[0].read_list()
+    assert read.shape[0] == 2 and not torch.equal(read[0], read[1])
+    handle.remove()
+
+
+def test_pipeline_patches_transformer_and_transformer_2():
+    class Pipe:
+        pass
+
+    pipe = Pipe()
+    pipe.transformer, inputs = tm.wan_style()
+    pipe.transformer_2, _ = tm.wan_style(seed=1)
+    names = [i.name for i in litepatch.inspect(pipe) if i.sparse]
+    assert names == ["blocks.0.self_attn", "blocks.1.self_attn",
+                     "transformer_2.blocks.0.self_attn", "transformer_2.blocks.1.self_attn"]
+    handle = litepatch.apply(pipe, threshold=-6.0)
+    assert handle.layers == names
+    _run(pipe.transformer, inputs, 999)  # high-noise expert
+    _run(pipe.transformer_2, inputs, 500)  # low-noise expert: the same schedule continues
+    assert handle.step == 1 and handle.generation == 0
+    assert {r["layer"] for r in handle.stats().records} == set(names)
+    assert litepatch.remove(pipe)
+    assert "_litepatch" not in vars(pipe.transformer_2)
+
+
+# ------------------------------------------------------------------------------- torch.compile
+def test_torch_compile_patched_model_without_graph_breaks():
+    model, inputs = _smooth_wan_style()
+    handle = litepatch.apply(model, threshold=0.0)
+    eager = [_run(model, inputs, t) for t in (999, 900, 800)]
+    eager_kept = [r["kept_tiles"] for r in handle.stats().records]
+    handle.reset()
+    handle.clear_stats()
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(**inputs)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    handle.reset()
+    handle.clear_stats()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    outs = [_run(compiled, inputs, t) for t in (999, 900, 800)]
+    for out, ref in zip(outs, eager):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert [r["kept_tiles"] for r in handle.stats().records] == eager_kept
+    assert min(eager_kept) < max(eager_kept)
+    handle.remove()
+    torch._dynamo.reset()
