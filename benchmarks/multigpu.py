@@ -396,7 +396,8 @@ def report(rows, args, world, tokens, device, dtype) -> None:
         r["speedup_vs_single_sdpa"] = base / r["step_ms"] if base else None
         r["speedup_vs_same_mode_sdpa"] = dense[r["mode"]] / r["step_ms"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"\nWan2.1-1.3B{' (tiny)' if args.tiny else ''}, {args.frames}x{args.height}x{args.width} -> {tokens} tokens, "
+    size = f"{args.frames}x{args.height}x{args.width}"
+    print(f"\nWan2.1-1.3B{' (tiny)' if args.tiny else ''}, {size} -> {tokens} tokens, "
           f"{args.dtype}, {world} x {name}, lite backends {available_backends()}, median of {args.iters}")
     header = (f"{'mode':<9} {'attention':<12} {'step ms':>9} {'vs 1-dev':>8} {'vs dense':>8} {'kept':>6} "
               f"{'attn ms/rank':>20} {'attn imb':>8} {'kept imb':>8} {'rel err':>8}")

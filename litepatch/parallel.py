@@ -241,7 +241,9 @@ def ulysses_attention(
     _, world = _world(group)
     heads = q.shape[2]
     if heads % world:
-        raise ValueError(f"Ulysses needs the head count divisible by the group size, got {heads} heads on {world} ranks")
+        raise ValueError(
+            f"Ulysses needs the head count divisible by the group size, got {heads} heads on {world} ranks"
+        )
     order = _check_head_order(head_order, heads)
     if order is not None:
         index = order.to(q.device)
@@ -378,7 +380,9 @@ def ring_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_shard(name, t)
     if k.shape != v.shape or k.dtype != v.dtype:
-        raise ValueError(f"k and v must share shape and dtype, got {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}")
+        raise ValueError(
+            f"k and v must share shape and dtype, got {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}"
+        )
     rank, world = _world(group)
     kv = torch.stack((k, v)).contiguous()
     spare = torch.empty_like(kv) if world > 1 else None
@@ -386,8 +390,10 @@ def ring_attention(
     out = lse = None
     for step in range(world):
         requests = []
-        if step < world - 1:
-            requests = [dist.isend(kv, send_to, group=group), dist.irecv(spare, recv_from, group=group)]
+        if step < world - 1:  # one batch: NCCL would deadlock on separate send/recv pairs between two ranks
+            requests = dist.batch_isend_irecv([
+                dist.P2POp(dist.isend, kv, send_to, group=group), dist.P2POp(dist.irecv, spare, recv_from, group=group),
+            ])
         part_out, part_lse = attn_fn(q, kv[0], kv[1], (rank - step) % world)
         if out is None:
             out, lse = part_out.float(), part_lse.float()
@@ -583,9 +589,9 @@ def place_heads(work: Sequence[float] | torch.Tensor, world_size: int) -> torch.
     """Head placement for Ulysses by kept work: greedy longest-processing-time with ``H/P`` heads per rank.
 
     Heads are taken heaviest first and each goes to the least-loaded rank that still has room. When that is no
-    better than the contiguous placement (largest rank load), the contiguous one is returned (no state moves). Returns a
-    permutation ``head_order`` (long ``[H]``): rank ``r`` owns ``head_order[r * H/P : (r + 1) * H/P]``, each slice
-    sorted ascending. Pass it to :func:`ulysses_lite_attention` (and move existing state with
+    better than the contiguous placement (largest rank load), the contiguous one is returned (no state moves).
+    Returns a permutation ``head_order`` (long ``[H]``): rank ``r`` owns ``head_order[r * H/P : (r + 1) * H/P]``,
+    each slice sorted ascending. Pass it to :func:`ulysses_lite_attention` (and move existing state with
     :func:`reshard_ulysses_state`).
 
     >>> place_heads([8, 7, 1, 1], world_size=2)   # loads 9 and 8 instead of 15 and 2
@@ -698,8 +704,10 @@ def _spawned(rank: int, world_size: int, init_file: str, result_dir: str, timeou
 def spawn_gloo(world_size: int, fn: Callable, *args, timeout_s: float = 120.0) -> list:
     """Runs ``fn(rank, world_size, *args)`` on ``world_size`` CPU processes joined by a gloo process group.
 
-    ``fn`` must be importable (a module-level function) and its result picklable by ``torch.save``. Returns the
-    results by rank; a failure on any rank raises ``RuntimeError`` with that rank's traceback.
+    ``fn`` must be importable (a module-level function) and its result picklable by ``torch.save``. Ranks are
+    forked from a forkserver that has imported torch once (cheap repeated calls). Returns the results by rank; a
+    failure on any rank raises ``RuntimeError`` with that rank's traceback; a rank stuck past ``timeout_s`` is
+    killed.
 
     >>> spawn_gloo(2, my_check, 256)      # my_check(rank, world_size, 256) on two ranks
     [result_of_rank_0, result_of_rank_1]
@@ -708,7 +716,10 @@ def spawn_gloo(world_size: int, fn: Callable, *args, timeout_s: float = 120.0) -
 
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    context = mp.get_context("spawn")
+    # forkserver: one server imports torch once and forks fresh ranks from it (no re-import per rank or per call,
+    # and no fork of a process whose OpenMP pool already ran)
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torch.distributed", "litepatch.parallel"])
     with tempfile.TemporaryDirectory(prefix="litepatch-gloo-") as tmp:
         init_file = os.path.join(tmp, "init")
         procs = [

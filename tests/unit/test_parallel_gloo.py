@@ -2,6 +2,7 @@
 against the single-process runs they must equal: same read lists per head / per (query shard, K/V chunk),
 outputs within float tolerance, over consecutive calls that skip."""
 
+import contextlib
 import copy
 import functools
 import math
@@ -45,6 +46,17 @@ def qkv(seq=SEQ, heads=HEADS, batch=2):
     k = feats * sharp + 0.3 * torch.randn(batch, heads, seq, DIM, generator=gen)
     v = torch.randn(batch, heads, seq, DIM, generator=gen)
     return tuple(t.transpose(1, 2).contiguous() for t in (q, k, v))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The references are many small calls: intra-op threads only add overhead (and stall on a loaded CI box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def shard(t, rank, world):
@@ -93,6 +105,7 @@ def worker(rank, world):
 
 
 @functools.lru_cache
+@one_thread()
 def single_process(world):
     """The Ulysses target: lite_attention on the whole tensors over the same calls (do not mutate the state)."""
     q, k, v = qkv()
@@ -105,6 +118,7 @@ def single_process(world):
 
 
 @functools.lru_cache
+@one_thread()
 def chunked(world):
     """The ring target: the single-process chunked run over the same calls."""
     q, k, v = qkv()
@@ -208,7 +222,9 @@ def test_load_reports_and_resharding_across_ranks(ranks):
         assert torch.equal(r["moved_read"], whole.read_list()[:, heads])
     # the call after the move equals a 4th single-process call
     q, k, v = qkv()
-    out = lite_attention(q, k, v, whole, threshold=THRESHOLDS[world], must_compute_queries=MUST_Q, must_compute_keys=MUST_K)
+    kwargs = dict(threshold=THRESHOLDS[world], must_compute_queries=MUST_Q, must_compute_keys=MUST_K)
+    with one_thread():
+        out = lite_attention(q, k, v, whole, **kwargs)
     torch.testing.assert_close(torch.cat([r["after_move"][0] for r in results], 1), out, atol=1e-5, rtol=1e-5)
     for rank, r in enumerate(results):
         heads = order[rank * local : (rank + 1) * local]
