@@ -213,6 +213,9 @@ class LayerPatch:
         state = self.states.get(branch)
         if state is None:
             state = self.states[branch] = SkipState()
+        if state.initialized and state.keep.is_inference() and not torch.is_inference_mode_enabled():
+            # Made under torch.inference_mode, now used outside it: in-place updates need normal tensors.
+            state.keep, state.anchor, state.kept = state.keep.clone(), state.anchor.clone(), state.kept.clone()
         # ``lite_attention`` increments ``state.calls``; torch.compile would specialise on its value and
         # recompile every call. Only "first call or not" and (for the alternating order) the parity matter.
         if state.calls > 1:
