@@ -44,6 +44,7 @@ import datetime
 import math
 import os
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -392,7 +393,8 @@ def ring_attention(
         requests = []
         if step < world - 1:  # one batch: NCCL would deadlock on separate send/recv pairs between two ranks
             requests = dist.batch_isend_irecv([
-                dist.P2POp(dist.isend, kv, send_to, group=group), dist.P2POp(dist.irecv, spare, recv_from, group=group),
+                dist.P2POp(dist.isend, kv, send_to, group=group),
+                dist.P2POp(dist.irecv, spare, recv_from, group=group),
             ])
         part_out, part_lse = attn_fn(q, kv[0], kv[1], (rank - step) % world)
         if out is None:
@@ -728,8 +730,9 @@ def spawn_gloo(world_size: int, fn: Callable, *args, timeout_s: float = 120.0) -
         ]
         for proc in procs:
             proc.start()
+        deadline = time.monotonic() + timeout_s + 30
         for proc in procs:
-            proc.join(timeout_s + 30)
+            proc.join(max(0.0, deadline - time.monotonic()))
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
