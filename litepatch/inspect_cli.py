@@ -3,7 +3,8 @@
 Examples:
     litepatch inspect --model my_package.models:build_dit
     litepatch inspect --diffusers WanTransformer3DModel --config '{"num_layers": 2, "num_attention_heads": 2}'
-    litepatch inspect --diffusers WanTransformer3DModel --pretrained Wan-AI/Wan2.1-T2V-1.3B-Diffusers --subfolder transformer
+    litepatch inspect --diffusers WanTransformer3DModel \
+        --pretrained Wan-AI/Wan2.1-T2V-1.3B-Diffusers --subfolder transformer
 """
 
 from __future__ import annotations

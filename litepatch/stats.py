@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-RECORD_KEYS = ("layer", "step", "branch", "generation", "kept_fraction", "dense", "reason", "kept_tiles", "total_tiles")
+RECORD_KEYS = (
+    "layer", "step", "branch", "generation", "kept_fraction", "dense", "reason", "kept_tiles", "total_tiles",
+)
 
 
 @dataclass
@@ -39,7 +41,8 @@ class CallLog:
 
     def freeze(self) -> list[dict]:
         tensors = [r["kept"] for r in self.raw if isinstance(r["kept"], torch.Tensor)]
-        values = iter(torch.stack([t.detach().to("cpu", torch.int64) for t in tensors]).tolist()) if tensors else iter(())
+        # One transfer for all calls: the counts stay on the device until here.
+        values = iter(torch.stack([t.detach().to(torch.int64) for t in tensors]).tolist() if tensors else [])
         records = []
         for r in self.raw:
             kept = next(values) if isinstance(r["kept"], torch.Tensor) else int(r["kept"])

@@ -16,6 +16,7 @@ import litepatch
 from litepatch import LayerSetting, Recipe
 from litepatch.context import StepTracker
 from litepatch.recipes.schema import Provenance
+from litepatch.stats import RECORD_KEYS
 
 
 def _smooth_wan_style(seq=300, batch=1):
@@ -32,7 +33,8 @@ def _run(model, inputs, t=None):
 
 
 def _instance_attrs(model):
-    return {n: sorted(k for k in vars(m) if k in ("forward", "cache_context", "_litepatch")) for n, m in model.named_modules()}
+    attrs = ("forward", "cache_context", "_litepatch")
+    return {n: sorted(k for k in vars(m) if k in attrs) for n, m in model.named_modules()}
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -117,6 +119,7 @@ def test_warmup_dense_layers_stats_and_configure():
     stats = handle.stats()
     by = {(r["layer"], r["step"]): r for r in stats.records}
     assert len(stats.records) == 6
+    assert all(tuple(r) == RECORD_KEYS for r in stats.records)
     assert by[("blocks.0.self_attn", 0)]["reason"] == "warm-up" and by[("blocks.1.self_attn", 0)]["dense"]
     assert all(by[("blocks.0.self_attn", s)]["reason"] == "dense layer" for s in (1, 2))
     assert not by[("blocks.1.self_attn", 1)]["dense"] and by[("blocks.1.self_attn", 1)]["kept_fraction"] == 1.0
@@ -293,7 +296,8 @@ def test_reset_starts_a_new_generation():
     handle = litepatch.apply(model, threshold=0.0)
     for t in (999, 900, 800):
         _run(model, inputs, t)
-    assert model.blocks[0].self_attn._litepatch.states[0].read_list().sum() < model.blocks[0].self_attn._litepatch.states[0].total_tiles()
+    state = model.blocks[0].self_attn._litepatch.states[0]
+    assert state.read_list().sum() < state.total_tiles()
     handle.reset()
     handle.clear_stats()
     _run(model, inputs, 700)  # would continue the schedule, but reset() forced a new generation
@@ -358,3 +362,19 @@ def test_torch_compile_patched_model_without_graph_breaks():
     assert min(eager_kept) < max(eager_kept)
     handle.remove()
     torch._dynamo.reset()
+
+
+def test_recipe_for_another_model_is_refused_unless_allowed():
+    pytest.importorskip("litepatch.recipes.io")
+    from litepatch import ModelFingerprint
+
+    model, _ = tm.wan_style()
+    before = _instance_attrs(model)
+    recipe = Recipe(name="other", fingerprint=ModelFingerprint(model_class="FluxTransformer2DModel", num_layers=57))
+    with pytest.raises(ValueError, match="FluxTransformer2DModel"):
+        litepatch.apply(model, recipe)
+    assert _instance_attrs(model) == before
+    with pytest.warns(UserWarning, match="attention layer count: recipe 57, model 2"):
+        handle = litepatch.apply(model, recipe, allow_fingerprint_mismatch=True)
+    assert handle.recipe.name == "other"
+    handle.remove()

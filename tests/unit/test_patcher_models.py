@@ -59,7 +59,8 @@ def _snapshot(model):
     return (
         [(n, type(m)) for n, m in model.named_modules()],
         list(model.state_dict().keys()),
-        {n: sorted(k for k in vars(m) if k in ("forward", "cache_context", "_litepatch")) for n, m in model.named_modules()},
+        {n: sorted(k for k in vars(m) if k in ("forward", "cache_context", "_litepatch"))
+         for n, m in model.named_modules()},
         {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()},
     )
 

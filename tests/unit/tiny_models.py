@@ -25,7 +25,7 @@ class WanSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        q, k, v = (proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        q, k, v = (p(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).reshape(b, s, self.dim))
 
@@ -123,10 +123,6 @@ class TimmStyleViT(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ diffusers
-def _smooth(shape, seed_dims=3):
-    return torch.randn(*shape)
-
-
 def wan_diffusers(seed: int = 0):
     from diffusers import WanTransformer3DModel
 
@@ -135,7 +131,7 @@ def wan_diffusers(seed: int = 0):
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
         text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
     ).eval()
-    # 3 frames x 8 x 12 latent -> 3 x 4 x 6 = 72 tokens ... use 5 x 8 x 16 -> 5 * 4 * 8 = 160 tokens
+    # 5 frames x 8 x 16 latent, patch (1, 2, 2) -> 5 x 4 x 8 = 160 tokens
     inputs = {
         "hidden_states": torch.randn(1, 4, 5, 8, 16),
         "timestep": torch.tensor([999]),
