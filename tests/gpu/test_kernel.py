@@ -1,0 +1,240 @@
+"""The Triton LiteAttention forward against the PyTorch reference (the oracle), on CUDA.
+
+Each fuzz case runs several consecutive calls. Before each call both backends get the same state
+(the reference's), so a difference cannot cascade; then they must agree:
+
+* ``kept`` exactly, the output and LSE within FlashAttention-level tolerance;
+* the written read list bit for bit, except *ties*: a tile whose skip test sits within
+  ``TIE_LOG2`` (log2 units) of the threshold, found as the tiles where the reference itself decides
+  differently at ``threshold - TIE_LOG2`` and ``threshold + TIE_LOG2`` (fp32 sums in another order
+  move a score by ~1e-6 relative; the decisions of one call do not feed its own tests, so shifting
+  the threshold is exactly "moving every test by that much");
+* the anchor, except where the two tiles' largest scores differ by at most ``TIE_SCORE`` (relative).
+
+``LITEPATCH_FUZZ_CASES`` (default 500) sets the number of random cases.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from litepatch.kernels import SkipState, TileConfig, lite_attention, reference_forward, unpack_bits
+from litepatch.kernels.state import normalize_ranges
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+triton_fwd = pytest.importorskip("litepatch.kernels.triton_fwd")
+
+TIE_LOG2 = 2e-3
+TIE_SCORE = 1e-5
+N_CASES = int(os.environ.get("LITEPATCH_FUZZ_CASES", "500"))
+N_GROUPS = 20
+THRESHOLDS = (-math.inf, -20.0, -10.0, -3.0, 0.0)
+DEVICE = "cuda"
+
+
+def _inputs(gen: torch.Generator, batch, seq_q, seq_k, heads, dim, dtype, layout):
+    """Video-like q/k (nearby tokens score high, plus noise) so that the thresholds skip real tiles."""
+    def positions(n):
+        pos = torch.arange(n, device=DEVICE, dtype=torch.float32)[:, None]
+        freqs = torch.randn(1, dim, device=DEVICE, generator=gen) * 0.05
+        phase = torch.rand(1, dim, device=DEVICE, generator=gen) * 6.283
+        return torch.cos(pos * freqs + phase)
+
+    cpu = torch.Generator().manual_seed(int(torch.randint(2**31, (1,), device=DEVICE, generator=gen)))
+    sharp = float(torch.empty(()).uniform_(0.5, 3.0, generator=cpu))
+    noise = float(torch.empty(()).uniform_(0.2, 1.5, generator=cpu))
+    q = positions(seq_q)[None, :, None] * sharp * math.sqrt(dim) * 0.3 + noise * torch.randn(
+        batch, seq_q, heads, dim, device=DEVICE, generator=gen)
+    k = positions(seq_k)[None, :, None] * sharp + noise * torch.randn(batch, seq_k, heads, dim, device=DEVICE,
+                                                                       generator=gen)
+    v = torch.randn(batch, seq_k, heads, dim, device=DEVICE, generator=gen)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if layout == "bhsd":  # SDPA-layout caller: [B, H, S, D] storage handed over as a transposed view
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    elif layout == "fused":  # diffusers fused QKV projection: views into one [B, S, 3, H, D] buffer
+        qkv = torch.stack([q, k, v], dim=2) if seq_q == seq_k else None
+        if qkv is not None:
+            q, k, v = qkv.unbind(2)
+    return q, k, v
+
+
+def _ranges(gen: torch.Generator, length: int):
+    if float(torch.rand((), generator=gen)) < 0.6:
+        return None
+    out = []
+    for _ in range(int(torch.randint(1, 3, (), generator=gen))):
+        start = int(torch.randint(0, length, (), generator=gen))
+        end = min(length, start + int(torch.randint(1, max(2, length // 8), (), generator=gen)))
+        out.append((start, end))
+    return out
+
+
+def _case(index: int) -> dict:
+    gen = torch.Generator().manual_seed(1000 + index)
+    pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=gen))]  # noqa: E731
+    big = index % 100 == 0  # a few long sequences, up to 20k (the reference's cost grows as S^2)
+    seq_q = int(torch.randint(8000, 20001, (), generator=gen)) if big else int(
+        math.exp(float(torch.empty(()).uniform_(0, math.log(3000), generator=gen))))
+    seq_k = seq_q if float(torch.rand((), generator=gen)) < 0.85 else max(1, int(seq_q * float(
+        torch.empty(()).uniform_(0.3, 2.0, generator=gen))))
+    batch = 1 if big else pick((1, 2))
+    heads = 1 if big else pick((1, 2, 3, 8, 16) if seq_q * seq_k < 1_000_000 else (1, 2, 4))
+    return dict(
+        batch=batch, seq_q=seq_q, seq_k=seq_k, heads=heads, dim=pick((64, 128)),
+        dtype=pick((torch.float16, torch.bfloat16)), threshold=pick(THRESHOLDS), order=pick(("anchor", "alternate")),
+        layout=pick(("bshd", "bhsd", "fused")), calls=2 if big else int(torch.randint(2, 5, (), generator=gen)),
+        must_q=_ranges(gen, seq_q), must_k=_ranges(gen, seq_k), seed=index,
+    )
+
+
+def _tile_max(q, k, b, h, qt, kt, tiles: TileConfig) -> float:
+    rows = q[b, qt * tiles.block_m:(qt + 1) * tiles.block_m, h].double()
+    cols = k[b, kt * tiles.block_n:(kt + 1) * tiles.block_n, h].double()
+    return float((rows @ cols.T).max())
+
+
+def _check_case(case: dict, stats: dict) -> None:
+    """Runs both backends' forwards call after call from the same state; see the module docstring."""
+    gen = torch.Generator(device=DEVICE).manual_seed(case["seed"])
+    q, k, v = _inputs(gen, case["batch"], case["seq_q"], case["seq_k"], case["heads"], case["dim"], case["dtype"],
+                      case["layout"])
+    tiles = triton_fwd.tiles_for_head_dim(case["dim"])
+    state = SkipState()
+    state.initialize((case["batch"], case["heads"], case["seq_q"], case["seq_k"]), tiles, q.device,
+                     normalize_ranges(case["must_q"], case["seq_q"], "q"),
+                     normalize_ranges(case["must_k"], case["seq_k"], "k"))
+    must_q, must_k = state.must_masks(q.device)
+    keep, anchor = state.keep, state.anchor
+    for call in range(case["calls"]):
+        ctx = f"case {case} call {call}"
+        args = dict(block_m=tiles.block_m, block_n=tiles.block_n, softmax_scale=1.0 / math.sqrt(case["dim"]),
+                    use_anchor=case["order"] == "anchor", descending=case["order"] == "alternate" and call % 2 == 0)
+
+        def run(forward, threshold):
+            st = (keep.clone(), anchor.clone(), torch.full((), -1, dtype=torch.int64, device=DEVICE))
+            out, lse = forward(q, k, v, *st, must_q, must_k, threshold=threshold, **args)
+            return out, lse, st
+
+        out_r, lse_r, (keep_r, anchor_r, kept_r) = run(reference_forward, case["threshold"])
+        out_o, lse_o, (keep_o, anchor_o, kept_o) = run(triton_fwd.triton_forward, case["threshold"])
+        assert int(kept_o) == int(kept_r), ctx
+        assert out_o.shape == q.shape and out_o.dtype == q.dtype and out_o.is_contiguous(), ctx
+        assert lse_o.shape == lse_r.shape and lse_o.dtype == torch.float32, ctx
+        assert bool(torch.isfinite(out_o).all()), ctx
+        diff = out_o.float() - out_r.float()
+        rel = float(diff.norm() / out_r.float().norm().clamp_min(1e-6))
+        max_abs = float(diff.abs().max())
+        lse_err = float((lse_o - lse_r).abs().max())
+        stats["max_rel"] = max(stats.get("max_rel", 0.0), rel)
+        stats["max_abs"] = max(stats.get("max_abs", 0.0), max_abs)
+        stats["lse"] = max(stats.get("lse", 0.0), lse_err)
+        eps = 2.0 ** -8 if q.dtype == torch.bfloat16 else 2.0 ** -11  # unit roundoff of the dtype
+        assert rel < 2 * eps, f"{ctx}: relative error {rel:.2e}"
+        assert max_abs < 8 * eps * float(out_r.float().abs().max().clamp_min(1.0)), f"{ctx}: max abs {max_abs:.2e}"
+        assert lse_err < 1e-3, f"{ctx}: lse error {lse_err:.2e}"
+        # Read lists: bit for bit except ties at the threshold.
+        if not torch.equal(keep_o, keep_r):
+            assert case["threshold"] > -math.inf, f"{ctx}: threshold -inf must keep every tile"
+            low = run(reference_forward, case["threshold"] - TIE_LOG2)[2][0]
+            high = run(reference_forward, case["threshold"] + TIE_LOG2)[2][0]
+            bad = (keep_o ^ keep_r) & ~(low ^ high)
+            assert not bool(bad.any()), f"{ctx}: {int(bad.ne(0).sum())} keep words differ beyond ties"
+            stats["tie_bits"] = stats.get("tie_bits", 0) + int(_popcount(keep_o ^ keep_r))
+        for b, h, qt in (anchor_o != anchor_r).nonzero().tolist():
+            a_o, a_r = int(anchor_o[b, h, qt]), int(anchor_r[b, h, qt])
+            s_o, s_r = (_tile_max(q, k, b, h, qt, a, tiles) for a in (a_o, a_r))
+            assert abs(s_o - s_r) <= TIE_SCORE * max(1.0, abs(s_r)), f"{ctx}: anchor {a_o} vs {a_r} ({s_o} vs {s_r})"
+            stats["tie_anchors"] = stats.get("tie_anchors", 0) + 1
+        stats["tiles"] = stats.get("tiles", 0) + state.total_tiles()
+        stats["kept"] = stats.get("kept", 0) + int(kept_r)
+        keep, anchor = keep_r, anchor_r
+
+
+def _popcount(words: torch.Tensor) -> int:
+    return int(unpack_bits(words, 32 * words.shape[-1]).sum())
+
+
+@pytest.mark.parametrize("group", range(N_GROUPS))
+def test_fuzz_against_reference(group):
+    stats: dict = {}
+    cases = [_case(i) for i in range(group, N_CASES, N_GROUPS)]
+    for case in cases:
+        _check_case(case, stats)
+    print(f"group {group}: {len(cases)} cases, {stats}")
+    # the inputs must exercise skipping, or the list comparison proves little
+    if len(cases) >= 10:
+        assert stats["kept"] < stats["tiles"]
+
+
+def test_dense_matches_sdpa_long():
+    """threshold=-inf equals dense attention (SDPA) at a long ragged shape, both dtypes."""
+    for dtype in (torch.bfloat16, torch.float16):
+        gen = torch.Generator(device=DEVICE).manual_seed(7)
+        q, k, v = (torch.randn(1, 9001, 4, 128, device=DEVICE, dtype=dtype, generator=gen) for _ in range(3))
+        out, lse = lite_attention(q, k, v, SkipState(), threshold=-math.inf, return_lse=True)
+        ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v)))
+        ref = ref.transpose(1, 2)
+        rel = float((out.float() - ref).norm() / ref.norm())
+        assert rel < (1e-2 if dtype == torch.bfloat16 else 2e-3), rel
+        scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) / math.sqrt(128)
+        assert float((lse - scores.logsumexp(-1)).abs().max()) < 1e-3
+
+
+def test_padded_query_rows_do_not_vote_and_state_updates_in_place():
+    """seq = one full q-tile + 2 rows: the last q-tile's skip decisions come from 2 valid rows only."""
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    tiles = triton_fwd.tiles_for_head_dim(64)
+    seq = tiles.block_m + 2
+    q, k, v = _inputs(gen, 1, seq, seq, 2, 64, torch.bfloat16, "bshd")
+    state = SkipState()
+    state.initialize((1, 2, seq, seq), tiles, q.device, (), ())
+    must = state.must_masks(q.device)
+    keep_ptr = state.keep.data_ptr()
+    for call in range(3):
+        ref = (state.keep.clone(), state.anchor.clone(), state.kept.clone())
+        args = dict(block_m=tiles.block_m, block_n=tiles.block_n, threshold=0.0, softmax_scale=0.125,
+                    use_anchor=True, descending=False)
+        reference_forward(q, k, v, *ref, *must, **args)
+        triton_fwd.triton_forward(q, k, v, state.keep, state.anchor, state.kept, *must, **args)
+        assert state.keep.data_ptr() == keep_ptr  # written in place
+        assert torch.equal(state.keep, ref[0]), f"call {call}"
+        assert torch.equal(state.anchor, ref[1]), f"call {call}"
+        assert int(state.kept) == int(ref[2])
+
+
+def test_unsupported_head_dim_runs_reference_with_warning():
+    q = torch.randn(1, 100, 2, 48, device=DEVICE, dtype=torch.bfloat16)
+    state = SkipState()
+    with pytest.warns(UserWarning, match="head_dim 48"):
+        out = lite_attention(q, q, q, state, threshold=-3.0, backend="triton")
+    ref = lite_attention(q, q, q, SkipState(), threshold=-3.0, backend="reference")
+    torch.testing.assert_close(out, ref)
+
+
+def test_torch_compile_fullgraph():
+    """The custom op runs under torch.compile without graph breaks and matches eager."""
+    gen = torch.Generator(device=DEVICE).manual_seed(11)
+    q, k, v = _inputs(gen, 1, 1000, 1000, 4, 128, torch.bfloat16, "bshd")
+    eager, compiled = SkipState(), SkipState()
+    lite_attention(q, k, v, eager, threshold=-3.0)
+    lite_attention(q, k, v, compiled, threshold=-3.0)
+
+    @torch.compile(fullgraph=True)
+    def step(q, k, v):
+        return lite_attention(q, k, v, compiled, threshold=-3.0)
+
+    for _ in range(3):
+        expected = lite_attention(q, k, v, eager, threshold=-3.0)
+        got = step(q, k, v)
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        assert torch.equal(compiled.keep, eager.keep)
+        assert torch.equal(compiled.anchor, eager.anchor)
+        assert int(compiled.kept) == int(eager.kept)
