@@ -90,7 +90,9 @@ def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> Job
         loaded = OmegaConf.load(path)
         merged = OmegaConf.merge(schema, loaded, OmegaConf.from_dotlist(list(overrides or [])))
     except OmegaConfBaseException as err:
-        raise ValueError(f"job file {path}: {str(err).splitlines()[0]}") from None
+        key = getattr(err, "full_key", None)
+        where = f"key '{key}': " if key else ""
+        raise ValueError(f"job file {path}: {where}{str(err).splitlines()[0]}") from None
     job: JobConfig = OmegaConf.to_object(merged)
     job.base_dir = str(path.resolve().parent)
     if (job.entry is None) == (job.pipeline is None):

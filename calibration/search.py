@@ -353,10 +353,18 @@ def make_storage(storage):
 
     # Heartbeats let a restarted job (or another worker) mark trials of a killed process as failed,
     # and the retry callback re-enqueues their parameters, so no seed is lost.
-    return RDBStorage(
-        text, engine_kwargs=engine_kwargs, heartbeat_interval=5, grace_period=15,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
-    )
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(10):
+        try:
+            return RDBStorage(
+                text, engine_kwargs=engine_kwargs, heartbeat_interval=5, grace_period=15,
+                failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            )
+        except SQLAlchemyError:  # another worker is creating the schema of the same new database
+            if attempt == 9:
+                raise
+            time.sleep(0.5 + 0.5 * attempt)
 
 
 def _constraints_supported() -> bool:
