@@ -1,7 +1,7 @@
 """Procedural training videos for the demo DiT (no downloads).
 
-Each video is one shape moving across a dark, smoothly shaded background, turning and pulsing in
-colour as it goes. Its condition is three indices: shape, colour and direction of motion
+Each video is one shape moving across a dark, shaded background with a static fine texture,
+turning and pulsing in colour as it goes. Its condition is three indices: shape, colour and direction of motion
 (:data:`SHAPES`, :data:`COLOURS`, :data:`DIRECTIONS`). Everything is vectorised torch, so a GPU
 renders tens of thousands of videos in a second, and a seeded ``torch.Generator`` makes the data
 reproducible. Videos are ``[N, 3, frames, height, width]`` in ``[-1, 1]`` (RGB, the demo's latent space).
@@ -105,6 +105,8 @@ def make_videos(
     bg = _uniform(gen, n * 3, 0.02, 0.25, device).view(n, 3)
     bg_dir = _uniform(gen, n, 0, 2 * math.pi, device)
     bg_amp = _uniform(gen, n, 0.0, 0.15, device)
+    texture_amp = _uniform(gen, n, 0.04, 0.15, device)
+    texture = torch.randn(n, 1, height // 2, width // 2, generator=gen, device=device)
 
     t = torch.arange(frames, device=device, dtype=torch.float32)  # [F]
     ys = torch.arange(height, device=device, dtype=torch.float32) + 0.5
@@ -142,5 +144,9 @@ def make_videos(
 
     grad = (torch.cos(bg_dir)[:, None, None] * (xx / width - 0.5) + torch.sin(bg_dir)[:, None, None] * (yy / height - 0.5))
     background = bg[:, :, None, None] * (1 + 2 * bg_amp[:, None, None, None] * grad[:, None])  # [n, 3, H, W]
+    # a static fine texture: only a copy from the same place in other frames predicts it, which is
+    # what teaches the model sharp, position-precise attention
+    texture = torch.nn.functional.interpolate(texture, size=(height, width), mode="bilinear", align_corners=False)
+    background = background + texture_amp[:, None, None, None] * texture
     video = background[:, :, None] * (1 - alpha[:, None]) + fg.permute(0, 2, 1)[..., None, None] * alpha[:, None]
     return (video.clamp(0, 1) * 2 - 1).contiguous(), cond
