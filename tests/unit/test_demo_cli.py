@@ -1,0 +1,57 @@
+"""``litepatch demo`` end to end on CPU with reduced steps: table, both PNGs, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from PIL import Image
+
+from litepatch.cli import COMMANDS
+from litepatch.demo import cli as demo_cli
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="litepatch demo")
+    demo_cli.add_arguments(parser)
+    return demo_cli.run(parser.parse_args(argv))
+
+
+def test_demo_is_the_registered_subcommand():
+    assert COMMANDS["demo"][0] == "litepatch.demo.cli"
+
+
+def test_demo_end_to_end_writes_both_pngs(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(["--steps", "3", "--threshold", "0", "--warmup-steps", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "PSNR vs dense" in text and "final: PSNR" in text and "wall time (cpu)" in text
+    rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2]
+    assert float(rows[0][2]) == 1.0  # warm-up step: dense
+    assert float(rows[2][2]) < 1.0  # threshold 0 skips tiles once the warm-up is over
+    frames = Image.open(out / "frames.png")
+    assert frames.width > frames.height and frames.mode == "RGB"
+    heat = Image.open(out / "kept_tiles.png")
+    assert heat.width > 0 and heat.height > 0
+
+
+def test_demo_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="names no shape"):
+        _run(["--prompt", "red moving left", "--steps", "1", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="threshold must be <= 0"):
+        _run(["--threshold", "3", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--steps must be >= 1, got 0"):
+        _run(["--steps", "0", "--out", str(tmp_path)])
+
+
+def test_heatmap_has_one_row_per_layer(tmp_path):
+    records = [
+        {"layer": f"blocks.{layer}.self_attn", "step": step, "branch": 0, "kept_tiles": 10 - step, "total_tiles": 10}
+        for layer in range(3) for step in range(4)
+    ]
+    path = demo_cli.write_heatmap_png(records, tmp_path / "h.png", steps=4, cell=10)
+    image = Image.open(path).convert("RGB")
+    # first cell of layer 0 is fully computed (yellow), the last one (0.7) is greener
+    assert image.getpixel((150 + 2, 24 + 2)) == (250, 230, 40)
+    assert image.getpixel((150 + 32, 24 + 2)) != (250, 230, 40)
