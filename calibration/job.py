@@ -45,7 +45,7 @@ class SearchConfig:
     max_dense_layers: int = 0
     schedule: bool = False
     late_range: list[float] = field(default_factory=lambda: [-3.0, 3.0])
-    probe: float = -3.0
+    probe: Optional[float] = None
     sensitivity_runs: int = 12
     bisect: bool = True
 

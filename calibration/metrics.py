@@ -115,7 +115,11 @@ def rel_l2(output: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def ssim(
-    output: torch.Tensor, reference: torch.Tensor, data_range: float | None = None, window: int = 11, sigma: float = 1.5
+    output: torch.Tensor,
+    reference: torch.Tensor,
+    data_range: float | None = None,
+    window: int = 11,
+    sigma: float = 1.5,
 ) -> float:
     """Mean structural similarity over the last two dims (height, width); other dims are images.
 

@@ -212,7 +212,8 @@ class CalibrationReport:
                        label=f"chosen (#{best['number']})", zorder=5)
         try:
             bound = float(self.budget.split()[2])
-            ax.axhline(bound, color="grey", linestyle="--", linewidth=1, label=f"budget {self.budget.split(' and ')[0]}")
+            first = self.budget.split(" and ")[0]
+            ax.axhline(bound, color="grey", linestyle="--", linewidth=1, label=f"budget {first}")
         except (IndexError, ValueError):
             pass
         ax.set_xlabel(x_label)

@@ -64,7 +64,8 @@ class SearchSpace:
         warmup (`tuple[int, int] | None`): dense warm-up steps; ``None`` = ``(0, ~30 % of the steps)``.
         max_dense_layers (`int`, defaults to `0`): up to this many most-sensitive layers may stay dense.
         schedule (`bool`, defaults to `False`): search a per-step ramp ``late`` in ``late_range``.
-        probe (`float`, defaults to `-3.0`): threshold of the sensitivity pass.
+        probe (`float`, *optional*): threshold of the sensitivity pass; defaults to 85 % of the way up the
+            level range (aggressive enough that every layer skips something).
         sensitivity_runs (`int`, defaults to `12`): at most this many sensitivity generations; deeper
             models are probed in contiguous groups of layers.
     """
@@ -75,10 +76,12 @@ class SearchSpace:
     max_dense_layers: int = 0
     schedule: bool = False
     late_range: tuple[float, float] = (-3.0, 3.0)
-    probe: float = -3.0
+    probe: float | None = None
     sensitivity_runs: int = 12
 
     def __post_init__(self):
+        if self.probe is None:
+            object.__setattr__(self, "probe", round(self.level[1] - 0.15 * (self.level[1] - self.level[0]), 3))
         lo, hi = self.level
         if not (MIN_THRESHOLD <= lo < hi <= 0):
             raise ValueError(f"level range must satisfy {MIN_THRESHOLD} <= low < high <= 0, got {self.level}")
@@ -708,7 +711,8 @@ def calibrate(
         trials=trial_rows(study), best_trial=best.number, held_out=checked, held_out_is_calibration=not held_out,
         per_layer_threshold=layer_thresholds(recipe, layers), per_layer_kept=per_layer_kept,
         per_step_kept={int(k): float(v) for k, v in per_step.items()},
-        dense_seconds=sum(dense_times) / len(dense_times), patched_seconds=sum(c["seconds"] for c in checked) / len(checked),
+        dense_seconds=sum(dense_times) / len(dense_times),
+        patched_seconds=sum(c["seconds"] for c in checked) / len(checked),
         generations=_cost(study, plan, len(samples)), held_out_generations=2 * len(check),
         hardware=hardware(),
     )

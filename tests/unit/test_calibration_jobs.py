@@ -91,7 +91,8 @@ def test_resume_after_killed_job(tmp_path):
     recipe = load(tmp_path / "out" / "recipe.yaml")
     assert recipe.provenance.study == "litepatch-toy" and recipe.measured.psnr is not None
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {
-        "recipe.yaml", "report.md", "report.json", "quality_vs_time.png", "layers.png", "steps.png", "study.db", "dense"}
+        "recipe.yaml", "report.md", "report.json", "quality_vs_time.png", "layers.png", "steps.png", "study.db", "dense",
+    }
     assert "chosen trial" in result.stdout
 
 

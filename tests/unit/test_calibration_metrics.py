@@ -37,7 +37,8 @@ def test_ssim_known_values():
     a, b, rng = 0.6, 0.4, 1.0
     c1 = (0.01 * rng) ** 2
     expected = (2 * a * b + c1) / (a * a + b * b + c1)
-    assert ssim(torch.full((1, 1, 12, 12), a), torch.full((1, 1, 12, 12), b), data_range=rng) == pytest.approx(expected)
+    constant_a, constant_b = torch.full((1, 1, 12, 12), a), torch.full((1, 1, 12, 12), b)
+    assert ssim(constant_a, constant_b, data_range=rng) == pytest.approx(expected)
     noisy = x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     assert 0.0 < ssim(noisy, x) < 0.9
     assert ssim(1 - x, x) < 0.0  # same mean, anti-correlated structure

@@ -143,3 +143,21 @@ def test_unreachable_budget_keeps_the_study_and_says_so(tmp_path):
     # the model is restored after the failure
     assert not hasattr(model.blocks[0], "_litepatch") or "forward" not in model.blocks[0].__dict__
     assert torch.equal(run(model, 0), run(ToyModel().eval(), 0))
+
+
+def test_journal_storage_resumes_in_process(tmp_path):
+    journal = tmp_path / "study.journal"
+    space = SearchSpace(sensitivity_runs=2)
+    kwargs = dict(model=ToyModel().eval(), objective="sparsity", storage=str(journal), study_name="j",
+                  progress=False, space=space)
+    _, first = calibrate(run, [0], BUDGET, trials=3, **kwargs)
+    assert journal.is_file()
+    _, second = calibrate(run, [0], BUDGET, trials=5, **kwargs)
+    numbers = [r["number"] for r in second.trials]
+    assert [r["number"] for r in first.trials] == numbers[: len(first.trials)]
+    assert len(numbers) == 5
+    assert second.generations["sensitivity"] == first.generations["sensitivity"] == 2  # the plan was reused
+    with pytest.raises(CalibrationError, match="was run on other calibration samples"):
+        calibrate(run, [1], BUDGET, trials=5, **kwargs)
+    with pytest.raises(CalibrationError, match="created with search space"):
+        calibrate(run, [0], BUDGET, trials=5, **{**kwargs, "space": SearchSpace(sensitivity_runs=3)})
