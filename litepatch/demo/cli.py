@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"shape, colour and direction, e.g. 'blue triangle moving up' (default {DEFAULT_PROMPT!r})",
     )
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1'")
+    parser.add_argument(
+        "--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1'"
+    )
     parser.add_argument("--weights", default=None, help="demo model weights (default: the committed ones)")
     parser.add_argument("--out", default="litepatch-out", help="output folder (default ./litepatch-out/)")
 
@@ -135,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         handle.remove()
 
-    print(f"recipe {stats.recipe_name!r}: " + (f"threshold {args.threshold}" if args.threshold is not None else
-          f"threshold {recipe.threshold}") + f", warm-up {args.warmup_steps if args.warmup_steps is not None else recipe.warmup_steps} steps")
+    threshold = args.threshold if args.threshold is not None else recipe.threshold
+    warmup = args.warmup_steps if args.warmup_steps is not None else recipe.warmup_steps
+    print(f"recipe {stats.recipe_name!r}: threshold {threshold}, warm-up {warmup} steps")
     branches = [b for b in rows[0][2] if b != "all"] if rows else []
     names = {0: "cond", 1: "uncond"}  # sample() calls the conditional branch first
     header = f"{'step':>4} {'sigma':>6} {'tiles computed':>15}" + "".join(

@@ -49,7 +49,8 @@ def parse_condition(text: str) -> list[int]:
     missing = [k for k, v in found.items() if v is None]
     if missing:
         raise ValueError(
-            f"condition {text!r} names no {', '.join(missing)}; shapes {SHAPES}, colours {COLOURS}, directions {DIRECTIONS}"
+            f"condition {text!r} names no {', '.join(missing)}; "
+            f"shapes {SHAPES}, colours {COLOURS}, directions {DIRECTIONS}"
         )
     return [found["shape"], found["colour"], found["direction"]]
 
@@ -90,7 +91,8 @@ def make_videos(
     travel = speed * (frames - 1)
     dxy = _DIRECTION_XY.to(device)[direction]  # [n, 2]
     # start so that the whole path stays inside the frame
-    along_lo, along_hi = radius + 1, torch.tensor([float(width), float(height)], device=device)[None] - radius[:, None] - 1
+    along_lo = radius + 1
+    along_hi = torch.tensor([float(width), float(height)], device=device)[None] - radius[:, None] - 1
     u = torch.rand(n, 2, generator=gen, device=device)
     start = along_lo[:, None] + u * (along_hi - along_lo[:, None])
     moving_axis = dxy.abs() > 0
@@ -142,7 +144,8 @@ def make_videos(
     bright = 0.75 + 0.25 * torch.cos(pulse_phase[:, None] + pulse_rate[:, None] * t[None])  # [n, F]
     fg = (base[:, None] * (1 - mix[..., None]) + neighbour[:, None] * mix[..., None]) * bright[..., None]  # [n, F, 3]
 
-    grad = (torch.cos(bg_dir)[:, None, None] * (xx / width - 0.5) + torch.sin(bg_dir)[:, None, None] * (yy / height - 0.5))
+    cos_bg, sin_bg = torch.cos(bg_dir)[:, None, None], torch.sin(bg_dir)[:, None, None]
+    grad = cos_bg * (xx / width - 0.5) + sin_bg * (yy / height - 0.5)
     background = bg[:, :, None, None] * (1 + 2 * bg_amp[:, None, None, None] * grad[:, None])  # [n, 3, H, W]
     # a static fine texture: only a copy from the same place in other frames predicts it, which is
     # what teaches the model sharp, position-precise attention

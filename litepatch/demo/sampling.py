@@ -87,7 +87,9 @@ def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> float:
 def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0, window: int = 7) -> float:
     """Mean SSIM over frames and channels of ``[B, C, F, H, W]`` videos (Gaussian window, sigma 1.5)."""
     if x.shape != ref.shape or x.dim() != 5:
-        raise ValueError(f"ssim needs two [B, C, F, H, W] tensors of one shape, got {tuple(x.shape)}, {tuple(ref.shape)}")
+        raise ValueError(
+            f"ssim needs two [B, C, F, H, W] tensors of one shape, got {tuple(x.shape)}, {tuple(ref.shape)}"
+        )
     b, c, f, h, w = x.shape
     a = x.float().permute(0, 2, 1, 3, 4).reshape(b * f * c, 1, h, w)
     r = ref.float().permute(0, 2, 1, 3, 4).reshape(b * f * c, 1, h, w)
