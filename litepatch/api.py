@@ -85,20 +85,16 @@ def fingerprint(model) -> ModelFingerprint:
     )
 
 
-def _as_recipe(recipe) -> Recipe:
+def _as_recipe(recipe, model=None) -> Recipe:
     if recipe is None:
         return Recipe(name="custom", threshold=DEFAULT_THRESHOLD)
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, (str, os.PathLike)):
-        try:
-            from .recipes import resolve
-        except ImportError:
-            try:
-                from .recipes.io import resolve
-            except ImportError as err:
-                raise ImportError(f"cannot resolve recipe {recipe!r}: litepatch.recipes has no resolve ({err})")
-        return resolve(recipe)
+        from .recipes import resolve
+
+        # the fingerprint lets an alias such as "wan-480p" pick the recipe made for this model size
+        return resolve(recipe, fingerprint=fingerprint(model) if model is not None else None)
     raise TypeError(f"recipe must be a Recipe, a path or a recipe name, got {type(recipe).__name__}")
 
 
@@ -122,8 +118,8 @@ def _layer_settings(layers: Mapping) -> dict[str, LayerSetting]:
     return out
 
 
-def _effective_recipe(recipe, threshold, warmup_steps, order, layers) -> Recipe:
-    recipe = _as_recipe(recipe)
+def _effective_recipe(recipe, threshold, warmup_steps, order, layers, model=None) -> Recipe:
+    recipe = _as_recipe(recipe, model)
     changes = {}
     if threshold is not None:
         changes["threshold"] = check_threshold(threshold)
@@ -167,15 +163,9 @@ def _check_against_model(recipe: Recipe, model, allow_mismatch: bool) -> None:
             f"layer pattern(s) {', '.join(map(repr, unmatched))} match no self/joint attention layer of "
             f"{model_fp.model_class} (its layers look like {examples}; see litepatch.inspect(model))"
         )
-    try:
-        from .recipes import check_fingerprint
-    except ImportError:
-        try:
-            from .recipes.io import check_fingerprint
-        except ImportError:
-            check_fingerprint = None
-    if check_fingerprint is not None:
-        check_fingerprint(recipe, model_fp, allow_mismatch=allow_mismatch)
+    from .recipes import check_fingerprint
+
+    check_fingerprint(recipe, model_fp, allow_mismatch=allow_mismatch)
 
 
 class LiteHandle:
@@ -250,7 +240,7 @@ class LiteHandle:
         """
         self._check_active()
         base = self._runtime.recipe if recipe is None else recipe
-        new = _effective_recipe(base, threshold, warmup_steps, order, layers)
+        new = _effective_recipe(base, threshold, warmup_steps, order, layers, self.model)
         if new.layers:
             _check_against_model(new, self.model, allow_mismatch=True)
         self._runtime.recipe = new
@@ -332,7 +322,7 @@ def apply(
 
     if backend not in ("auto", *available_backends(), "triton"):
         raise ValueError(f"unknown backend {backend!r}; available: auto, {', '.join(available_backends())}")
-    effective = _effective_recipe(recipe, threshold, warmup_steps, order, layers)
+    effective = _effective_recipe(recipe, threshold, warmup_steps, order, layers, model)
     roots = _roots(model)
     patched = _attached(model)
     if patched and not force:

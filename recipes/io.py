@@ -660,7 +660,8 @@ def check_fingerprint(
             warnings.warn(message + " (applied anyway: allow_mismatch=True)", UserWarning, stacklevel=2)
         else:
             raise FingerprintMismatchError(
-                message + "; use a recipe made for this model, or pass allow_mismatch=True to apply it anyway",
+                message + "; use a recipe made for this model, or apply it anyway with "
+                "litepatch.apply(..., allow_fingerprint_mismatch=True) (check_fingerprint: allow_mismatch=True)",
                 differences=diffs,
             )
     return diffs
