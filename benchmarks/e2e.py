@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -134,9 +133,9 @@ def main(argv=None) -> int:
             step_s = run_loop(model, latents, text, args.steps)
             kept = handle.stats().kept_fraction()
             predicted = res["dense_step_s"] - layers * 2 * (attn["sdpa_default"] - attn[f"ours_k{fraction}"]) / 1e3
-            patched[str(fraction)] = dict(step_s=step_s, kept_fraction=kept, states=n_states,
-                                          speedup=res["dense_step_s"] / step_s,
-                                          predicted_step_s=predicted, predicted_speedup=res["dense_step_s"] / predicted)
+            patched[str(fraction)] = dict(
+                step_s=step_s, kept_fraction=kept, states=n_states, speedup=res["dense_step_s"] / step_s,
+                predicted_step_s=predicted, predicted_speedup=res["dense_step_s"] / predicted)
         handle.remove()
         res["patched"] = patched
     with open(args.json, "w") as fh:

@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         if args.sweep:
             sweep = {}
             variants = [(tiles.block_m, tiles.block_n, w, st) for w, st in ((4, 2), (4, 3), (8, 2), (8, 3))]
-            variants += [(128, 128, 8, 3), (256, 64, 8, 2), (256, 64, 8, 3), (256, 128, 8, 2)]
+            variants += [(128, 64, 4, 2), (128, 64, 8, 3), (256, 64, 8, 3)]
             for block_m, block_n, warps, stages in variants:
                 other = SkipState()
                 other.initialize((batch, heads, seq, seq), triton_fwd.TileConfig(block_m, block_n), device, (), ())

@@ -212,7 +212,8 @@ def _lite_fwd_kernel(
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     offs_d = tl.arange(0, HEAD_DIM)
     out_rows = (b * seq_q + offs_m).to(tl.int64) * (heads * HEAD_DIM) + h * HEAD_DIM
-    tl.store(out_ptr + out_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+    out_ptrs = out_ptr + out_rows[:, None] + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
     tl.store(lse_ptr + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_valid)
 
 
