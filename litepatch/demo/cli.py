@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1'"
     )
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+        help="model dtype; 'auto': bfloat16 on CUDA (what the GPU kernel takes), float32 on CPU",
+    )
     parser.add_argument("--weights", default=None, help="demo model weights (default: the committed ones)")
     parser.add_argument("--out", default="litepatch-out", help="output folder (default ./litepatch-out/)")
 
@@ -55,6 +59,14 @@ def _device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu")
     return device
+
+
+def _dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 def _load_recipe(name_or_path: str):
@@ -104,11 +116,13 @@ def run(args: argparse.Namespace) -> int:
     recipe = _load_recipe(args.recipe)
     cond = torch.tensor([parse_condition(args.prompt)])
     model = load_demo_model(args.weights, device=device)
+    dtype = _dtype(args.dtype, device)
+    model = model.to(dtype)
     cfg = model.config
     print(f"litepatch demo: {describe(cond[0])!r}, {args.steps} steps, CFG {args.guidance}, seed {args.seed}, "
-          f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else
+          f"device {device} ({torch.get_num_threads()} threads), {dtype}" if device.type == "cpu" else
           f"litepatch demo: {describe(cond[0])!r}, {args.steps} steps, CFG {args.guidance}, seed {args.seed}, "
-          f"device {device} ({torch.cuda.get_device_name(device)})")
+          f"device {device} ({torch.cuda.get_device_name(device)}), {dtype}")
     print(f"model: demo DiT, {cfg.layers} layers, {cfg.heads} heads x {cfg.head_dim}, {cfg.seq_len} video tokens "
           f"({cfg.frames}x{cfg.height}x{cfg.width} RGB latents)")
 
