@@ -14,6 +14,15 @@ from .discovery import AttentionLayerInfo  # noqa: E402
 from .recipes.schema import LayerSetting, ModelFingerprint, Recipe  # noqa: E402
 from .stats import LiteStats  # noqa: E402
 
+
+
+def calibrate(*args, **kwargs):
+    """Front door to :func:`litepatch.calibration.calibrate` (imports optuna only when called)."""
+    from .calibration import calibrate as _calibrate
+
+    return _calibrate(*args, **kwargs)
+
+
 __all__ = [
     "DEFAULT_THRESHOLD",
     "AttentionLayerInfo",
@@ -24,6 +33,7 @@ __all__ = [
     "Recipe",
     "__version__",
     "apply",
+    "calibrate",
     "fingerprint",
     "inspect",
     "remove",
