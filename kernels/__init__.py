@@ -5,20 +5,29 @@
 >>> out = lite_attention(q, k, v, state, threshold=-6.0)
 """
 
-from .interface import available_backends, check_threshold, lite_attention, register_backend
-from .reference import reference_forward
-from .state import DEFAULT_TILES, ORDERS, SkipState, TileConfig, pack_bits, unpack_bits
+import importlib as _importlib
+import sys as _sys
 
-__all__ = [
-    "DEFAULT_TILES",
-    "ORDERS",
-    "SkipState",
-    "TileConfig",
-    "available_backends",
-    "check_threshold",
-    "lite_attention",
-    "pack_bits",
-    "reference_forward",
-    "register_backend",
-    "unpack_bits",
-]
+if __name__ != "litepatch.kernels":
+    # Imported under another name: the repository root on sys.path makes this folder a top-level
+    # `kernels`, which transformers probes by importing it. A second copy would re-register the custom
+    # op against an empty backend registry, so hand out the one real package instead.
+    _sys.modules[__name__] = _importlib.import_module("litepatch.kernels")
+else:
+    from .interface import available_backends, check_threshold, lite_attention, register_backend
+    from .reference import reference_forward
+    from .state import DEFAULT_TILES, ORDERS, SkipState, TileConfig, pack_bits, unpack_bits
+
+    __all__ = [
+        "DEFAULT_TILES",
+        "ORDERS",
+        "SkipState",
+        "TileConfig",
+        "available_backends",
+        "check_threshold",
+        "lite_attention",
+        "pack_bits",
+        "reference_forward",
+        "register_backend",
+        "unpack_bits",
+    ]
