@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 
 def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -77,11 +76,10 @@ def to_frames(latents: torch.Tensor) -> torch.Tensor:
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> float:
-    """Peak signal-to-noise ratio in dB of ``x`` against ``ref`` (``inf`` when equal)."""
-    mse = float((x.float() - ref.float()).pow(2).mean())
-    if mse == 0:
-        return float("inf")
-    return 10.0 * torch.log10(torch.tensor(data_range**2 / mse)).item()
+    """Peak signal-to-noise ratio in dB of ``x`` against ``ref`` (``inf`` when equal); latents span [-1, 1]."""
+    from ..calibration.metrics import psnr as _psnr
+
+    return _psnr(x, ref, data_range=data_range)
 
 
 def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0, window: int = 7) -> float:
@@ -90,21 +88,6 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0, window: in
         raise ValueError(
             f"ssim needs two [B, C, F, H, W] tensors of one shape, got {tuple(x.shape)}, {tuple(ref.shape)}"
         )
-    b, c, f, h, w = x.shape
-    a = x.float().permute(0, 2, 1, 3, 4).reshape(b * f * c, 1, h, w)
-    r = ref.float().permute(0, 2, 1, 3, 4).reshape(b * f * c, 1, h, w)
-    coords = torch.arange(window, dtype=torch.float32) - (window - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * 1.5**2))
-    g = (g / g.sum()).to(a.device)
-    kernel = (g[:, None] * g[None, :])[None, None]
+    from ..calibration.metrics import ssim as _ssim
 
-    def blur(t):
-        return F.conv2d(t, kernel)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_r = blur(a), blur(r)
-    var_a = blur(a * a) - mu_a**2
-    var_r = blur(r * r) - mu_r**2
-    cov = blur(a * r) - mu_a * mu_r
-    s = ((2 * mu_a * mu_r + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_r**2 + c1) * (var_a + var_r + c2))
-    return float(s.mean())
+    return _ssim(x, ref, data_range=data_range, window=window)
