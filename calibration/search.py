@@ -141,19 +141,13 @@ class Plan:
 def _apply(model, recipe):
     import litepatch
 
-    apply = getattr(litepatch, "apply", None)
-    if apply is None:  # the package __init__ may not re-export it yet
-        from litepatch.api import apply
-    return apply(model, recipe=recipe)
+    return litepatch.apply(model, recipe=recipe)
 
 
 def _model_fingerprint(model):
     import litepatch
 
-    fn = getattr(litepatch, "fingerprint", None)
-    if fn is None:
-        from litepatch.api import fingerprint as fn
-    return fn(model)
+    return litepatch.fingerprint(model)
 
 
 def _sync() -> None:
