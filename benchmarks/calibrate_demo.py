@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--budget", default="psnr >= 30")
     parser.add_argument("--objective", default="auto", choices=("auto", "time", "sparsity"))
     parser.add_argument("--max-dense-layers", type=int, default=2)
+    parser.add_argument("--schedule", action="store_true", help="also search a per-step threshold ramp")
     parser.add_argument("--bisect-steps", type=int, default=5, help="uniform-threshold bisection steps")
     parser.add_argument("--out", default="bench-out/calibrate_demo")
     args = parser.parse_args()
@@ -52,7 +53,8 @@ def main() -> None:
     objective = args.objective if args.objective != "auto" else ("time" if device == "cuda" else "sparsity")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_demo_model(device=device)
+    # bfloat16 on CUDA, as `litepatch demo` runs it: the GPU kernel does not take float32.
+    model = load_demo_model(device=device).to(torch.bfloat16 if device == "cuda" else torch.float32)
 
     def run(m, s) -> torch.Tensor:  # one generation; frames live in [-1, 1]
         cond, seed = s
@@ -62,9 +64,9 @@ def main() -> None:
     recipe, report = calibrate(
         run, CALIBRATION, args.budget, model=model, trials=args.trials, objective=objective,
         storage=f"sqlite:///{(out_dir / 'study.db').resolve()}",
-        study_name=f"demo-{args.steps}steps-{objective}-{args.budget.replace(' ', '')}",
+        study_name=f"demo-{args.steps}steps-{objective}-{args.budget.replace(' ', '')}{'-schedule' if args.schedule else ''}",
         held_out=HELD_OUT, space=SearchSpace(level=(-8.0, 0.0), warmup=(0, max(1, args.steps // 4)),
-                                             max_dense_layers=args.max_dense_layers),
+                                             max_dense_layers=args.max_dense_layers, schedule=args.schedule),
         cache_dir=out_dir / "dense", name="demo-dit", context={"steps": args.steps, "cfg_mode": "sequential"},
     )
     calib_seconds = time.perf_counter() - start

@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     thresholds = [float(v) for v in args.thresholds.split(",") if v.strip()]
 
-    model = load_demo_model(device=args.device)
+    # bfloat16 on CUDA, as `litepatch demo` runs it: the GPU kernel does not take float32.
+    model = load_demo_model(device=args.device).to(torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     cond = torch.tensor([parse_condition(args.prompt)])
     with torch.inference_mode():
         dense = sample(model, cond, steps=args.steps, seed=args.seed)

@@ -302,11 +302,24 @@ def _sensitivity_pass(handle, run, model, sample, dense_out, layers: list[str], 
             layers={glob.escape(n): LayerSetting(dense=n not in members) for n in layers if n not in members},
         )
         out, _, stats = _run_patched(handle, recipe, run, model, sample)
+        _require_kernel_calls(stats, members)
         errors.append(get_metric("rel_l2")(out, dense_out.to(out.device)))
         per_layer = stats.per_layer()
         kept.append(sum(per_layer.get(n, 1.0) for n in group) / len(group))
         steps = max(steps, len(stats.per_step()))
     return groups, errors, kept, len(groups), steps
+
+
+def _require_kernel_calls(stats, layers: set[str]) -> None:
+    """Refuses a search over layers whose every call fell back to dense attention (nothing to tune)."""
+    calls = [r for r in stats.records if r["layer"] in layers]
+    if calls and all(r["dense"] for r in calls):
+        reasons = "; ".join(sorted({r["reason"] for r in calls}))
+        raise CalibrationError(
+            f"no call of {sorted(layers)} ran the LiteAttention kernel (dense fallback: {reasons}); "
+            "calibrating would only measure dense attention. Fix the cause first (for example, cast the "
+            "model to bfloat16 or float16 on CUDA)"
+        )
 
 
 def _offsets(groups, errors, kept, layers) -> list[float]:
@@ -756,6 +769,7 @@ def _load_or_make_plan(study, handle, run, model, sample, dense_out, layers, spa
         from litepatch.recipes.schema import Recipe
 
         _, _, stats = _run_patched(handle, Recipe(name="probe", threshold=space.probe), run, model, sample)
+        _require_kernel_calls(stats, set(layers))
         steps, generations = len(stats.per_step()), 1
     steps = max(1, steps)
     warmup = tuple(space.warmup) if space.warmup is not None else (0, max(1, round(0.3 * steps)))

@@ -161,3 +161,22 @@ def test_journal_storage_resumes_in_process(tmp_path):
         calibrate(run, [1], BUDGET, trials=5, **kwargs)
     with pytest.raises(CalibrationError, match="created with search space"):
         calibrate(run, [0], BUDGET, trials=5, **{**kwargs, "space": SearchSpace(sensitivity_runs=3)})
+
+
+def test_a_model_whose_attention_always_falls_back_is_refused():
+    """float64 attention never reaches the kernel: a search would only time dense attention."""
+    model = ToyModel().eval().double()
+
+    with pytest.raises(CalibrationError, match=r"ran the LiteAttention kernel \(dense fallback: dtype torch.float64"):
+        calibrate(_run_double, [0], BUDGET, model=model, trials=2, progress=False, space=SearchSpace(sensitivity_runs=2))
+    with pytest.raises(CalibrationError, match="dense fallback: dtype torch.float64"):
+        calibrate(_run_double, [0], BUDGET, model=model, trials=2, progress=False, space=SearchSpace(sensitivity_runs=0))
+
+
+def _run_double(model: ToyModel, sample) -> torch.Tensor:
+    from test_calibration_toy import TIMESTEPS
+
+    x = torch.randn(1, *model.pos.shape, generator=torch.Generator().manual_seed(int(sample))).double()
+    for t in TIMESTEPS:
+        x = x - 0.15 * model(x, timestep=torch.tensor([t]))
+    return x
