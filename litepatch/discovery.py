@@ -5,8 +5,9 @@ Three detectors, tried per module in this order:
 1. diffusers attention: a module whose classes include ``AttentionModuleMixin`` (WanAttention,
    FluxAttention, LTXAttention, ...) or diffusers' ``Attention`` (CogVideoX, HunyuanVideo, SD3).
 2. timm-style attention: a class named ``Attention``/``*SelfAttention`` with ``qkv`` and ``num_heads``.
-3. hand-written attention: a module whose own ``forward`` source calls
-   ``scaled_dot_product_attention`` (e.g. the original Wan repository's ``WanSelfAttention``).
+3. hand-written attention: a module whose ``forward`` source calls ``scaled_dot_product_attention``
+   (e.g. the original Wan repository's ``WanSelfAttention``), itself or through methods of its class
+   that it calls as ``self.<name>(...)``, up to :data:`_HELPER_DEPTH` calls deep.
 
 A module nested inside one already found is not listed again (the outer forward intercepts every
 SDPA call beneath it). Importing this module never imports diffusers.
@@ -25,9 +26,11 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect as pyinspect
 import re
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +56,9 @@ _JOINT_PROCESSORS = ("CogVideoXAttnProcessor", "FusedCogVideoXAttnProcessor", "C
 _CROSS_NAME = re.compile(r"attn2|cross|xattn", re.IGNORECASE)
 _HEAD_ATTRS = ("heads", "num_heads", "n_heads", "num_attention_heads")
 _HEAD_DIM_ATTRS = ("head_dim", "dim_head", "attention_head_dim", "d_head")
+_SDPA_NAME = "scaled_dot_product_attention"
+# How many ``self.<name>(...)`` calls deep, starting from ``forward``, the SDPA detector follows.
+_HELPER_DEPTH = 3
 
 
 @dataclass
@@ -104,16 +110,67 @@ def _is_timm_style(module: torch.nn.Module) -> bool:
     )
 
 
+def _method(cls: type, name: str):
+    """The plain function behind ``cls.<name>`` (first in the MRO), or None for anything else."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            attr = klass.__dict__[name]
+            if isinstance(attr, (staticmethod, classmethod)):
+                attr = attr.__func__
+            return attr if pyinspect.isfunction(attr) else None
+    return None
+
+
+def _self_calls(source: str) -> list[str]:
+    """Names ``n`` of the ``self.n(...)`` calls in a method's source (``self``: its first parameter)."""
+    try:
+        tree = ast.parse(textwrap.dedent(source))
+    except SyntaxError:
+        return []
+    function = next((n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    if function is None:
+        return []
+    params = function.args.posonlyargs + function.args.args
+    if not params:
+        return []
+    self_name = params[0].arg
+    return [
+        node.func.attr
+        for node in ast.walk(function)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == self_name
+    ]
+
+
 @functools.lru_cache(maxsize=512)
 def _forward_calls_sdpa(cls: type) -> bool:
-    forward = cls.__dict__.get("forward")
-    if forward is None:
-        return False
-    try:
-        source = pyinspect.getsource(forward)
-    except (OSError, TypeError):
-        return False
-    return "scaled_dot_product_attention" in source
+    """Whether ``cls.forward`` calls SDPA, itself or through ``self.<name>(...)`` methods of ``cls``.
+
+    Methods are resolved through ``cls.__mro__`` (so a subclass's override is the one followed) and
+    followed up to :data:`_HELPER_DEPTH` calls deep; each name is read once, so recursion ends.
+    """
+    seen: set[str] = set()
+    names = ["forward"]
+    for _ in range(_HELPER_DEPTH + 1):
+        called: list[str] = []
+        for name in names:
+            if name in seen:
+                continue
+            seen.add(name)
+            function = _method(cls, name)
+            if function is None:
+                continue
+            try:
+                source = pyinspect.getsource(function)
+            except (OSError, TypeError):
+                continue
+            if _SDPA_NAME in source:
+                return True
+            called.extend(_self_calls(source))
+        names = called
+    return False
 
 
 def _first_int(module: torch.nn.Module, names: tuple[str, ...]) -> int:

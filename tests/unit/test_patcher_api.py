@@ -203,6 +203,162 @@ def test_unsupported_calls_fall_back_with_one_warning(sdpa_kwargs, dtype, grad, 
     handle.remove()
 
 
+# ------------------------------------------------------------- SDPA reached through helper methods
+class HelperAttention(nn.Module):
+    """Hand-written attention whose ``forward`` reaches SDPA only through ``self._attend(...)``."""
+
+    def __init__(self, dim: int = 64, num_heads: int = 2):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self._project(x)
+        return self.o(self._attend(q, k, v).transpose(1, 2).reshape(b, s, -1))
+
+    def _project(self, x):
+        b, s, _ = x.shape
+        return self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _attend(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class TorchSpelledHelper(HelperAttention):
+    def _attend(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+class DeepHelper(HelperAttention):
+    """SDPA three ``self.`` calls below ``forward`` (the detector's limit), under its bare name."""
+
+    def _attend(self, q, k, v):
+        return self._core(q, k, v)
+
+    def _core(self, q, k, v):
+        return self._kernel(q, k, v)
+
+    @staticmethod
+    def _kernel(q, k, v):
+        from torch.nn.functional import scaled_dot_product_attention
+
+        return scaled_dot_product_attention(q, k, v)
+
+
+class InheritedHelper(HelperAttention):
+    """Neither ``forward`` nor the helper is defined here: both come from the base class."""
+
+
+class ManualSoftmaxHelper(HelperAttention):
+    def _attend(self, q, k, v):
+        return (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(-1) @ v
+
+
+class RecursiveHelpers(ManualSoftmaxHelper):
+    """Helpers that call each other (the detector must stop) and never SDPA."""
+
+    def _project(self, x):
+        return self._ping(super()._project(x), 3)
+
+    def _ping(self, qkv, n):
+        return qkv if n == 0 else self._pong(qkv, n - 1)
+
+    def _pong(self, qkv, n):
+        return self._ping(qkv, n)
+
+
+class TooDeepHelper(DeepHelper):
+    """SDPA four ``self.`` calls below ``forward``: past the detector's limit."""
+
+    def forward(self, x):
+        return self._outer(x)
+
+    def _outer(self, x):
+        b, s, _ = x.shape
+        q, k, v = self._project(x)
+        return self.o(self._attend(q, k, v).transpose(1, 2).reshape(b, s, -1))
+
+
+class HelperBlock(nn.Module):
+    def __init__(self, attn_cls: type, dim: int = 64):
+        super().__init__()
+        self.norm, self.attn, self.mlp = nn.LayerNorm(dim), attn_cls(dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self._residual_mlp(x + self.attn(self.norm(x)))
+
+    def _residual_mlp(self, x):
+        return x + self.mlp(x)
+
+
+class HelperModel(nn.Module):
+    def __init__(self, attn_cls: type, depth: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(HelperBlock(attn_cls) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("attn_cls", [HelperAttention, TorchSpelledHelper, DeepHelper, InheritedHelper])
+def test_sdpa_behind_helper_methods_is_found(attn_cls):
+    infos = litepatch.inspect(HelperModel(attn_cls))
+    assert [(i.name, i.kind, i.module_class) for i in infos] == [
+        ("blocks.0.attn", "self", attn_cls.__name__),
+        ("blocks.1.attn", "self", attn_cls.__name__),
+    ]  # the blocks (whose helper calls no SDPA) are not listed
+    assert all(i.reason.startswith("sdpa-call") and (i.heads, i.head_dim) == (2, 32) for i in infos)
+
+
+def test_helper_sdpa_parent_hides_its_attention_children():
+    class Outer(HelperAttention):
+        def __init__(self):
+            super().__init__()
+            self.inner = HelperAttention()
+
+        def _attend(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    model = nn.Sequential(Outer())
+    assert [i.name for i in litepatch.inspect(model)] == ["0"]
+
+
+@pytest.mark.parametrize("attn_cls", [ManualSoftmaxHelper, RecursiveHelpers, TooDeepHelper])
+def test_helpers_without_reachable_sdpa_are_not_found(attn_cls):
+    model = HelperModel(attn_cls)
+    assert litepatch.inspect(model) == []
+    with pytest.raises(ValueError, match="no self or joint attention layer found"):
+        litepatch.apply(model)
+    _run(model, {"x": torch.randn(1, 8, 64)})  # the modules themselves run
+
+
+def test_sdpa_behind_helper_methods_is_intercepted():
+    """The interception is active during the layer's whole forward, so the helper's SDPA call is taken."""
+    torch.manual_seed(0)
+    model = HelperModel(DeepHelper).eval()
+    base = torch.randn(1, 30, 64)  # smooth along the 512 tokens (4x8 CPU tiles of 128x64)
+    inputs = {"x": F.interpolate(base.transpose(1, 2), size=512, mode="linear", align_corners=True).transpose(1, 2)}
+    reference = _run(model, inputs)
+    handle = litepatch.apply(model, threshold=float("-inf"))
+    assert handle.layers == ["blocks.0.attn", "blocks.1.attn"]
+    torch.testing.assert_close(_run(model, inputs), reference, rtol=1e-5, atol=1e-5)
+    records = handle.stats().records
+    assert [r["layer"] for r in records] == handle.layers
+    assert all(not r["dense"] and r["kept_fraction"] == 1.0 and r["total_tiles"] == 64 for r in records)
+
+    handle.configure(threshold=0.0)
+    for _ in range(3):
+        _run(model, inputs)
+    stats = handle.stats()
+    assert len(stats.records) == 6 and not any(r["dense"] for r in stats.records)
+    assert stats.kept_fraction() < 1.0, stats.table()
+    handle.remove()
+    assert torch.equal(_run(model, inputs), reference)
+
+
 # ----------------------------------------------------------------------------- step tracking
 def test_step_tracker_schedule():
     tracker = StepTracker()
