@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..recipes.schema import threshold_problem
 from .reference import reference_forward
 from .state import DEFAULT_TILES, ORDERS, SkipState, TileConfig, normalize_ranges
 
@@ -36,16 +37,16 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def check_threshold(threshold: float) -> float:
-    """Returns ``threshold`` as a float; refuses NaN and positive values (log2 units, ≤ 0)."""
-    threshold = float(threshold)
-    if math.isnan(threshold):
-        raise ValueError("threshold is NaN; use a value <= 0 in log2 units (e.g. -6.0) or -inf to skip nothing")
-    if threshold > 0:
-        raise ValueError(
-            f"threshold must be <= 0 in log2 units (-10 conservative, 0 aggressive, -inf skips nothing), got {threshold}"
-        )
-    return threshold
+def check_threshold(threshold: float, name: str = "threshold") -> float:
+    """Returns ``threshold`` as a float or raises ``ValueError`` naming ``name``.
+
+    The rule (a real number <= 0 in log2 units, ``-inf`` skips nothing; NaN and positive values refused)
+    and its messages are :func:`litepatch.recipes.schema.threshold_problem`, which recipe validation uses too.
+    """
+    problem = threshold_problem(threshold, name)
+    if problem:
+        raise ValueError(problem)
+    return float(threshold)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

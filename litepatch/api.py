@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from collections.abc import Mapping
 
@@ -18,7 +19,8 @@ import torch
 
 from .discovery import AttentionLayerInfo, find_attention_layers
 from .hooks import LayerPatch, RootPatch, Runtime
-from .kernels import ORDERS, check_threshold
+from .recipes import check_fingerprint, validate
+from .recipes.io import unmatched_patterns
 from .recipes.schema import LayerSetting, ModelFingerprint, Recipe
 from .stats import LiteStats
 
@@ -98,16 +100,20 @@ def _as_recipe(recipe, model=None) -> Recipe:
     raise TypeError(f"recipe must be a Recipe, a path or a recipe name, got {type(recipe).__name__}")
 
 
-def _layer_settings(layers: Mapping) -> dict[str, LayerSetting]:
+def _as_number(value):
+    """Real numbers as ``float`` (numpy scalars too); anything else unchanged, for validation to refuse."""
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
+
+
+def _layer_settings(layers: Mapping) -> dict:
+    """The ``layers=`` shorthand as LayerSettings; patterns and values are checked by recipe validation."""
     if not isinstance(layers, Mapping):
         raise TypeError(f"layers must be a dict of {{pattern: LayerSetting | float}}, got {type(layers).__name__}")
     out = {}
     for pattern, setting in layers.items():
-        if not isinstance(pattern, str) or not pattern:
-            raise TypeError(f"layers keys must be non-empty fnmatch patterns (str), got {pattern!r}")
         if isinstance(setting, LayerSetting):
             out[pattern] = setting
-        elif isinstance(setting, (int, float)) and not isinstance(setting, bool):
+        elif isinstance(setting, numbers.Real) and not isinstance(setting, bool):
             out[pattern] = LayerSetting(threshold=float(setting))
         elif setting is None:
             out[pattern] = LayerSetting(dense=True)
@@ -119,52 +125,36 @@ def _layer_settings(layers: Mapping) -> dict[str, LayerSetting]:
 
 
 def _effective_recipe(recipe, threshold, warmup_steps, order, layers, model=None) -> Recipe:
+    """``recipe`` with the keyword overrides applied, checked by :func:`litepatch.recipes.validate`.
+
+    Validation is the recipe's own (one home for every rule): a bad value raises
+    :class:`~litepatch.recipes.RecipeValidationError` (a ``ValueError``) naming the field, e.g.
+    ``layers.blocks.0.*.threshold``, before the model is touched.
+    """
     recipe = _as_recipe(recipe, model)
     changes = {}
     if threshold is not None:
-        changes["threshold"] = check_threshold(threshold)
+        changes["threshold"] = _as_number(threshold)
         changes["schedule"] = []
     if warmup_steps is not None:
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         changes["warmup_steps"] = warmup_steps
     if order is not None:
         changes["order"] = order
     if layers is not None:
         changes["layers"] = _layer_settings(layers)
     recipe = dataclasses.replace(recipe, **changes) if changes else dataclasses.replace(recipe)
-    _validate_recipe(recipe)
-    return recipe
-
-
-def _validate_recipe(recipe: Recipe) -> None:
-    check_threshold(recipe.threshold)
-    for value in recipe.schedule:
-        check_threshold(value)
-    if recipe.order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {recipe.order!r}")
-    if not isinstance(recipe.warmup_steps, int) or recipe.warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an int >= 0, got {recipe.warmup_steps!r}")
-    for pattern, setting in recipe.layers.items():
-        if setting.threshold is not None:
-            check_threshold(setting.threshold)
-        for value in setting.schedule:
-            check_threshold(value)
+    return validate(recipe)
 
 
 def _check_against_model(recipe: Recipe, model, allow_mismatch: bool) -> None:
-    import fnmatch
-
     model_fp = fingerprint(model)
-    unmatched = [p for p in recipe.layers if not any(fnmatch.fnmatchcase(n, p) for n in model_fp.layer_names)]
+    unmatched = unmatched_patterns(recipe, model_fp.layer_names)
     if unmatched:
         examples = ", ".join(model_fp.layer_names[:3]) or "none found"
         raise ValueError(
-            f"layer pattern(s) {', '.join(map(repr, unmatched))} match no self/joint attention layer of "
+            f"layers pattern(s) {', '.join(map(repr, unmatched))} match no self/joint attention layer of "
             f"{model_fp.model_class} (its layers look like {examples}; see litepatch.inspect(model))"
         )
-    from .recipes import check_fingerprint
-
     check_fingerprint(recipe, model_fp, allow_mismatch=allow_mismatch)
 
 
@@ -305,8 +295,10 @@ def apply(
         A :class:`LiteHandle`.
 
     Raises:
-        ValueError: bad threshold/order/warm-up, recipe made for another model, layer patterns that
-            match no attention layer, no attention layer found, or a model patched already.
+        RecipeValidationError: a bad recipe or override (threshold, schedule, order, warm-up, layers, ...),
+            refused by :func:`litepatch.recipes.validate` with the field's name; a ``ValueError``.
+        ValueError: recipe made for another model, layer patterns that match no attention layer, no
+            attention layer found, or a model patched already.
 
     Example:
         >>> handle = litepatch.apply(transformer, threshold=-6.0, warmup_steps=2,

@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import tempfile
@@ -45,7 +44,17 @@ from typing import Any, Union
 import yaml
 
 from .errors import FingerprintMismatchError, RecipeNotFoundError, RecipeValidationError
-from .schema import FORMAT_VERSION, Context, LayerSetting, Measured, ModelFingerprint, Provenance, Recipe
+from .schema import (
+    FORMAT_VERSION,
+    Context,
+    LayerSetting,
+    Measured,
+    ModelFingerprint,
+    Provenance,
+    Recipe,
+    describe_value,
+    threshold_problem,
+)
 
 MAX_RECIPE_BYTES = 256 * 1024
 """Recipe files larger than this are refused before they are parsed."""
@@ -135,13 +144,6 @@ def _type_name(tp: Any) -> str:
     return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(value).__name__})"
-
-
 def _check_value(value: Any, tp: Any, path: str) -> None:
     """Strict structural check of YAML data against a schema type; raises naming the path."""
     origin = typing.get_origin(tp)
@@ -152,7 +154,7 @@ def _check_value(value: Any, tp: Any, path: str) -> None:
         (inner,) = [a for a in args if a is not type(None)]
         _check_value(value, inner, path)
         return
-    wrong = RecipeValidationError(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
+    wrong = RecipeValidationError(f"{path}: expected {_type_name(tp)}, got {describe_value(value)}")
     if isinstance(value, str) and "${" in value:
         raise RecipeValidationError(
             f"{path}: {value!r} contains an interpolation '${{...}}'; recipes are data only, write the value itself"
@@ -180,7 +182,7 @@ def _check_value(value: Any, tp: Any, path: str) -> None:
         _, inner = typing.get_args(tp)
         for key, item in value.items():
             if not isinstance(key, str):
-                raise RecipeValidationError(f"{path}: keys must be strings, got {_describe(key)}")
+                raise RecipeValidationError(f"{path}: keys must be strings, got {describe_value(key)}")
             if "${" in key:
                 raise RecipeValidationError(f"{path}: key {key!r} contains an interpolation '${{...}}'")
             _check_value(item, inner, f"{path}.{key}")
@@ -235,7 +237,7 @@ def loads(text: str | bytes, *, source: str = "<string>") -> Recipe:
         raise RecipeValidationError(f"{source}: not a valid recipe YAML file (safe YAML only): {detail}") from None
     if not isinstance(data, Mapping):
         raise RecipeValidationError(
-            f"{source}: a recipe is a YAML mapping (key: value lines), got {_describe(data)}"
+            f"{source}: a recipe is a YAML mapping (key: value lines), got {describe_value(data)}"
         )
     try:
         _check_value(data, Recipe, "<recipe>")
@@ -331,25 +333,14 @@ def save(recipe: Recipe, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------- validation
 
 
-def _threshold_problem(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"must be a number, got {_describe(value)}"
-    if math.isnan(value):
-        return "is NaN; use a value <= 0 in log2 units (e.g. -6.0), or -.inf to skip nothing"
-    if value > 0:
-        return (
-            f"must be <= 0 in log2 units (-10 conservative, 0 aggressive, -.inf skips nothing), got {value}"
-        )
-    return None
-
-
 def validate(recipe: Recipe, *, source: str | None = None) -> Recipe:
     """Checks the values of a recipe object; returns it unchanged or raises :class:`RecipeValidationError`.
 
-    Checked: the types (as in :func:`loads`), ``format_version``, the name, every threshold (a
-    number <= 0 or ``-inf``; NaN and positive values refused), ``warmup_steps >= 0``, ``order``,
-    context values, the fingerprint's consistency, and that every ``layers`` pattern matches a
-    layer of the fingerprint (when it lists layer names).
+    Checked: the types (as in :func:`loads`), ``format_version``, the name, every threshold (the rule
+    of :func:`~litepatch.recipes.schema.threshold_problem`: a number <= 0 or ``-inf``), ``warmup_steps >= 0``,
+    ``order``, context values, the fingerprint's consistency, and that every ``layers`` pattern matches a
+    layer of the fingerprint (when it lists layer names). ``litepatch.apply`` and ``LiteHandle.configure``
+    validate through this function, keyword overrides included.
 
     Example:
         >>> validate(Recipe(name="mine", threshold=-6.0)).name
@@ -368,13 +359,13 @@ def validate(recipe: Recipe, *, source: str | None = None) -> Recipe:
         check_name(recipe.name)
     except RecipeValidationError as err:
         raise fail(str(err)) from None
-    problem = _threshold_problem(recipe.threshold)
+    problem = threshold_problem(recipe.threshold, "threshold")
     if problem:
-        raise fail(f"threshold {problem}")
+        raise fail(problem)
     for i, value in enumerate(recipe.schedule):
-        problem = _threshold_problem(value)
+        problem = threshold_problem(value, f"schedule[{i}]")
         if problem:
-            raise fail(f"schedule[{i}] {problem}")
+            raise fail(problem)
     if recipe.warmup_steps < 0:
         raise fail(f"warmup_steps must be >= 0 (dense steps at the start of each generation), got {recipe.warmup_steps}")
     if recipe.order not in ORDERS:
@@ -383,13 +374,13 @@ def validate(recipe: Recipe, *, source: str | None = None) -> Recipe:
         if not pattern:
             raise fail("layers: empty pattern; use a module name or an fnmatch pattern such as 'blocks.0.*'")
         if setting.threshold is not None:
-            problem = _threshold_problem(setting.threshold)
+            problem = threshold_problem(setting.threshold, f"layers.{pattern}.threshold")
             if problem:
-                raise fail(f"layers.{pattern}.threshold {problem}")
+                raise fail(problem)
         for i, value in enumerate(setting.schedule):
-            problem = _threshold_problem(value)
+            problem = threshold_problem(value, f"layers.{pattern}.schedule[{i}]")
             if problem:
-                raise fail(f"layers.{pattern}.schedule[{i}] {problem}")
+                raise fail(problem)
     context = recipe.context
     for key in ("frames", "steps"):
         value = getattr(context, key)
