@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .context import CallReader, StepTracker
+from .diffusers_cp import dense_reason, ulysses_degree
 from .discovery import AttentionLayerInfo, text_layout_of
 from .kernels import DEFAULT_TILES, SkipState, lite_attention
 from .kernels.interface import SUPPORTED_DTYPES
@@ -100,16 +101,17 @@ def _text_ranges(layout: str, text: int, seq: int) -> list[tuple[int, int]]:
 class _SDPAInterceptor(TorchFunctionMode):
     """Routes SDPA calls made inside one layer's forward to that layer's :meth:`LayerPatch.attend`."""
 
-    def __init__(self, layer: LayerPatch, hidden_tokens: int | None, encoder_tokens: int | None):
+    def __init__(self, layer: LayerPatch, hidden_tokens: int | None, encoder_tokens: int | None, shards: int = 1):
         super().__init__()
         self.layer = layer
         self.hidden_tokens = hidden_tokens
         self.encoder_tokens = encoder_tokens
+        self.shards = shards
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _SDPA:
-            return self.layer.attend(args, kwargs, self.hidden_tokens, self.encoder_tokens)
+            return self.layer.attend(args, kwargs, self.hidden_tokens, self.encoder_tokens, self.shards)
         return func(*args, **kwargs)
 
 
@@ -145,7 +147,9 @@ class LayerPatch:
                 encoder = args[self.encoder_index]
             hidden_tokens = hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() >= 3 else None
             encoder_tokens = encoder.shape[1] if isinstance(encoder, torch.Tensor) and encoder.dim() >= 3 else None
-            with _SDPAInterceptor(self, hidden_tokens, encoder_tokens):
+            # under diffusers' Ulysses the SDPA call sees the P sequence shards end to end (these token counts are
+            # one shard's)
+            with _SDPAInterceptor(self, hidden_tokens, encoder_tokens, ulysses_degree(module)):
                 return original(*args, **kwargs)
 
         functools.update_wrapper(forward, original)
@@ -238,8 +242,14 @@ class LayerPatch:
             reason=reason or plan.dense_reason, kept=kept, total=total,
         )
 
-    def attend(self, args: tuple, kwargs: dict, hidden_tokens: int | None, encoder_tokens: int | None):
+    def attend(
+        self, args: tuple, kwargs: dict, hidden_tokens: int | None, encoder_tokens: int | None, shards: int = 1
+    ):
         """Handles one intercepted SDPA call: LiteAttention, or the original SDPA when it cannot.
+
+        ``shards`` > 1 (diffusers' Ulysses): the sequence is that many rank shards laid end to end, each with its own
+        text tokens, and ``hidden_tokens``/``encoder_tokens`` count one shard's; the must-compute ranges repeat per
+        shard.
 
         Reads only ``self.plan`` (decided in eager code by the root pre-hook), so under torch.compile
         the step counter never becomes a guard; the call is recorded by a store to ``self.last_call``.
@@ -254,12 +264,15 @@ class LayerPatch:
         must = []
         if reason is None:
             seq = q.shape[-2]
-            if encoder_tokens and hidden_tokens and seq == hidden_tokens + encoder_tokens:
-                must = _text_ranges(self.layout, encoder_tokens, seq)
+            local = seq // shards if seq % shards == 0 else 0
+            if encoder_tokens and hidden_tokens and local == hidden_tokens + encoder_tokens:
+                must = _sharded(_text_ranges(self.layout, encoder_tokens, local), local, shards)
             elif self.info.kind == "joint":
+                # the root's text length; with shards it is this length or 1/shards of it per shard (depending on
+                # whether the parallel plan splits the text): protecting the longer one is right in both cases
                 text = self.runtime.text_tokens if self.info.single_stream else None
-                if text and text < seq:
-                    must = _text_ranges(self.layout, text, seq)
+                if text and text < local:
+                    must = _sharded(_text_ranges(self.layout, text, local), local, shards)
                 else:
                     reason = "joint attention whose text length is unknown"
         if reason is not None:
@@ -283,6 +296,11 @@ class LayerPatch:
         )
         self.last_call = (plan, "", 0)
         return out.transpose(1, 2)
+
+
+def _sharded(ranges: list[tuple[int, int]], local: int, shards: int) -> list[tuple[int, int]]:
+    """``ranges`` of one shard of ``local`` tokens, repeated for ``shards`` shards laid end to end."""
+    return [(start + r * local, end + r * local) for r in range(shards) for start, end in ranges]
 
 
 def _is_4d(q, k) -> bool:
@@ -310,8 +328,20 @@ class RootPatch:
         self.reader = CallReader.for_forward(module.forward)
         self.hook = None
         self.previous_cache_context = module.__dict__.get("cache_context", _MISSING)
+        self.checked_parallel_config = None
+
+    def check_parallelism(self, module: torch.nn.Module) -> None:
+        """Warns once per diffusers parallel config under which every patched layer stays dense (ring CP, ...)."""
+        config = getattr(module, "_parallel_config", None)
+        if config is None or config is self.checked_parallel_config:
+            return
+        self.checked_parallel_config = config
+        reason = dense_reason(module)
+        if reason is not None:
+            warnings.warn(f"litepatch: {reason}", UserWarning, stacklevel=3)
 
     def _pre_hook(self, module, args, kwargs):
+        self.check_parallelism(module)
         timestep, text_tokens = self.reader.read(args, kwargs)
         runtime = self.runtime
         runtime.flush()
@@ -323,6 +353,7 @@ class RootPatch:
         return None
 
     def install(self, module: torch.nn.Module) -> None:
+        self.check_parallelism(module)
         self.hook = module.register_forward_pre_hook(torch._dynamo.disable(self._pre_hook), with_kwargs=True)
         original = getattr(module, "cache_context", None)
         if callable(original):

@@ -1,0 +1,205 @@
+"""litepatch inside diffusers' own context parallelism (issue 8): a tiny random-weight WanTransformer3DModel with
+``enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))`` and the native attention backend, on 2 gloo
+ranks (CPU, reference kernel), against the single-process patched run of the same weights and inputs: outputs
+within float tolerance and each rank's read lists equal to the single-process lists of its heads, over 3 calls that
+skip. Ring context parallelism is refused loudly (it would run dense)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from unittest import mock
+
+import pytest
+import torch
+from test_parallel_gloo import one_thread
+
+import litepatch
+from litepatch.parallel import spawn_gloo
+
+diffusers = pytest.importorskip("diffusers")
+
+WORLD = 2
+HEADS = 4
+TINY_WAN = dict(
+    patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=32, in_channels=4, out_channels=4,
+    text_dim=16, freq_dim=16, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=64,
+)
+LATENT_SHAPE = (1, 4, 2, 32, 32)  # 2 x 16 x 16 = 512 video tokens: 4 query tiles x 8 key tiles per head
+TIMESTEPS = (999.0, 900.0, 800.0)
+THRESHOLD = -4.0
+SHARPNESS = 4.0
+
+
+def tiny_wan():
+    """The model and inputs every process builds identically.
+
+    Random q/k projections give flat attention that skips nothing. Tying ``to_k`` to ``to_q`` and sharpening the
+    q/k norms makes each token attend mostly to tokens like itself, as in real video, so the threshold skips.
+    """
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(**TINY_WAN).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            attn = block.attn1
+            attn.to_k.load_state_dict(attn.to_q.state_dict())
+            attn.norm_q.weight.mul_(SHARPNESS)
+            attn.norm_k.weight.copy_(attn.norm_q.weight)
+    latents = torch.randn(LATENT_SHAPE)
+    text = torch.randn(1, 8, TINY_WAN["text_dim"])
+    return model, latents, text
+
+
+@torch.no_grad()
+def forward(model, latents, text, t):
+    return model(hidden_states=latents, timestep=torch.tensor([t]), encoder_hidden_states=text, return_dict=False)[0]
+
+
+def read_lists(handle) -> dict:
+    """``{layer: {branch: bool[B, H, q_tiles, k_tiles]}}``, copied (the states change in place)."""
+    return {
+        name: {branch: state.read_list().clone() for branch, state in layer.states.items()}
+        for name, layer in handle._runtime.layers.items()
+    }
+
+
+def patched_calls(model, latents, text) -> tuple[list, list, float]:
+    handle = litepatch.apply(model, threshold=THRESHOLD, warmup_steps=0)
+    outs, reads = [], []
+    for t in TIMESTEPS:
+        outs.append(forward(model, latents, text, t))
+        reads.append(read_lists(handle))
+    return outs, reads, handle
+
+
+@contextlib.contextmanager
+def cpu_accelerator():
+    """diffusers' ``_resolve_parallel_config`` (modeling_utils.py) always computes
+    ``torch.device(device_type, rank % torch.accelerator.device_count())``, which divides by zero without an
+    accelerator, even when the config carries a prebuilt ``mesh``. On CPU the device it builds is only recorded
+    (``ContextParallelConfig._device``), so counting the CPU as one device changes nothing else."""
+    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+        yield
+
+
+def enable_parallelism(model, **degrees):
+    with cpu_accelerator():
+        model.enable_parallelism(config=diffusers.ContextParallelConfig(**degrees))
+
+
+def worker(rank, world):
+    """Runs every scenario on one rank; returns what the main process compares."""
+    res = {}
+    # 1. enable_parallelism, then apply: 3 calls that skip, then remove()
+    model, latents, text = tiny_wan()
+    enable_parallelism(model, ulysses_degree=world)
+    dense = forward(model, latents, text, TIMESTEPS[0])
+    res["outs"], res["reads"], handle = patched_calls(model, latents, text)
+    res["kept_fraction"] = handle.stats().kept_fraction()
+    res["dense_records"] = [r for r in handle.stats().records if r["dense"]]
+    handle.remove()
+    res["removed_exactly"] = torch.equal(forward(model, latents, text, TIMESTEPS[0]), dense)
+    res["instance_forwards"] = [n for n, m in model.named_modules() if "forward" in m.__dict__ and "attn" in n]
+
+    # 2. apply, then enable_parallelism: the first call already runs sparse on local heads
+    model, latents, text = tiny_wan()
+    handle = litepatch.apply(model, threshold=THRESHOLD, warmup_steps=0)
+    enable_parallelism(model, ulysses_degree=world)
+    res["apply_first"] = forward(model, latents, text, TIMESTEPS[0]), read_lists(handle)
+
+    # 3. ring: litepatch says it runs dense; diffusers' native backend itself refuses the ring template
+    model, latents, text = tiny_wan()
+    enable_parallelism(model, ring_degree=world)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = litepatch.apply(model, threshold=THRESHOLD, warmup_steps=0)
+    res["ring_warnings"] = [str(w.message) for w in caught if "litepatch" in str(w.message)]
+    try:
+        forward(model, latents, text, TIMESTEPS[0])
+        res["ring_error"] = None
+    except ValueError as err:
+        res["ring_error"] = str(err)
+    handle.remove()
+    return res
+
+
+@functools.lru_cache
+@one_thread()
+def single_process():
+    """The target: the same model patched in one process (nothing parallel), and its dense outputs."""
+    model, latents, text = tiny_wan()
+    dense = [forward(model, latents, text, t) for t in TIMESTEPS]
+    outs, reads, handle = patched_calls(model, latents, text)
+    kept = handle.stats().kept_fraction()
+    handle.remove()
+    return outs, reads, kept, dense
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return spawn_gloo(WORLD, worker, timeout_s=120)
+
+
+def assert_heads_slice(got: dict, want: dict, rank: int) -> None:
+    local = HEADS // WORLD
+    assert got.keys() == want.keys() and got, "every patched layer must hold a state on every rank"
+    for name, branches in want.items():
+        assert got[name].keys() == branches.keys(), name
+        for branch, read in branches.items():
+            assert got[name][branch].shape[1] == local, (name, branch)
+            assert torch.equal(got[name][branch], read[:, rank * local : (rank + 1) * local]), (name, branch, rank)
+
+
+def test_ulysses_outputs_and_read_lists_equal_the_single_process_run(ranks):
+    outs, reads, kept, dense = single_process()
+    assert kept < 1.0, "the case must skip tiles"
+    # skipping moves the output by more than the tolerance: a rank that ran dense attention would fail here
+    assert not torch.allclose(outs[-1], dense[-1], rtol=1e-4, atol=1e-5)
+    for rank, r in enumerate(ranks):
+        assert r["dense_records"] == [], "no layer may fall back to dense under Ulysses"
+        assert r["kept_fraction"] < 1.0
+        for call in range(len(TIMESTEPS)):
+            torch.testing.assert_close(r["outs"][call], outs[call], rtol=1e-4, atol=1e-5)
+            assert_heads_slice(r["reads"][call], reads[call], rank)
+    # the lists change across calls (the test compares evolving skip state, not the all-ones first list)
+    assert any(not read.all() for branches in reads[-1].values() for read in branches.values())
+
+
+def test_remove_after_enable_parallelism_restores_the_parallel_model(ranks):
+    for r in ranks:
+        assert r["removed_exactly"]
+        assert r["instance_forwards"] == []
+
+
+def test_apply_before_enable_parallelism_runs_sparse_on_local_heads(ranks):
+    outs, reads, _, _ = single_process()
+    for rank, r in enumerate(ranks):
+        out, got = r["apply_first"]
+        torch.testing.assert_close(out, outs[0], rtol=1e-4, atol=1e-5)
+        assert_heads_slice(got, reads[0], rank)
+
+
+def test_ring_context_parallelism_is_refused_loudly(ranks):
+    for r in ranks:
+        assert len(r["ring_warnings"]) == 1, r["ring_warnings"]
+        message = r["ring_warnings"][0]
+        assert "ring context parallelism (ring_degree=2) runs dense attention" in message
+        assert "return_lse=True" in message
+        assert "ulysses_degree" in message and "litepatch.parallel.ring_lite_attention" in message
+        # what actually happens with the native backend: diffusers' ring template cannot use it at all
+        assert r["ring_error"] is not None and "return_lse" in r["ring_error"]
+
+
+def test_dense_reason_names_a_backend_that_bypasses_sdpa():
+    from litepatch.diffusers_cp import dense_reason, ulysses_degree
+
+    model, _, _ = tiny_wan()
+    assert dense_reason(model) is None and ulysses_degree(model.blocks[0].attn1) == 1
+    cp = diffusers.ContextParallelConfig(ulysses_degree=2)
+    with mock.patch.object(model, "_parallel_config", diffusers.ParallelConfig(context_parallel_config=cp)):
+        assert dense_reason(model) is None
+        for block in model.blocks:
+            block.attn1.processor._attention_backend = "flash"
+        assert "'flash' attention backend runs dense attention" in dense_reason(model)
