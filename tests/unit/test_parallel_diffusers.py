@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from unittest import mock
 
 import pytest
 import torch
+import tiny_models as tm
 from test_parallel_gloo import one_thread
 
 import litepatch
@@ -122,6 +124,21 @@ def worker(rank, world):
     except ValueError as err:
         res["ring_error"] = str(err)
     handle.remove()
+
+    # 4. joint text+video attention (Flux splits text and image tokens): each SDPA call sees the 2 rank shards end
+    # to end, each with its own text tokens
+    model, inputs = tm.flux()
+    enable_parallelism(model, ulysses_degree=world)
+    with torch.no_grad():
+        dense = model(**inputs)[0]
+        handle = litepatch.apply(model, threshold=-math.inf, warmup_steps=0)
+        res["flux_exact"] = model(**inputs)[0], dense
+    res["flux_must_keys"] = {
+        name: [state.must_compute_keys for state in layer.states.values()]
+        for name, layer in handle._runtime.layers.items()
+    }
+    res["flux_dense_records"] = [r for r in handle.stats().records if r["dense"]]
+    handle.remove()
     return res
 
 
@@ -190,6 +207,18 @@ def test_ring_context_parallelism_is_refused_loudly(ranks):
         assert "ulysses_degree" in message and "litepatch.parallel.ring_lite_attention" in message
         # what actually happens with the native backend: diffusers' ring template cannot use it at all
         assert r["ring_error"] is not None and "return_lse" in r["ring_error"]
+
+
+def test_joint_attention_protects_the_text_of_every_shard(ranks):
+    # tiny Flux: 192 image and 12 text tokens -> per rank 96 + 6, text first; one SDPA call sees 2 x 102 tokens
+    for r in ranks:
+        assert r["flux_dense_records"] == []
+        must = r["flux_must_keys"]
+        assert must["transformer_blocks.0.attn"] == [((0, 6), (102, 108))]
+        # single-stream blocks know only the root's 12 text tokens (split or not by the plan): the longer is kept
+        assert must["single_transformer_blocks.0.attn"] == [((0, 12), (102, 114))]
+        out, dense = r["flux_exact"]
+        torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-5)
 
 
 def test_dense_reason_names_a_backend_that_bypasses_sdpa():
