@@ -16,7 +16,7 @@ Usage::
     python benchmarks/kernel.py --json kernel.json            # the issue's rows
     python benchmarks/kernel.py --sweep                       # also warps/stages/tile sweep
 
-Timing: CUDA events around each call, ``--warmup`` calls, the median of ``--reps``.
+Timing: CUDA events around each call; the calls compared in a row run interleaved, one of each per\nround, and a ratio is the median over ``--reps`` rounds of the ratio within a round (robust to clock\nand power drift on a shared GPU).
 """
 
 from __future__ import annotations
@@ -37,18 +37,45 @@ FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.1, 0.05)
 
 def bench(fn, warmup: int, reps: int) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` calls after ``warmup`` calls."""
+    return statistics.median(interleaved({"fn": (None, fn)}, warmup, reps)["fn"])
+
+
+def interleaved(calls: dict, warmup: int, reps: int) -> dict[str, list[float]]:
+    """Milliseconds of each ``name: (setup, fn)`` over ``reps`` rounds, one call of each per round.
+
+    Interleaving makes the ratios robust to clock and power drift on a shared GPU: a ratio is taken
+    within a round (see :func:`median_ratio`). ``setup()`` (e.g. writing a read list) is not timed.
+    """
     for _ in range(warmup):
-        fn()
+        for setup, fn in calls.values():
+            if setup:
+                setup()
+            fn()
     torch.cuda.synchronize()
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        # Keep the GPU busy while the host queues the round, so that each pair of events brackets
+        # kernel time only, not the host's launch overhead (tens of microseconds per call, which is
+        # several percent of a 1 ms call at small kept fractions).
+        torch.cuda._sleep(2_000_000)
+        events = []
+        for setup, fn in calls.values():
+            if setup:
+                setup()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize()
+        for name, (start, end) in zip(calls, events):
+            times[name].append(start.elapsed_time(end))
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of ``time[num] / time[den]`` measured in the same round."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def banded_read_list(batch, heads, q_tiles, k_tiles, fraction, block_m, block_n, device):
@@ -65,7 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--json", default="kernel_bench.json")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--sweep", action="store_true", help="also time warps/stages/tile variants (dense)")
     parser.add_argument("--no-flex", action="store_true")
     args = parser.parse_args(argv)
@@ -102,10 +129,8 @@ def main(argv=None) -> int:
                "state_bytes": state.nbytes(), "launch": list(triton_fwd.launch_config(dim, tiles.block_m,
                                                                                      tiles.block_n))}
 
-        def ours(threshold=-math.inf, keep=None, **kw):
+        def ours(threshold=-math.inf, **kw):
             def call():
-                if keep is not None:
-                    state.keep.copy_(keep)
                 triton_fwd.triton_forward(q, k, v, state.keep, state.anchor, state.kept, must_q, must_k,
                                           block_m=tiles.block_m, block_n=tiles.block_n, threshold=threshold,
                                           softmax_scale=scale, use_anchor=True, descending=False, **kw)
@@ -120,46 +145,52 @@ def main(argv=None) -> int:
                     F.scaled_dot_product_attention(qh, kh, vh)
             return call
 
-        t = {}
-        t["ours"] = bench(ours(), args.warmup, args.reps)
-        t["sdpa_flash"] = bench(sdpa(SDPBackend.FLASH_ATTENTION), args.warmup, args.reps)
+        calls = {"ours": (None, ours()), "sdpa_flash": (None, sdpa(SDPBackend.FLASH_ATTENTION))}
         try:
-            t["sdpa_cudnn"] = bench(sdpa(SDPBackend.CUDNN_ATTENTION), args.warmup, args.reps)
+            sdpa(SDPBackend.CUDNN_ATTENTION)()
+            calls["sdpa_cudnn"] = (None, sdpa(SDPBackend.CUDNN_ATTENTION))
         except RuntimeError as err:
             print(f"cuDNN SDPA unavailable: {err}", file=sys.stderr)
         if flash is not None:
-            t["flash_attn"] = bench(lambda: flash(q, k, v), args.warmup, args.reps)
+            calls["flash_attn"] = (None, lambda: flash(q, k, v))
+        times = interleaved(calls, args.warmup, args.reps)
+        t = {key: statistics.median(ms) for key, ms in times.items()}
         row["dense_ms"] = t
         row["dense_tflops"] = {key: tflops(ms) for key, ms in t.items()}
-        row["ours_over"] = {key: ms / t["ours"] for key, ms in t.items() if key != "ours"}
-        # skip test + list writing on (threshold no tile fails) vs off, at k = 1.0
-        t_test = bench(ours(threshold=-1e30), args.warmup, args.reps)
-        t_real = bench(ours(threshold=-10.0, keep=full_keep), args.warmup, args.reps)
-        row["skip_test_overhead"] = t_test / t["ours"] - 1.0
-        row["first_call_thr-10_over_dense"] = t_real / t["ours"]
+        row["ours_over"] = {key: median_ratio(times, "ours", key) for key in t if key != "ours"}
+        # skip test + list writing on (threshold no tile fails) vs off, at k = 1.0; the first call at -10
+        # starts from the full list each time (written back untimed)
+        reset = lambda: state.keep.copy_(full_keep)  # noqa: E731
+        times = interleaved({"off": (reset, ours()), "test": (reset, ours(threshold=-1e30)),
+                             "first": (reset, ours(threshold=-10.0))}, args.warmup, args.reps)
+        row["skip_test_overhead"] = median_ratio(times, "test", "off") - 1.0
+        row["first_call_thr-10_over_dense"] = median_ratio(times, "first", "off")
         row["first_call_thr-10_written_fraction"] = float(state.read_list().float().mean())
         state.keep.copy_(full_keep)
         # forced kept fractions
         q_tiles, k_tiles = state.q_tiles, state.k_tiles
         fr_rows = {}
-        flex_dense = None
         flex = None if args.no_flex else make_flex(qh, kh, vh, tiles, q_tiles, k_tiles, seq)
+        calls, kept_fracs = {}, {}
         for fraction in FRACTIONS:
             band = banded_read_list(batch, heads, q_tiles, k_tiles, fraction, tiles.block_m, tiles.block_n, device)
-            kept_frac = float(band.float().mean())
+            kept_fracs[fraction] = float(band.float().mean())
             keep = pack_bits(band).expand(batch, heads, -1, -1).contiguous()
-            state.keep.copy_(keep)
-            ms = bench(ours(), args.warmup, args.reps)
-            ours_full = ms if fraction == 1.0 else ours_full
-            entry = {"kept": kept_frac, "ms": ms, "over_dense": ms / ours_full}
+            calls[f"ours {fraction}"] = (lambda keep=keep: state.keep.copy_(keep), ours())
             if flex is not None:
                 try:
-                    flex_ms = bench(flex(band), args.warmup, args.reps)
-                    if fraction == 1.0:
-                        flex_dense = flex_ms
-                    entry.update(flex_ms=flex_ms, flex_over_dense=flex_ms / flex_dense, ours_over_flex=ms / flex_ms)
+                    flex(band)()
+                    calls[f"flex {fraction}"] = (None, flex(band))
                 except Exception as err:  # noqa: BLE001 - report and go on
                     print(f"flex failed at k={fraction}: {err}", file=sys.stderr)
+        times = interleaved(calls, args.warmup, args.reps)
+        for fraction in FRACTIONS:
+            entry = {"kept": kept_fracs[fraction], "ms": statistics.median(times[f"ours {fraction}"]),
+                     "over_dense": median_ratio(times, f"ours {fraction}", "ours 1.0")}
+            if f"flex {fraction}" in times and "flex 1.0" in times:
+                entry.update(flex_ms=statistics.median(times[f"flex {fraction}"]),
+                             flex_over_dense=median_ratio(times, f"flex {fraction}", "flex 1.0"),
+                             ours_over_flex=median_ratio(times, f"ours {fraction}", f"flex {fraction}"))
             fr_rows[str(fraction)] = entry
         state.keep.copy_(full_keep)
         row["fractions"] = fr_rows
