@@ -11,8 +11,8 @@ sequential CFG (a cond and an uncond forward per step, as the Wan pipeline runs 
   over the step time), and the Amdahl prediction ``step(k) = step(1) - layers x (attn(1) - attn(k))``
   against the measured step time.
 
-Forcing the kept fraction reads ``handle._runtime.layers[name].states`` (the patcher's per-layer,
-per-branch :class:`SkipState`); this is the documented benchmark hook, not a public API.
+Forcing the kept fraction writes the read lists of ``handle.skip_states()`` (the patcher's live
+per-layer, per-branch :class:`SkipState`) after one call per branch has created them.
 
 Usage::
 
@@ -125,8 +125,8 @@ def main(argv=None) -> int:
             with model.cache_context("uncond"):
                 model(hidden_states=latents, timestep=tt, encoder_hidden_states=text[1], return_dict=False)
             n_states = 0
-            for layer in handle._runtime.layers.values():
-                for st in layer.states.values():
+            for branches in handle.skip_states().values():
+                for st in branches.values():
                     st.keep.copy_(bands[fraction].expand_as(st.keep))
                     n_states += 1
             handle.clear_stats()

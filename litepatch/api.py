@@ -248,6 +248,22 @@ class LiteHandle:
             hub_revision=recipe.provenance.hub_revision,
         )
 
+    def skip_states(self) -> dict[str, dict]:
+        """The live skip state of each patched layer and CFG branch: ``{layer: {branch: SkipState}}``.
+
+        A state appears at the layer's first sparse call of a generation and is dropped by
+        :meth:`reset` and :meth:`configure`. These are the objects the kernel reads and rewrites in
+        place: read them (``state.read_list()`` is the bool ``[B, H, q_tiles, k_tiles]`` read list) or
+        overwrite ``state.keep`` to force a tile pattern (benchmarks).
+
+        Example:
+            >>> for layer, branches in handle.skip_states().items():
+            ...     for branch, state in branches.items():
+            ...         print(layer, branch, f"{state.read_list().float().mean():.1%} of tiles kept")
+        """
+        self._check_active()
+        return {name: dict(layer.states) for name, layer in self._runtime.layers.items()}
+
     def _check_active(self) -> None:
         if self._removed:
             raise RuntimeError("this litepatch handle was removed; call litepatch.apply(model) again")

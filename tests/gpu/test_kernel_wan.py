@@ -46,7 +46,7 @@ def test_apply_to_wan_on_cuda_uses_triton_and_skips():
         for got, want in zip(exact, dense[:2]):
             rel = float((got.float() - want.float()).norm() / want.float().norm())
             assert rel < 2e-2, f"threshold -inf differs from dense SDPA by {rel:.3e}"
-        states = [st for layer in handle._runtime.layers.values() for st in layer.states.values()]
+        states = [st for branches in handle.skip_states().values() for st in branches.values()]
         assert states and all(st.keep.is_cuda for st in states)
         assert all(st.tiles == triton_fwd.tiles_for_head_dim(64) for st in states)
         handle.configure(threshold=0.0)

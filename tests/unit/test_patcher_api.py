@@ -462,6 +462,34 @@ def test_reset_starts_a_new_generation():
     handle.remove()
 
 
+def test_skip_states_are_the_live_per_layer_per_branch_states():
+    model, inputs = _smooth_wan_style()
+    handle = litepatch.apply(model, threshold=0.0, warmup_steps=1)
+    assert handle.skip_states() == {name: {} for name in handle.layers}  # nothing ran yet
+    for t in (999, 900, 800):
+        _run(model, inputs, t)
+    states = handle.skip_states()
+    assert sorted(states) == sorted(handle.layers)
+    for name in handle.layers:
+        assert list(states[name]) == [0]
+    layer = model.blocks[0].self_attn._litepatch
+    state = states[layer.name][0]
+    assert state is layer.states[0]
+    assert state.read_list().sum() < state.total_tiles()  # the live state, after skipping
+    # Writing a read list forces the pattern of the next call (what benchmarks/e2e.py does).
+    state.keep.zero_()
+    state.keep[..., 0] = 1  # only key tile 0 (must stay listed: the first visited tile)
+    handle.clear_stats()
+    _run(model, inputs, 700)
+    kept = [r for r in handle.stats().records if r["layer"] == layer.name]
+    assert kept[0]["kept_tiles"] == state.q_tiles * state.read_list().shape[1]
+    handle.reset()
+    assert handle.skip_states() == {name: {} for name in handle.layers}
+    handle.remove()
+    with pytest.raises(RuntimeError, match="was removed"):
+        handle.skip_states()
+
+
 def test_batched_cfg_rows_have_their_own_skip_lists():
     model, inputs = tm.wan_style(batch=2)
     inputs["x"][1] = inputs["x"][1].flip(0)  # the two rows see different tokens
