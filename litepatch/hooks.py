@@ -12,6 +12,10 @@ masks, dropout, ``is_causal``, grouped K/V heads, unsupported dtypes or head dim
 lengths that differ, and autograd (the kernel has no backward). Never a wrong result.
 
 State: one :class:`~litepatch.kernels.SkipState` per layer and CFG branch (batch rows inside it).
+
+Under diffusers' own context parallelism (``model.enable_parallelism``) each rank's SDPA call holds its Ulysses heads
+over the full sequence, so each rank keeps the states of its heads; ring context parallelism runs dense and warns
+(:mod:`litepatch.diffusers_cp`).
 """
 
 from __future__ import annotations

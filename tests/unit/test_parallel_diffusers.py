@@ -101,6 +101,8 @@ def worker(rank, world):
     res["outs"], res["reads"], handle = patched_calls(model, latents, text)
     res["kept_fraction"] = handle.stats().kept_fraction()
     res["dense_records"] = [r for r in handle.stats().records if r["dense"]]
+    res["steps"] = [(r["layer"], r["step"], r["branch"], r["generation"]) for r in handle.stats().records]
+    res["fingerprint"] = litepatch.fingerprint(model)  # heads stay the model's (diffusers shards inside attention)
     handle.remove()
     res["removed_exactly"] = torch.equal(forward(model, latents, text, TIMESTEPS[0]), dense)
     res["instance_forwards"] = [n for n, m in model.named_modules() if "forward" in m.__dict__ and "attn" in n]
@@ -150,8 +152,10 @@ def single_process():
     dense = [forward(model, latents, text, t) for t in TIMESTEPS]
     outs, reads, handle = patched_calls(model, latents, text)
     kept = handle.stats().kept_fraction()
+    steps = [(r["layer"], r["step"], r["branch"], r["generation"]) for r in handle.stats().records]
+    fingerprint = litepatch.fingerprint(model)
     handle.remove()
-    return outs, reads, kept, dense
+    return outs, reads, kept, dense, steps, fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -170,13 +174,14 @@ def assert_heads_slice(got: dict, want: dict, rank: int) -> None:
 
 
 def test_ulysses_outputs_and_read_lists_equal_the_single_process_run(ranks):
-    outs, reads, kept, dense = single_process()
+    outs, reads, kept, dense, steps, fingerprint = single_process()
     assert kept < 1.0, "the case must skip tiles"
     # skipping moves the output by more than the tolerance: a rank that ran dense attention would fail here
     assert not torch.allclose(outs[-1], dense[-1], rtol=1e-4, atol=1e-5)
     for rank, r in enumerate(ranks):
         assert r["dense_records"] == [], "no layer may fall back to dense under Ulysses"
         assert r["kept_fraction"] < 1.0
+        assert r["steps"] == steps and r["fingerprint"] == fingerprint
         for call in range(len(TIMESTEPS)):
             torch.testing.assert_close(r["outs"][call], outs[call], rtol=1e-4, atol=1e-5)
             assert_heads_slice(r["reads"][call], reads[call], rank)
@@ -191,7 +196,7 @@ def test_remove_after_enable_parallelism_restores_the_parallel_model(ranks):
 
 
 def test_apply_before_enable_parallelism_runs_sparse_on_local_heads(ranks):
-    outs, reads, _, _ = single_process()
+    outs, reads, *_ = single_process()
     for rank, r in enumerate(ranks):
         out, got = r["apply_first"]
         torch.testing.assert_close(out, outs[0], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,154 @@
+"""litepatch inside diffusers' Ulysses context parallelism on 2 GPUs (NCCL, bfloat16, Triton kernel): the GPU twin
+of tests/unit/test_parallel_diffusers.py. A tiny random-weight WanTransformer3DModel with
+``enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))`` and the native backend, patched on each rank,
+against the same model patched in one process on cuda:0: outputs close and each rank's read lists equal to the
+single-process lists of its heads, over 3 calls that skip. Ranks are started by ``torch.multiprocessing.spawn``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if torch.cuda.device_count() < 2:
+    pytest.skip("needs 2 CUDA GPUs (torch.cuda.device_count() < 2)", allow_module_level=True)
+
+diffusers = pytest.importorskip("diffusers")
+litepatch = pytest.importorskip("litepatch")
+pytest.importorskip("litepatch.kernels.triton_fwd")
+
+WORLD = 2
+HEADS = 4
+TINY_WAN = dict(
+    patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=64, in_channels=16, out_channels=16,
+    text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=64,
+)
+LATENT_SHAPE = (1, 16, 5, 48, 48)  # 5 x 24 x 24 = 2880 tokens, 1440 per rank
+TIMESTEPS = (999.0, 900.0, 800.0)
+THRESHOLD = -4.0
+SHARPNESS = 4.0
+# bfloat16 projections of a sequence shard and of the whole sequence may round differently (other GEMM tilings),
+# so a tile whose score sits at the threshold may flip: allow a few such tiles, and report how many
+MAX_READ_MISMATCH = 0.01
+MAX_REL_ERROR = 2e-2
+
+
+def tiny_wan(device):
+    """Same weights and inputs in every process; q/k tied and sharpened so the threshold skips (see the CPU test)."""
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(**TINY_WAN).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            attn = block.attn1
+            attn.to_k.load_state_dict(attn.to_q.state_dict())
+            attn.norm_q.weight.mul_(SHARPNESS)
+            attn.norm_k.weight.copy_(attn.norm_q.weight)
+    latents = torch.randn(LATENT_SHAPE)
+    text = torch.randn(1, 16, TINY_WAN["text_dim"])
+    model = model.to(device, torch.bfloat16)
+    return model, latents.to(device, torch.bfloat16), text.to(device, torch.bfloat16)
+
+
+@torch.inference_mode()
+def patched_calls(model, latents, text):
+    handle = litepatch.apply(model, threshold=THRESHOLD, warmup_steps=0)
+    outs, reads = [], []
+    for t in TIMESTEPS:
+        timestep = torch.full((1,), t, device=latents.device)
+        out = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+        outs.append(out.float().cpu())
+        reads.append({
+            name: {branch: state.read_list().cpu() for branch, state in layer.states.items()}
+            for name, layer in handle._runtime.layers.items()
+        })
+    states = [s for layer in handle._runtime.layers.values() for s in layer.states.values()]
+    result = {
+        "outs": outs,
+        "reads": reads,
+        "kept_fraction": handle.stats().kept_fraction(),
+        "dense_records": [r for r in handle.stats().records if r["dense"]],
+        "tiles": [s.tiles for s in states],
+    }
+    handle.remove()
+    return result
+
+
+def _rank(rank: int, world: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    path = os.path.join(tmp, f"rank{rank}.pt")
+    try:
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        dist.init_process_group(
+            "nccl", init_method=f"file://{os.path.join(tmp, 'init')}", rank=rank, world_size=world, device_id=device
+        )
+        try:
+            model, latents, text = tiny_wan(device)
+            model.enable_parallelism(config=diffusers.ContextParallelConfig(ulysses_degree=world))
+            result = patched_calls(model, latents, text)
+        finally:
+            dist.destroy_process_group()
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException:
+        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+        raise
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="litepatch-nccl-") as tmp:
+        try:
+            mp.spawn(_rank, args=(WORLD, tmp), nprocs=WORLD, join=True)
+        except Exception as err:
+            errors = []
+            for r in range(WORLD):
+                path = os.path.join(tmp, f"rank{r}.pt")
+                if os.path.exists(path):
+                    record = torch.load(path, weights_only=False)
+                    if not record["ok"]:
+                        errors.append(f"rank {r}:\n{record['error']}")
+            raise RuntimeError("2-GPU run failed\n" + "\n".join(errors)) from err
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)["result"] for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    model, latents, text = tiny_wan(torch.device("cuda", 0))
+    return patched_calls(model, latents, text)
+
+
+def test_ulysses_on_two_gpus_equals_the_single_gpu_run(ranks, single_process):
+    from litepatch.kernels import triton_fwd
+
+    want = single_process
+    assert want["kept_fraction"] < 1.0, "the case must skip tiles"
+    assert want["dense_records"] == []
+    assert all(tiles == triton_fwd.tiles_for_head_dim(64) for tiles in want["tiles"]), "the Triton kernel must run"
+    local = HEADS // WORLD
+    for rank, got in enumerate(ranks):
+        assert got["dense_records"] == [], f"rank {rank} fell back to dense"
+        assert got["kept_fraction"] < 1.0
+        assert all(tiles == triton_fwd.tiles_for_head_dim(64) for tiles in got["tiles"])
+        for call in range(len(TIMESTEPS)):
+            out, ref = got["outs"][call], want["outs"][call]
+            rel = float((out - ref).norm() / ref.norm())
+            assert rel < MAX_REL_ERROR, f"rank {rank} call {call}: relative error {rel:.3e}"
+            assert got["reads"][call].keys() == want["reads"][call].keys()
+            for name, branches in want["reads"][call].items():
+                for branch, read in branches.items():
+                    mine = got["reads"][call][name][branch]
+                    heads = read[:, rank * local : (rank + 1) * local]
+                    assert mine.shape == heads.shape, (name, branch)
+                    mismatch = float((mine != heads).float().mean())
+                    assert mismatch <= MAX_READ_MISMATCH, (
+                        f"rank {rank} call {call} {name}/{branch}: {mismatch:.2%} of read-list tiles differ"
+                    )
