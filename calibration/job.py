@@ -18,7 +18,16 @@ Example job::
     search: {warmup: [0, 8], max_dense_layers: 2}
 
 Instead of ``entry``, ``pipeline: /path/to/diffusers/pipeline`` loads a local diffusers pipeline;
-samples are then ``[prompt, seed]`` pairs and ``pipeline_call`` holds the other call arguments.
+samples are then ``[prompt, seed]`` pairs and ``pipeline_call`` holds the other call arguments::
+
+    pipeline: wan-1.3b                 # a folder written by pipe.save_pretrained
+    pipeline_dtype: bfloat16           # float32 for the CPU reference kernel
+    pipeline_call: {height: 480, width: 832, num_frames: 81, num_inference_steps: 50, guidance_scale: 5.0}
+    samples: [["a red fox", 0], ["a city at night", 1]]
+
+``output_type`` defaults to ``latent`` (no VAE decode: the latents are compared); ``prompt`` and
+``generator`` come from the samples. The recipe's ``context`` (resolution, frames, steps, scheduler)
+is taken from the call unless the job sets ``context``.
 
 Example:
     >>> job = load_job("job.yaml")
@@ -33,6 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+import numpy as np
 
 from .search import SearchSpace
 
@@ -144,6 +155,14 @@ def _load_entry(job: JobConfig) -> dict:
     return setup
 
 
+def _check_pipeline_samples(samples: list, which: str) -> None:
+    """Pipeline samples are ``[prompt, seed]`` pairs; checked before the pipeline loads and any trial runs."""
+    for sample in samples:
+        ok = isinstance(sample, (list, tuple)) and len(sample) == 2
+        if not (ok and isinstance(sample[0], str) and isinstance(sample[1], int) and not isinstance(sample[1], bool)):
+            raise ValueError(f"pipeline {which} must be [prompt, seed] pairs (a string and an int), got {sample!r}")
+
+
 def _load_pipeline(job: JobConfig) -> dict:
     import torch
     from diffusers import DiffusionPipeline
@@ -154,13 +173,16 @@ def _load_pipeline(job: JobConfig) -> dict:
     dtype = getattr(torch, job.pipeline_dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"pipeline_dtype {job.pipeline_dtype!r} is not a torch dtype (e.g. bfloat16, float16)")
+    call = dict(job.pipeline_call)
+    reserved = sorted({"prompt", "generator"} & set(call))
+    if reserved:
+        raise ValueError(f"pipeline_call must not set {', '.join(reserved)}: the [prompt, seed] samples give them")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).to(device)
-    call = dict(job.pipeline_call)
+    pipe.set_progress_bar_config(disable=True)  # one bar per generation would drown the calibration's own
 
     def run(model, sample) -> torch.Tensor:
-        if not (isinstance(sample, (list, tuple)) and len(sample) == 2):
-            raise ValueError(f"pipeline samples must be [prompt, seed] pairs, got {sample!r}")
+        _check_pipeline_samples([sample], "samples")
         prompt, seed = sample
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         kwargs = dict(call)
@@ -168,11 +190,36 @@ def _load_pipeline(job: JobConfig) -> dict:
         out = model(prompt=prompt, generator=generator, **kwargs)
         for attr in ("frames", "images"):
             value = getattr(out, attr, None)
+            if isinstance(value, np.ndarray):  # output_type="np"
+                value = torch.from_numpy(value)
             if isinstance(value, torch.Tensor):
                 return value.float()
-        raise ValueError(f"the pipeline output has no tensor .frames or .images (got {type(out).__name__})")
+        raise ValueError(
+            f"the pipeline output has no tensor .frames or .images (got {type(out).__name__}); "
+            "use pipeline_call.output_type latent (the default), pt or np"
+        )
 
-    return {"model": pipe, "run": run, "samples": None, "held_out": None}
+    return {"model": pipe, "run": run, "samples": None, "held_out": None, "context": _pipeline_context(pipe, call)}
+
+
+def _pipeline_context(pipe, call: dict) -> dict:
+    """The recipe's context from the call arguments (or the pipeline's defaults); a job's ``context`` wins."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+
+    def arg(name):
+        value = call.get(name, params[name].default if name in params else None)
+        return None if value is inspect.Parameter.empty else value
+
+    height, width = arg("height"), arg("width")
+    context = {
+        "resolution": f"{width}x{height}" if height and width else None,
+        "frames": arg("num_frames"),
+        "steps": arg("num_inference_steps"),
+        "scheduler": type(pipe.scheduler).__name__ if getattr(pipe, "scheduler", None) is not None else None,
+    }
+    return {k: v for k, v in context.items() if v is not None}
 
 
 def space_of(job: JobConfig) -> SearchSpace:
@@ -203,6 +250,11 @@ def run_job(job: JobConfig, *, worker: bool = False, progress: bool = True,
 
     from .search import calibrate
 
+    if job.pipeline is not None:
+        if not job.samples:
+            raise ValueError("a pipeline job needs 'samples': [prompt, seed] pairs")
+        _check_pipeline_samples(_plain(job.samples), "samples")
+        _check_pipeline_samples(_plain(job.held_out or []), "held_out samples")
     setup = _load_entry(job) if job.entry is not None else _load_pipeline(job)
     samples = _plain(job.samples) if job.samples is not None else setup.get("samples")
     held_out = _plain(job.held_out) if job.held_out is not None else (setup.get("held_out") or [])
