@@ -13,6 +13,8 @@ import traceback
 import pytest
 import torch
 
+import tiny_models as tm
+
 pytestmark = pytest.mark.gpu
 
 if torch.cuda.device_count() < 2:
@@ -43,12 +45,7 @@ def tiny_wan(device):
     """Same weights and inputs in every process; q/k tied and sharpened so the threshold skips (see the CPU test)."""
     torch.manual_seed(0)
     model = diffusers.WanTransformer3DModel(**TINY_WAN).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            attn = block.attn1
-            attn.to_k.load_state_dict(attn.to_q.state_dict())
-            attn.norm_q.weight.mul_(SHARPNESS)
-            attn.norm_k.weight.copy_(attn.norm_q.weight)
+    tm.sharpen_wan_self_attention(model, SHARPNESS)
     latents = torch.randn(LATENT_SHAPE)
     text = torch.randn(1, 16, TINY_WAN["text_dim"])
     model = model.to(device, torch.bfloat16)
@@ -64,10 +61,10 @@ def patched_calls(model, latents, text):
         out = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
         outs.append(out.float().cpu())
         reads.append({
-            name: {branch: state.read_list().cpu() for branch, state in layer.states.items()}
-            for name, layer in handle._runtime.layers.items()
+            name: {branch: state.read_list().cpu() for branch, state in branches.items()}
+            for name, branches in handle.skip_states().items()
         })
-    states = [s for layer in handle._runtime.layers.values() for s in layer.states.values()]
+    states = [s for branches in handle.skip_states().values() for s in branches.values()]
     result = {
         "outs": outs,
         "reads": reads,

@@ -50,6 +50,7 @@ def _tokenizer():
 @pytest.fixture(scope="session")
 def wan_pipeline_dir(tmp_path_factory) -> Path:
     """A tiny random-weight ``WanPipeline`` saved with ``save_pretrained`` (built once per session)."""
+    import tiny_models as tm
     import torch
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -68,11 +69,7 @@ def wan_pipeline_dir(tmp_path_factory) -> Path:
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
         text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
     ).eval()
-    with torch.no_grad():  # peaked self-attention, as in trained models: each token attends mostly to itself
-        for block in transformer.blocks:
-            block.attn1.to_k.load_state_dict(block.attn1.to_q.state_dict())
-            block.attn1.norm_q.weight.fill_(2.0)
-            block.attn1.norm_k.weight.fill_(2.0)
+    tm.sharpen_wan_self_attention(transformer, 2.0)  # norms start at 1: the same 2.0 as before
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
     folder = tmp_path_factory.mktemp("tiny-wan") / "pipeline"

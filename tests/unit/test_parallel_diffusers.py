@@ -36,19 +36,10 @@ SHARPNESS = 4.0
 
 
 def tiny_wan():
-    """The model and inputs every process builds identically.
-
-    Random q/k projections give flat attention that skips nothing. Tying ``to_k`` to ``to_q`` and sharpening the
-    q/k norms makes each token attend mostly to tokens like itself, as in real video, so the threshold skips.
-    """
+    """The model and inputs every process builds identically, with peaked self-attention so the threshold skips."""
     torch.manual_seed(0)
     model = diffusers.WanTransformer3DModel(**TINY_WAN).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            attn = block.attn1
-            attn.to_k.load_state_dict(attn.to_q.state_dict())
-            attn.norm_q.weight.mul_(SHARPNESS)
-            attn.norm_k.weight.copy_(attn.norm_q.weight)
+    tm.sharpen_wan_self_attention(model, SHARPNESS)
     latents = torch.randn(LATENT_SHAPE)
     text = torch.randn(1, 8, TINY_WAN["text_dim"])
     return model, latents, text
@@ -62,8 +53,8 @@ def forward(model, latents, text, t):
 def read_lists(handle) -> dict:
     """``{layer: {branch: bool[B, H, q_tiles, k_tiles]}}``, copied (the states change in place)."""
     return {
-        name: {branch: state.read_list().clone() for branch, state in layer.states.items()}
-        for name, layer in handle._runtime.layers.items()
+        name: {branch: state.read_list().clone() for branch, state in branches.items()}
+        for name, branches in handle.skip_states().items()
     }
 
 
@@ -136,8 +127,8 @@ def worker(rank, world):
         handle = litepatch.apply(model, threshold=-math.inf, warmup_steps=0)
         res["flux_exact"] = model(**inputs)[0], dense
     res["flux_must_keys"] = {
-        name: [state.must_compute_keys for state in layer.states.values()]
-        for name, layer in handle._runtime.layers.items()
+        name: [state.must_compute_keys for state in branches.values()]
+        for name, branches in handle.skip_states().items()
     }
     res["flux_dense_records"] = [r for r in handle.stats().records if r["dense"]]
     handle.remove()
