@@ -10,6 +10,12 @@ One launch measures everything, so the ratios come from one run:
   :func:`litepatch.parallel.ulysses_attention` around SDPA (``sdpa``) or :func:`ulysses_lite_attention`.
 * ``ring``: same sharding, :func:`litepatch.parallel.ring_attention` around SDPA-with-LSE or
   :func:`ring_lite_attention` (one state per query shard x K/V chunk).
+* ``diffusers-ulysses``: what users run. A copy of the model with diffusers' own context parallelism
+  (``enable_parallelism(config=ContextParallelConfig(ulysses_degree=P))``, ``native`` attention backend), unpatched
+  (``sdpa``) or patched by ``litepatch.apply(model, threshold=-inf, warmup_steps=0)``; the lite fractions are forced
+  on the live states of ``handle.skip_states()``. Calls run under ``cache_context("cond")`` so every call reuses
+  the one branch's states (same-timestep calls would otherwise count as new CFG branches). Attention runs inside
+  diffusers' processors, so its time per rank is not measured (``-``).
 
 Cross-attention stays dense (local queries, full text keys). ``lite f`` forces the kept fraction: after one dense
 call, every q-tile's read list holds ``round(f * k_tiles)`` key tiles (at least 1) chosen at random (seed 0), and
@@ -28,6 +34,8 @@ Example (a CPU smoke run with gloo, tiny config and 768 tokens, reference kernel
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import math
 import os
@@ -40,6 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import litepatch
 from litepatch.kernels import SkipState, available_backends, lite_attention, pack_bits
 from litepatch.parallel import (
     ChunkedSkipState,
@@ -59,6 +68,7 @@ WAN_1_3B = dict(
 )
 TINY = dict(WAN_1_3B, num_attention_heads=4, attention_head_dim=64, text_dim=64, freq_dim=32, ffn_dim=512,
             num_layers=2)
+MODES = ("single", "ulysses", "ring", "diffusers-ulysses")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--fractions", default="1.0,0.5,0.25,0.1", help="forced kept fractions, comma-separated")
-    p.add_argument("--modes", default="single,ulysses,ring", help="subset of single,ulysses,ring")
+    p.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--backend", default="auto", help="LiteAttention backend (auto: triton on CUDA when installed)")
     p.add_argument("--warmup", type=int, default=2, help="forwards before timing (the first one sizes the states)")
@@ -85,8 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise SystemExit(f"--fractions must be in (0, 1], got {f}")
     args.modes = [m.strip() for m in args.modes.split(",")]
     for m in args.modes:
-        if m not in ("single", "ulysses", "ring"):
-            raise SystemExit(f"--modes must be a subset of single,ulysses,ring, got {m!r}")
+        if m not in MODES:
+            raise SystemExit(f"--modes must be a subset of {','.join(MODES)}, got {m!r}")
     if args.warmup < 1 or args.iters < 1:
         raise SystemExit(f"--warmup and --iters must be >= 1, got {args.warmup} and {args.iters}")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
@@ -272,17 +282,14 @@ def run_config(model, inputs, args, device, rank, world, mode, fraction, group_r
     (None, None) on a rank not taking part."""
     taking_part = rank in group_ranks
     timer = Timer(device)
-    processors, states, shard = {}, [], None
-    if taking_part:
-        for i, block in enumerate(model.blocks):
-            attend = make_attend(mode, fraction, args.backend, states, i)
-            if attend is not None:
-                processors[i] = block.attn1.processor
-                block.attn1.set_processor(SelfAttention(attend, timer))
-        if mode != "single":
-            shard = SequenceShard(model, rank, world)
+    if not taking_part:
+        patch = contextlib.nullcontext((list, False))
+    elif mode == "diffusers-ulysses":
+        patch = litepatched(model, fraction, args.backend)
+    else:
+        patch = hand_sharded(model, rank, world, mode, fraction, args.backend, timer)
     step_ms, output = [], None
-    try:
+    with patch as (live_states, timed):
         for it in range(args.warmup + args.iters):
             barrier(world)
             if not taking_part:
@@ -291,30 +298,85 @@ def run_config(model, inputs, args, device, rank, world, mode, fraction, group_r
                 timer.reset()
             synchronize(device)
             t0 = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), model.cache_context("cond"):  # one branch: every call reuses its states
                 output = model(**inputs)[0]
             synchronize(device)
             if it >= args.warmup:
                 step_ms.append(1e3 * (time.perf_counter() - t0))
             if it == 0 and fraction is not None:  # the first call sized the states: force the fraction now
                 with torch.inference_mode():  # the state tensors were made under inference mode
-                    for seed, state in enumerate(flat_states(states)):
+                    for seed, state in enumerate(live_states()):
                         force_fraction(state, fraction, seed)
+        states = live_states()
+    if not taking_part:
+        return None, None
+    total = sum(s.total_tiles() for s in states)
+    return output, {
+        "step_ms": statistics.median(step_ms),
+        "attn_ms": timer.total_ms() / args.iters if timed else None,  # unpatched or diffusers' processors
+        "kept_tiles": kept_tiles(states) if states else None,
+        "kept_fraction": kept_tiles(states) / total if total else 1.0,
+    }
+
+
+@contextlib.contextmanager
+def hand_sharded(model, rank, world, mode, fraction, backend, timer):
+    """The ``single``/``ulysses``/``ring`` attention of one configuration on ``attn1`` (and the sequence sharding):
+    yields (its SkipStates getter, whether ``timer`` times attention); restores the model on exit."""
+    processors, states, shard = {}, [], None
+    for i, block in enumerate(model.blocks):
+        attend = make_attend(mode, fraction, backend, states, i)
+        if attend is not None:
+            processors[i] = block.attn1.processor
+            block.attn1.set_processor(SelfAttention(attend, timer))
+    try:
+        if mode != "single":
+            shard = SequenceShard(model, rank, world)
+        yield (lambda: flat_states(states)), bool(processors)
     finally:
         for i, proc in processors.items():
             model.blocks[i].attn1.set_processor(proc)
         if shard is not None:
             shard.remove()
-    if not taking_part:
-        return None, None
-    states = flat_states(states)
-    total = sum(s.total_tiles() for s in states)
-    return output, {
-        "step_ms": statistics.median(step_ms),
-        "attn_ms": timer.total_ms() / args.iters if processors else None,  # unpatched model: not timed
-        "kept_tiles": kept_tiles(states) if states else None,
-        "kept_fraction": kept_tiles(states) / total if total else 1.0,
-    }
+
+
+@contextlib.contextmanager
+def litepatched(model, fraction, backend):
+    """``litepatch.apply`` on a diffusers-parallel model (nothing for ``fraction=None``): yields (the live states of
+    ``handle.skip_states()``, False: attention is not timed); removes the patch on exit."""
+    if fraction is None:
+        yield list, False
+        return
+    handle = litepatch.apply(model, threshold=-math.inf, warmup_steps=0, backend=backend)
+    try:
+        yield (lambda: [s for branches in handle.skip_states().values() for s in branches.values()]), False
+    finally:
+        handle.remove()
+
+
+def diffusers_ulysses(model, world, device):
+    """A copy of ``model`` under diffusers' Ulysses context parallelism of degree ``world``, ``native`` backend."""
+    from diffusers import ContextParallelConfig
+
+    model = copy.deepcopy(model)
+    model.set_attention_backend("native")
+    with cpu_as_accelerator(device):
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    return model
+
+
+@contextlib.contextmanager
+def cpu_as_accelerator(device):
+    """diffusers' ``_resolve_parallel_config`` computes ``rank % torch.accelerator.device_count()``, which divides by
+    zero without an accelerator; on CPU the device it builds is only recorded, so count the CPU as one device there
+    (as tests/unit/test_parallel_diffusers.py does)."""
+    if device.type != "cpu" or torch.accelerator.device_count() > 0:
+        yield
+        return
+    from unittest import mock
+
+    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+        yield
 
 
 def make_attend(mode: str, fraction: float | None, backend: str, states: list, layer: int):
@@ -359,8 +421,9 @@ def main(argv=None) -> int:
     rows, reference = [], None
     for mode in modes:
         group_ranks = [0] if mode == "single" else list(range(world))
+        mode_model = diffusers_ulysses(model, world, device) if mode == "diffusers-ulysses" else model
         for fraction in [None, *args.fractions]:
-            output, record = run_config(model, inputs, args, device, rank, world, mode, fraction, group_ranks)
+            output, record = run_config(mode_model, inputs, args, device, rank, world, mode, fraction, group_ranks)
             if rank == 0 and mode == "single" and fraction is None:
                 reference = output.float()
             error = None  # relative L2 to the single-device dense output (rank 0 holds the gathered output)
@@ -399,7 +462,8 @@ def report(rows, args, world, tokens, device, dtype) -> None:
     size = f"{args.frames}x{args.height}x{args.width}"
     print(f"\nWan2.1-1.3B{' (tiny)' if args.tiny else ''}, {size} -> {tokens} tokens, "
           f"{args.dtype}, {world} x {name}, lite backends {available_backends()}, median of {args.iters}")
-    header = (f"{'mode':<9} {'attention':<12} {'step ms':>9} {'vs 1-dev':>8} {'vs dense':>8} {'kept':>6} "
+    width = max(9, *(len(r["mode"]) for r in rows))
+    header = (f"{'mode':<{width}} {'attention':<12} {'step ms':>9} {'vs 1-dev':>8} {'vs dense':>8} {'kept':>6} "
               f"{'attn ms/rank':>20} {'attn imb':>8} {'kept imb':>8} {'rel err':>8}")
     print(header)
     print("-" * len(header))
@@ -407,7 +471,7 @@ def report(rows, args, world, tokens, device, dtype) -> None:
         vs_single = f"{r['speedup_vs_single_sdpa']:.2f}x" if r["speedup_vs_single_sdpa"] else "-"
         attn = "/".join(f"{a:.1f}" for a in r["attn_ms_per_rank"]) or "-"
         err = "-" if r["rel_err_vs_single_sdpa"] is None else f"{r['rel_err_vs_single_sdpa']:.1e}"
-        print(f"{r['mode']:<9} {r['attention']:<12} {r['step_ms']:>9.1f} {vs_single:>8} "
+        print(f"{r['mode']:<{width}} {r['attention']:<12} {r['step_ms']:>9.1f} {vs_single:>8} "
               f"{r['speedup_vs_same_mode_sdpa']:>7.2f}x {r['kept_fraction']:>6.2f} {attn:>20} "
               f"{r['attn_imbalance']:>8.3f} {r['kept_imbalance']:>8.3f} {err:>8}")
     if args.json:
