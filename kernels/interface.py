@@ -5,7 +5,8 @@ Three layers, as in FlashAttention:
 1. the backends (:func:`reference_forward`, the Triton kernel) share one tensor signature;
 2. ``torch.ops.litepatch.lite_attention_fwd``, a custom op (``torch.compile`` sees one node that
    mutates the state tensors), whose CPU implementation is the reference and CUDA one the kernel;
-3. :func:`lite_attention`, which checks inputs, sizes the :class:`SkipState` and calls the op.
+3. :func:`lite_attention`, which checks inputs, sizes the :class:`SkipState` and calls the op while
+   ``torch.compile`` traces, or the backend directly in eager mode (same computation, less host time).
 """
 
 from __future__ import annotations

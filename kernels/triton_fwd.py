@@ -1,6 +1,6 @@
 """Triton forward of LiteAttention (DESIGN §1) for NVIDIA GPUs; tuned on Hopper, runs on sm80+.
 
-Two launches per call, both inside the custom op ``litepatch::lite_attention_fwd``:
+Two launches per call (through the custom op ``litepatch::lite_attention_fwd`` under ``torch.compile``):
 
 1. ``_visit_list_kernel``, one program per (batch row, head, q-tile): unpacks the read list
    (``state.keep``) into the *visiting order* of the reference (anchor first, then ascending; or all
