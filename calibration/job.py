@@ -58,6 +58,7 @@ class SearchConfig:
     late_range: list[float] = field(default_factory=lambda: [-3.0, 3.0])
     probe: Optional[float] = None
     sensitivity_runs: int = 12
+    orders: list[str] = field(default_factory=lambda: ["anchor"])
     bisect: bool = True
 
 
@@ -81,7 +82,6 @@ class JobConfig:
     name: str = "calibrated"
     seed: Optional[int] = 0
     sampler: str = "tpe"
-    order: str = "anchor"
     timeout: Optional[float] = None
     context: dict[str, Any] = field(default_factory=dict)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -227,7 +227,7 @@ def space_of(job: JobConfig) -> SearchSpace:
     return SearchSpace(
         level=tuple(s.level), spread=tuple(s.spread), warmup=tuple(s.warmup) if s.warmup is not None else None,
         max_dense_layers=s.max_dense_layers, schedule=s.schedule, late_range=tuple(s.late_range),
-        probe=s.probe, sensitivity_runs=s.sensitivity_runs,
+        probe=s.probe, sensitivity_runs=s.sensitivity_runs, orders=tuple(s.orders),
     )
 
 
@@ -265,7 +265,7 @@ def run_job(job: JobConfig, *, worker: bool = False, progress: bool = True,
     recipe, report = calibrate(
         setup["run"], samples, job.budget, model=setup["model"], trials=job.trials, storage=storage_url(job),
         study_name=job.study_name or f"litepatch-{job.name}", held_out=held_out, objective=job.objective,
-        space=space_of(job), sampler=job.sampler, bisect=job.search.bisect, seed=job.seed, order=job.order,
+        space=space_of(job), sampler=job.sampler, bisect=job.search.bisect, seed=job.seed,
         name=job.name, context=job.context or setup.get("context"), cache_dir=out_dir / "dense",
         progress=progress, timeout=job.timeout, finish=not worker,
     )

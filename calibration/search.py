@@ -9,8 +9,9 @@ skips. Those log-costs, standardised, are fixed per-layer *offsets* ``z``. A tri
 * ``spread``: how far the offsets move each layer (``threshold_i = level - spread * z_i``: layers
   that hurt more per skipped tile become more conservative),
 * ``warmup``: dense steps at the start of each generation,
-* optionally ``dense``: how many of the most sensitive layers stay dense, and ``late``: a linear
-  per-step ramp of every threshold from the first sparse step to the last.
+* optionally ``dense``: how many of the most sensitive layers stay dense, ``late``: a linear
+  per-step ramp of every threshold from the first sparse step to the last, and ``order``: the
+  key-tile visiting order (DESIGN §1), when the space lists more than one.
 
 Quality is an Optuna constraint (``trial.set_constraint``, or ``constraints_func`` on optuna 4),
 one value per budget clause, worst over samples; a trial stops at the first sample that breaks
@@ -48,6 +49,7 @@ DENSE_ATTR = "litepatch.dense_time"
 OBJECTIVES = ("time", "sparsity")
 REPORT_METRICS = ("psnr", "ssim", "rel_l2")
 MIN_THRESHOLD = -24.0
+VISITING_ORDERS = ("anchor", "alternate")
 
 
 class CalibrationError(ValueError):
@@ -68,6 +70,9 @@ class SearchSpace:
             level range (aggressive enough that every layer skips something).
         sensitivity_runs (`int`, defaults to `12`): at most this many sensitivity generations; deeper
             models are probed in contiguous groups of layers.
+        orders (`tuple[str, ...]`, defaults to `("anchor",)`): visiting orders to choose from; with more
+            than one (``("anchor", "alternate")``) every trial picks one. With one, it is the order of
+            every trial and of the sensitivity pass.
     """
 
     level: tuple[float, float] = (-14.0, -0.5)
@@ -78,6 +83,7 @@ class SearchSpace:
     late_range: tuple[float, float] = (-3.0, 3.0)
     probe: float | None = None
     sensitivity_runs: int = 12
+    orders: tuple[str, ...] = ("anchor",)
 
     def __post_init__(self):
         if self.probe is None:
@@ -95,6 +101,10 @@ class SearchSpace:
             raise ValueError(f"probe threshold must be in [{MIN_THRESHOLD}, 0], got {self.probe}")
         if self.sensitivity_runs < 0:
             raise ValueError(f"sensitivity_runs must be >= 0, got {self.sensitivity_runs}")
+        object.__setattr__(self, "orders", tuple(self.orders))
+        bad = [o for o in self.orders if o not in VISITING_ORDERS]
+        if not self.orders or bad or len(set(self.orders)) != len(self.orders):
+            raise ValueError(f"orders must be distinct names from {VISITING_ORDERS}, got {list(self.orders)}")
 
     def to_dict(self) -> dict:
         return {
@@ -102,6 +112,8 @@ class SearchSpace:
             "warmup": list(self.warmup) if self.warmup is not None else None,
             "max_dense_layers": self.max_dense_layers, "schedule": self.schedule,
             "late_range": list(self.late_range), "probe": self.probe, "sensitivity_runs": self.sensitivity_runs,
+            # only when not the default, so that studies made before the field existed still resume
+            **({"orders": list(self.orders)} if self.orders != ("anchor",) else {}),
         }
 
 
@@ -250,7 +262,8 @@ def recipe_from_params(params: dict, plan: Plan, *, name: str = "calibrated", or
             layers[pattern] = LayerSetting(schedule=[round(v, 4) for v in schedule])
         else:
             layers[pattern] = LayerSetting(threshold=round(_clamp(base), 4))
-    return Recipe(name=name, threshold=round(_clamp(level), 4), warmup_steps=warmup, order=order, layers=layers)
+    return Recipe(name=name, threshold=round(_clamp(level), 4), warmup_steps=warmup,
+                  order=params.get("order", order), layers=layers)
 
 
 def layer_thresholds(recipe, layers: Sequence[str], step: int | None = None) -> dict[str, float | None]:
@@ -438,6 +451,12 @@ def _seed_params(plan: Plan, space: SearchSpace) -> list[dict]:
     return seeds
 
 
+def _same_value(a, b) -> bool:
+    if isinstance(a, str) or isinstance(b, str):  # categorical (order)
+        return a == b
+    return abs(float(a) - float(b)) < 1e-6
+
+
 def _bisect_next(study, space: SearchSpace) -> dict | None:
     """Midpoint in ``level`` between the best feasible trial and the nearest failing trial above it
     that shares its other parameters (or the top of the range when none failed)."""
@@ -449,7 +468,7 @@ def _bisect_next(study, space: SearchSpace) -> dict | None:
     above = [space.level[1]]
     for t in study.get_trials(deepcopy=False):
         if t.state.is_finished() and "level" in t.params and t.params["level"] > level + 1e-9:
-            same = all(abs(float(t.params.get(k, v)) - float(v)) < 1e-6 for k, v in others.items())
+            same = all(_same_value(t.params.get(k, v), v) for k, v in others.items())
             if same and not is_feasible(t):
                 above.append(t.params["level"])
     target = (level + min(above)) / 2
@@ -522,7 +541,6 @@ def calibrate(
     sampler: str = "tpe",
     bisect: bool = True,
     seed: int | None = 0,
-    order: str = "anchor",
     name: str = "calibrated",
     context=None,
     cache_dir: str | os.PathLike | None = None,
@@ -545,7 +563,8 @@ def calibrate(
         held_out (`Sequence`): samples not used in the search; the best recipe is checked on them.
         objective (`str`, defaults to `"time"`): ``"time"`` (measured wall time of the patched generation)
             or ``"sparsity"`` (kept fraction of attention tiles, hardware independent).
-        space (`SearchSpace`, *optional*): bounds of the search and the sensitivity pass.
+        space (`SearchSpace`, *optional*): bounds of the search and the sensitivity pass, and the
+            visiting order(s) to use (``SearchSpace(orders=("anchor", "alternate"))`` searches both).
         sampler (`str`, defaults to `"tpe"`): ``"tpe"``, ``"gp"`` or ``"random"`` (baseline).
         bisect (`bool`, defaults to `True`): every other trial, bisect ``level`` around the best feasible trial.
         cache_dir: where dense outputs are kept between runs and workers (``None``: memory only).
@@ -587,6 +606,7 @@ def calibrate(
         raise ValueError("held-out samples must differ from the calibration samples; shared: "
                          + ", ".join(repr(s) for s in held_out if sample_key(s) in overlap))
     space = space or SearchSpace()
+    order = space.orders[0]  # of the sensitivity pass, and of every trial unless the space lists more
     metric_names = list(dict.fromkeys([*budget.metrics, *(m for m in REPORT_METRICS if m in available_metrics())]))
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -637,6 +657,8 @@ def calibrate(
                 params["dense"] = trial.suggest_int("dense", 0, min(space.max_dense_layers, len(layers)))
             if space.schedule:
                 params["late"] = trial.suggest_float("late", *space.late_range)
+            if len(space.orders) > 1:
+                params["order"] = trial.suggest_categorical("order", list(space.orders))
             recipe = recipe_from_params(params, plan, name=name, order=order)
             results: list[SampleResult] = []
             for index in _sample_order(study, len(samples)):

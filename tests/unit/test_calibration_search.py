@@ -180,3 +180,27 @@ def _run_double(model: ToyModel, sample) -> torch.Tensor:
     for t in TIMESTEPS:
         x = x - 0.15 * model(x, timestep=torch.tensor([t]))
     return x
+
+
+def test_visiting_order_is_searched_when_the_space_lists_several(tmp_path):
+    model = ToyModel().eval()
+    space = SearchSpace(sensitivity_runs=2, orders=("anchor", "alternate"))
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    recipe, report = calibrate(run, [0], BUDGET, model=model, trials=8, objective="sparsity", space=space,
+                               storage=storage, study_name="orders", progress=False, seed=0)
+    chosen = [t["params"].get("order") for t in report.trials]
+    assert set(chosen) == {"anchor", "alternate"}, chosen  # both were tried
+    assert recipe.order == report.best["params"]["order"]
+    # the recipe's order is the one its trial ran: applying it reproduces the trial's kept fraction
+    handle = _apply(model, recipe=recipe)
+    try:
+        run(model, 0)
+        assert handle.stats().kept_fraction() == pytest.approx(report.best["kept_fraction"])
+    finally:
+        handle.remove()
+    # resuming needs the same space; another order list is refused by name
+    with pytest.raises(CalibrationError, match="orders"):
+        calibrate(run, [0], BUDGET, model=model, trials=9, objective="sparsity", storage=storage,
+                  study_name="orders", progress=False, space=SearchSpace(sensitivity_runs=2))
+    with pytest.raises(ValueError, match="orders must be distinct names from"):
+        SearchSpace(orders=("anchor", "backwards"))
