@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from litepatch.recipes.schema import ORDERS
+
 from .budget import Budget
 from .metrics import available_metrics, get_metric
 
@@ -49,7 +51,6 @@ DENSE_ATTR = "litepatch.dense_time"
 OBJECTIVES = ("time", "sparsity")
 REPORT_METRICS = ("psnr", "ssim", "rel_l2")
 MIN_THRESHOLD = -24.0
-VISITING_ORDERS = ("anchor", "alternate")
 
 
 class CalibrationError(ValueError):
@@ -102,9 +103,9 @@ class SearchSpace:
         if self.sensitivity_runs < 0:
             raise ValueError(f"sensitivity_runs must be >= 0, got {self.sensitivity_runs}")
         object.__setattr__(self, "orders", tuple(self.orders))
-        bad = [o for o in self.orders if o not in VISITING_ORDERS]
+        bad = [o for o in self.orders if o not in ORDERS]
         if not self.orders or bad or len(set(self.orders)) != len(self.orders):
-            raise ValueError(f"orders must be distinct names from {VISITING_ORDERS}, got {list(self.orders)}")
+            raise ValueError(f"orders must be distinct names from {ORDERS}, got {list(self.orders)}")
 
     def to_dict(self) -> dict:
         return {

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-TokenRanges = tuple[tuple[int, int], ...]
+from ..recipes.schema import ORDERS  # noqa: F401  (re-exported as litepatch.kernels.ORDERS)
 
-ORDERS = ("anchor", "alternate")
+TokenRanges = tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ import yaml
 from .errors import FingerprintMismatchError, RecipeNotFoundError, RecipeValidationError
 from .schema import (
     FORMAT_VERSION,
+    ORDERS,
     Context,
     LayerSetting,
     Measured,
@@ -73,7 +74,6 @@ BUILTIN_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-ORDERS = ("anchor", "alternate")
 CFG_MODES = ("sequential", "batched", "none")
 SOURCES = ("calibration", "published-defaults", "manual")
 

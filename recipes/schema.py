@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 FORMAT_VERSION = 1
+# Key-tile visiting orders of DESIGN §1 (the kernels, recipe validation and the calibrator read this).
+ORDERS = ("anchor", "alternate")
 
 
 def describe_value(value: object) -> str:
