@@ -145,23 +145,18 @@ def lite_attention(
         state.initialize(shape, tiles, q.device, must_q, must_k)
     must_q_mask, must_k_mask = state.must_masks(q.device)
     descending = order == "alternate" and state.calls % 2 == 0
-    if torch.compiler.is_compiling():  # an opaque node with declared mutations for torch.compile
-        out, lse = torch.ops.litepatch.lite_attention_fwd(
-            q, k, v, state.keep, state.anchor, state.kept, must_q_mask, must_k_mask,
-            name, tiles.block_m, tiles.block_n, threshold, scale, order == "anchor", descending,
-        )
-    else:  # eager: the custom op's Python dispatch alone costs ~70 us of host time per call
-        out, lse = _BACKENDS[name](
-            q, k, v, state.keep, state.anchor, state.kept, must_q_mask, must_k_mask, block_m=tiles.block_m,
-            block_n=tiles.block_n, threshold=threshold, softmax_scale=scale, use_anchor=order == "anchor",
-            descending=descending,
-        )
+    # Under torch.compile the custom op: one opaque node that declares its mutations. Eager calls run
+    # its body directly: the op's Python dispatch alone costs ~70 us of host time per call.
+    forward = torch.ops.litepatch.lite_attention_fwd if torch.compiler.is_compiling() else _forward
+    out, lse = forward(
+        q, k, v, state.keep, state.anchor, state.kept, must_q_mask, must_k_mask,
+        name, tiles.block_m, tiles.block_n, threshold, scale, order == "anchor", descending,
+    )
     state.calls += 1
     return (out, lse) if return_lse else out
 
 
-@torch.library.custom_op("litepatch::lite_attention_fwd", mutates_args=("keep", "anchor", "kept"))
-def _lite_attention_fwd(
+def _forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -178,11 +173,16 @@ def _lite_attention_fwd(
     use_anchor: bool,
     descending: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body of ``litepatch::lite_attention_fwd``: the forward of the backend named ``backend``."""
     return _BACKENDS[backend](
         q, k, v, keep, anchor, kept, must_q, must_k,
         block_m=block_m, block_n=block_n, threshold=threshold, softmax_scale=softmax_scale,
         use_anchor=use_anchor, descending=descending,
     )
+
+
+_lite_attention_fwd = torch.library.custom_op(
+    "litepatch::lite_attention_fwd", mutates_args=("keep", "anchor", "kept"))(_forward)
 
 
 @_lite_attention_fwd.register_fake
