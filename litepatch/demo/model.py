@@ -134,8 +134,8 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
 
 
-class WanSelfAttention(nn.Module):
-    """Self-attention over the video tokens with 3D RoPE; calls SDPA with ``[B, H, S, D]``."""
+class _Projections(nn.Module):
+    """q/k/v/o projections and q/k RMSNorms shared by both attentions (their weight names)."""
 
     def __init__(self, dim: int, heads: int, eps: float = 1e-6):
         super().__init__()
@@ -146,6 +146,10 @@ class WanSelfAttention(nn.Module):
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # [B, H, S, D]
+
+
+class WanSelfAttention(_Projections):
+    """Self-attention over the video tokens with 3D RoPE; calls SDPA with ``[B, H, S, D]``."""
 
     def query_key(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated ``q`` and ``k`` ``[B, H, S, D]`` (what the attention scores are made of)."""
@@ -160,18 +164,8 @@ class WanSelfAttention(nn.Module):
         return self.o(out.transpose(1, 2).flatten(2))
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_Projections):
     """Cross-attention from the video tokens to the condition tokens (kept dense by litepatch)."""
-
-    def __init__(self, dim: int, heads: int, eps: float = 1e-6):
-        super().__init__()
-        self.heads = heads
-        self.head_dim = dim // heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         q = self._split(self.norm_q(self.q(x)))
