@@ -333,6 +333,16 @@ def save(recipe: Recipe, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------- validation
 
 
+def _check_thresholds(fail, threshold, schedule, prefix: str) -> None:
+    """Raises ``fail(message)`` for the first bad one of ``threshold`` (``None``: unset) and ``schedule``."""
+    values = ([(threshold, f"{prefix}threshold")] if threshold is not None else [])
+    values += [(value, f"{prefix}schedule[{i}]") for i, value in enumerate(schedule)]
+    for value, path in values:
+        problem = threshold_problem(value, path)
+        if problem:
+            raise fail(problem)
+
+
 def validate(recipe: Recipe, *, source: str | None = None) -> Recipe:
     """Checks the values of a recipe object; returns it unchanged or raises :class:`RecipeValidationError`.
 
@@ -359,13 +369,7 @@ def validate(recipe: Recipe, *, source: str | None = None) -> Recipe:
         check_name(recipe.name)
     except RecipeValidationError as err:
         raise fail(str(err)) from None
-    problem = threshold_problem(recipe.threshold, "threshold")
-    if problem:
-        raise fail(problem)
-    for i, value in enumerate(recipe.schedule):
-        problem = threshold_problem(value, f"schedule[{i}]")
-        if problem:
-            raise fail(problem)
+    _check_thresholds(fail, recipe.threshold, recipe.schedule, "")
     if recipe.warmup_steps < 0:
         raise fail(f"warmup_steps must be >= 0 (dense steps at the start of each generation), got {recipe.warmup_steps}")
     if recipe.order not in ORDERS:
@@ -373,14 +377,7 @@ def validate(recipe: Recipe, *, source: str | None = None) -> Recipe:
     for pattern, setting in recipe.layers.items():
         if not pattern:
             raise fail("layers: empty pattern; use a module name or an fnmatch pattern such as 'blocks.0.*'")
-        if setting.threshold is not None:
-            problem = threshold_problem(setting.threshold, f"layers.{pattern}.threshold")
-            if problem:
-                raise fail(problem)
-        for i, value in enumerate(setting.schedule):
-            problem = threshold_problem(value, f"layers.{pattern}.schedule[{i}]")
-            if problem:
-                raise fail(problem)
+        _check_thresholds(fail, setting.threshold, setting.schedule, f"layers.{pattern}.")
     context = recipe.context
     for key in ("frames", "steps"):
         value = getattr(context, key)
