@@ -139,6 +139,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "RepoNotFound", "Repository not found", head)
         return repo
 
+    def _revision(self, repo_id: str, revision: str, head: bool = False) -> tuple[Repo, str] | None:
+        """``(repo, commit sha)``, or ``None`` after answering 404 for a missing repo or revision."""
+        repo = self._repo(repo_id, head)
+        if repo is None:
+            return None
+        sha = self.state.resolve(repo, revision)
+        if sha is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head)
+            return None
+        return repo, sha
+
     # ------------------------------------------------------------------ verbs
     def do_HEAD(self) -> None:  # noqa: N802
         self.state.requests.append(("HEAD", self.path))
@@ -181,12 +192,10 @@ class _Handler(BaseHTTPRequestHandler):
         return self._json(200, {"url": f"{self.server.url}/{repo_id}", "name": repo_id})  # type: ignore[attr-defined]
 
     def _preupload(self, repo_id: str, revision: str, payload: dict) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._revision(repo_id, revision)
+        if found is None:
             return
-        sha = self.state.resolve(repo, revision)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        repo, sha = found
         files = repo.commits[sha]
         answer = [
             {
@@ -235,12 +244,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         repo_id = f"{seg[2]}/{seg[3]}"
         revision = "/".join(seg[5:]) if len(seg) > 5 and seg[4] == "revision" else "main"
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._revision(repo_id, revision)
+        if found is None:
             return
-        sha = self.state.resolve(repo, revision)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        repo, sha = found
         siblings = [{"rfilename": path} for path in sorted(repo.commits[sha])]
         return self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
                                 "siblings": siblings, "tags": [], "downloads": 0, "likes": 0})
@@ -252,12 +259,10 @@ class _Handler(BaseHTTPRequestHandler):
         if len(seg) < 5 or seg[2] != "resolve":
             return self._error(404, None, f"no such endpoint {self.path}", head)
         repo_id, revision, filename = f"{seg[0]}/{seg[1]}", seg[3], "/".join(seg[4:])
-        repo = self._repo(repo_id, head)
-        if repo is None:
+        found = self._revision(repo_id, revision, head)
+        if found is None:
             return
-        sha = self.state.resolve(repo, revision)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head)
+        repo, sha = found
         content = repo.commits[sha].get(filename)
         if content is None:
             return self._error(404, "EntryNotFound", f"{filename} does not exist", head, {"X-Repo-Commit": sha})
