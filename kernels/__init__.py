@@ -1,4 +1,5 @@
-"""LiteAttention kernels: the skip-state layout, the PyTorch reference and the Triton forward.
+"""LiteAttention kernels: the skip-state layout, the backend registry, the PyTorch reference, the Triton
+and CuTe-DSL forwards.
 
 >>> from litepatch.kernels import SkipState, lite_attention
 >>> state = SkipState()
@@ -14,12 +15,19 @@ if __name__ != "litepatch.kernels":
     # op against an empty backend registry, so hand out the one real package instead.
     _sys.modules[__name__] = _importlib.import_module("litepatch.kernels")
 else:
-    from .interface import available_backends, check_threshold, lite_attention, register_backend
+    from .interface import available_backends, check_threshold, key_mask_from, lite_attention
     from .reference import reference_forward
+    from .registry import Backend, BackendUnavailable, Constraints, register_backend
     from .state import DEFAULT_TILES, ORDERS, SkipState, TileConfig, pack_bits, unpack_bits
+    from .vocabulary import DEFAULT_THRESHOLD
 
     __all__ = [
+        "DEFAULT_THRESHOLD",
         "DEFAULT_TILES",
+        "Backend",
+        "BackendUnavailable",
+        "Constraints",
+        "key_mask_from",
         "ORDERS",
         "SkipState",
         "TileConfig",

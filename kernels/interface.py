@@ -2,9 +2,10 @@
 
 Three layers, as in FlashAttention:
 
-1. the backends (:func:`reference_forward`, the Triton kernel) share one tensor signature;
+1. the backends (the reference, the Triton kernel, the CuTe-DSL kernel) share one tensor signature
+   and declare what they can take in :mod:`litepatch.kernels.registry`, which picks one per call;
 2. ``torch.ops.litepatch.lite_attention_fwd``, a custom op (``torch.compile`` sees one node that
-   mutates the state tensors), whose CPU implementation is the reference and CUDA one the kernel;
+   mutates the state tensors), whose body runs the backend the registry chose;
 3. :func:`lite_attention`, which checks inputs, sizes the :class:`SkipState` and calls the op while
    ``torch.compile`` traces, or the backend directly in eager mode (same computation, less host time).
 """
@@ -12,37 +13,24 @@ Three layers, as in FlashAttention:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..recipes.schema import threshold_problem
-from .reference import reference_forward
-from .state import DEFAULT_TILES, ORDERS, SkipState, TileConfig, normalize_ranges
+from . import registry
+from .registry import available_backends
+from .state import ORDERS, SkipState, normalize_ranges
+from .vocabulary import DEFAULT_THRESHOLD, threshold_problem
 
+# Every dtype some backend takes (each backend's own set is in its registry constraints).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# name -> forward with the signature of ``reference_forward``; "reference" always exists.
-_BACKENDS: dict[str, Callable] = {"reference": reference_forward}
-# name -> (tiles for a head dim, predicate saying whether it can take the inputs)
-_BACKEND_TILES: dict[str, Callable[[int], TileConfig]] = {"reference": lambda head_dim: DEFAULT_TILES}
-
-
-def register_backend(name: str, forward: Callable, tiles: Callable[[int], TileConfig]) -> None:
-    """Registers a forward with :func:`reference_forward`'s signature and its tile choice per head dim."""
-    _BACKENDS[name] = forward
-    _BACKEND_TILES[name] = tiles
-
-
-def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
 
 
 def check_threshold(threshold: float, name: str = "threshold") -> float:
     """Returns ``threshold`` as a float or raises ``ValueError`` naming ``name``.
 
     The rule (a real number <= 0 in log2 units, ``-inf`` skips nothing; NaN and positive values refused)
-    and its messages are :func:`litepatch.recipes.schema.threshold_problem`, which recipe validation uses too.
+    and its messages are :func:`litepatch.kernels.vocabulary.threshold_problem`, which recipe validation uses too.
     """
     problem = threshold_problem(threshold, name)
     if problem:
@@ -71,22 +59,36 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"empty sequence: q has {q.shape[1]} tokens, k has {k.shape[1]}")
 
 
-def _pick_backend(backend: str, device: torch.device) -> str:
-    if backend != "auto":
-        if backend not in _BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
-        return backend
-    if device.type == "cuda" and "triton" not in _BACKENDS:
-        _load_triton_backend()
-    return "triton" if device.type == "cuda" and "triton" in _BACKENDS else "reference"
+def key_mask_from(
+    key_mask: torch.Tensor | None, key_lengths: torch.Tensor | Sequence[int] | None, batch: int, seq_k: int, device
+) -> torch.Tensor | None:
+    """Bool ``[batch, seq_k]`` (True: the key takes part) from a boolean mask or valid lengths, or ``None``.
 
-
-def _load_triton_backend() -> None:
-    """Imports the Triton kernel (it registers itself); without Triton the reference serves CUDA too."""
-    try:
-        from . import triton_fwd  # noqa: F401
-    except ImportError:
-        pass
+    A mask may be ``[batch, seq_k]`` or any shape that broadcasts to SDPA's ``[batch, 1, 1, seq_k]``
+    (a per-key mask); a mask that varies over heads or queries is not a key-padding mask and is refused.
+    """
+    if key_mask is not None and key_lengths is not None:
+        raise ValueError("give key_mask or key_lengths, not both")
+    if key_lengths is not None:
+        lengths = torch.as_tensor(key_lengths, device=device).reshape(-1)
+        if lengths.numel() != batch or lengths.dtype.is_floating_point:
+            raise ValueError(f"key_lengths must be {batch} integers (one per batch row), got {tuple(lengths.shape)}")
+        return torch.arange(seq_k, device=device)[None, :] < lengths[:, None]
+    if key_mask is None:
+        return None
+    if key_mask.dtype != torch.bool:
+        raise TypeError(f"key_mask must be a bool tensor (True: the key takes part), got {key_mask.dtype}")
+    mask = key_mask
+    while mask.dim() > 2 and mask.shape[1] == 1:
+        mask = mask.squeeze(1)
+    if mask.dim() == 1:
+        mask = mask[None]
+    if mask.dim() != 2 or mask.shape[-1] != seq_k or mask.shape[0] not in (1, batch):
+        raise ValueError(
+            f"key_mask of shape {tuple(key_mask.shape)} is not a per-key mask for {batch} batch rows and {seq_k} keys "
+            "([batch, seq_k] or [batch, 1, 1, seq_k])"
+        )
+    return mask.to(device).expand(batch, seq_k)
 
 
 def lite_attention(
@@ -95,12 +97,15 @@ def lite_attention(
     v: torch.Tensor,
     state: SkipState | None = None,
     *,
-    threshold: float = -10.0,
+    threshold: float = DEFAULT_THRESHOLD,
     softmax_scale: float | None = None,
     return_lse: bool = False,
     order: str = "anchor",
     must_compute_queries: Sequence[tuple[int, int]] | None = None,
     must_compute_keys: Sequence[tuple[int, int]] | None = None,
+    key_mask: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | Sequence[int] | None = None,
+    vote: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LiteAttention forward: computes the tiles of ``state``'s read list and writes the next one.
@@ -117,7 +122,14 @@ def lite_attention(
         order (`str`, defaults to `"anchor"`): key-tile visiting order, ``"anchor"`` or ``"alternate"``.
         must_compute_queries, must_compute_keys: ``[(start, end), ...]`` token ranges whose tiles are never
             skipped (e.g. text tokens of joint attention).
-        backend (`str`, defaults to `"auto"`): ``"triton"`` on CUDA when installed, else ``"reference"``.
+        key_mask (`torch.Tensor`, *optional*): bool ``[batch_size, seqlen_k]`` (or ``[batch_size, 1, 1, seqlen_k]``),
+            True where the key takes part (SDPA's boolean convention): a key-padding mask. Tiles with no valid key
+            are not computed and do not vote; partly masked tiles are masked inside.
+        key_lengths (*optional*): valid keys per batch row (a prefix), instead of ``key_mask``.
+        vote (`bool`, defaults to `True`): run the skip test and write the next list. ``False`` reads the list
+            and leaves it as it is (a read-only call; its threshold is not used).
+        backend (`str`, defaults to `"auto"`): a name from :func:`available_backends`; ``"auto"`` asks the
+            registry (:mod:`litepatch.kernels.registry`) for the fastest backend that takes the call.
 
     Returns:
         ``out`` with the shape and dtype of ``q``, or ``(out, lse)``.
@@ -137,8 +149,9 @@ def lite_attention(
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     must_q = normalize_ranges(must_compute_queries, seq_q, "must_compute_queries")
     must_k = normalize_ranges(must_compute_keys, seq_k, "must_compute_keys")
-    name = _pick_backend(backend, q.device)
-    tiles = _BACKEND_TILES[name](head_dim)
+    key_valid = key_mask_from(key_mask, key_lengths, batch, seq_k, q.device)
+    chosen = registry.select(q, seq_k, backend=backend, key_padding=key_valid is not None)
+    tiles = chosen.tiles(head_dim)
     state = state if state is not None else SkipState()
     shape = (batch, heads, seq_q, seq_k)
     if not state.matches(shape, tiles, q.device, must_q, must_k):
@@ -149,8 +162,9 @@ def lite_attention(
     # its body directly: the op's Python dispatch alone costs ~70 us of host time per call.
     forward = torch.ops.litepatch.lite_attention_fwd if torch.compiler.is_compiling() else _forward
     out, lse = forward(
-        q, k, v, state.keep, state.anchor, state.kept, must_q_mask, must_k_mask,
-        name, tiles.block_m, tiles.block_n, threshold, scale, order == "anchor", descending,
+        q, k, v, state.keep, state.anchor, state.kept, must_q_mask, must_k_mask, key_valid,
+        chosen.name, tiles.block_m, tiles.block_n, threshold if vote else -math.inf, scale, order == "anchor",
+        descending,
     )
     state.calls += 1
     return (out, lse) if return_lse else out
@@ -165,6 +179,7 @@ def _forward(
     kept: torch.Tensor,
     must_q: torch.Tensor,
     must_k: torch.Tensor,
+    key_valid: torch.Tensor | None,
     backend: str,
     block_m: int,
     block_n: int,
@@ -174,8 +189,8 @@ def _forward(
     descending: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The body of ``litepatch::lite_attention_fwd``: the forward of the backend named ``backend``."""
-    return _BACKENDS[backend](
-        q, k, v, keep, anchor, kept, must_q, must_k,
+    return registry.get(backend).forward(
+        q, k, v, keep, anchor, kept, must_q, must_k, key_valid,
         block_m=block_m, block_n=block_n, threshold=threshold, softmax_scale=softmax_scale,
         use_anchor=use_anchor, descending=descending,
     )
@@ -186,7 +201,7 @@ _lite_attention_fwd = torch.library.custom_op(
 
 
 @_lite_attention_fwd.register_fake
-def _(q, k, v, keep, anchor, kept, must_q, must_k, backend, block_m, block_n, threshold, softmax_scale,
+def _(q, k, v, keep, anchor, kept, must_q, must_k, key_valid, backend, block_m, block_n, threshold, softmax_scale,
       use_anchor, descending):
     lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
     return q.new_empty(q.shape), lse

@@ -7,13 +7,18 @@ It is the oracle of the GPU kernel and the CPU backend of the patcher. Semantics
 2. Visiting order: ``order="anchor"``: the anchor tile (largest score of the previous call) first
    when it is in the read list, then the other read tiles ascending. ``order="alternate"``: all
    read tiles descending on even calls, ascending on odd ones.
-3. For each visited tile j, row r *needs* it when ``(max_c S[r, c] − m_prev[r]) · c > threshold``,
-   ``m_prev`` being the running max over the tiles visited before j in this call. Rows beyond the
-   query length do not vote, key columns beyond the key length are ``-inf``.
+3. For each visited tile j, row r *needs* it unless ``(max_c S[r, c] − m_prev[r]) · c <= threshold``
+   with both maxima finite, ``m_prev`` being the running max over the tiles visited before j in
+   this call: a NaN or infinite score makes its row need the tile, so one bad activation cannot
+   shrink the lists of later calls. Rows beyond the query length do not vote, key columns beyond
+   the key length or masked by ``key_valid`` are ``-inf``.
 4. Tile j is written as skippable when no valid row needs it, it is not the first visited tile,
    and neither the q-tile nor the k-tile holds a must-compute token. The next read list is the read
    list minus the skippable tiles; the new anchor is the visited tile holding the largest score
    (ties: the earliest visited).
+   Key-padding mask (``key_valid``, bool ``[B, seq_k]``): key tiles with no valid key are not
+   visited, not counted and not voted on in this call, and stay in the stored list as they were
+   (the next call's mask may differ).
 5. The output is the softmax of ``S · scale`` restricted to the read list (skippable tiles were
    computed, so they count), times V. The LSE is natural-log, ``[B, H, seq_q]``, fp32.
 """
@@ -24,7 +29,8 @@ import math
 
 import torch
 
-from .state import pack_bits, unpack_bits
+from .registry import Backend, Constraints, register_backend
+from .state import DEFAULT_TILES, pack_bits, unpack_bits
 
 LOG2E = 1.4426950408889634
 _MAX_CHUNK_ELEMENTS = 1 << 26  # scores held at once (256 MiB of fp32)
@@ -39,6 +45,7 @@ def reference_forward(
     kept: torch.Tensor,
     must_q: torch.Tensor,
     must_k: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
     *,
     block_m: int,
     block_n: int,
@@ -58,10 +65,11 @@ def reference_forward(
     k_tiles = math.ceil(seq_k / block_n)
     out = q.new_empty(q.shape)
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
-    read = unpack_bits(keep, k_tiles)  # [B, H, QT, KT]
+    stored = unpack_bits(keep, k_tiles)  # [B, H, QT, KT]
+    read = stored if key_valid is None else stored & _valid_tiles(key_valid, block_n, k_tiles)[:, None, None]
     skip_test = threshold > -math.inf
     heads_per_chunk = max(1, _MAX_CHUNK_ELEMENTS // max(1, seq_q * seq_k))
-    new_read, new_anchor = read.clone(), anchor.clone()
+    new_read, new_anchor = stored.clone(), anchor.clone()
     for b in range(batch):
         for h0 in range(0, heads, heads_per_chunk):
             hs = slice(h0, min(heads, h0 + heads_per_chunk))
@@ -71,6 +79,7 @@ def reference_forward(
                 v[b, :, hs].transpose(0, 1),
                 read[b, hs],
                 anchor[b, hs],
+                None if key_valid is None else key_valid[b],
                 block_m=block_m,
                 block_n=block_n,
                 threshold=threshold,
@@ -83,7 +92,7 @@ def reference_forward(
             )
             out[b, :, hs] = result["out"].transpose(0, 1).to(q.dtype)
             lse[b, hs] = result["lse"]
-            new_read[b, hs] = result["next_read"]
+            new_read[b, hs] = result["next_read"] | (stored[b, hs] & ~read[b, hs])
             new_anchor[b, hs] = result["anchor"]
     kept.copy_(read.sum())
     keep.copy_(pack_bits(new_read))
@@ -91,13 +100,22 @@ def reference_forward(
     return out, lse
 
 
-def _attend_chunk(q, k, v, read, anchor, *, block_m, block_n, threshold, softmax_scale, skip_test, use_anchor, descending,
+def _valid_tiles(key_valid: torch.Tensor, block_n: int, k_tiles: int) -> torch.Tensor:
+    """Bool ``[B, k_tiles]``: key tiles holding at least one valid key."""
+    padded = key_valid.new_zeros(key_valid.shape[0], k_tiles * block_n)
+    padded[:, : key_valid.shape[1]] = key_valid
+    return padded.view(-1, k_tiles, block_n).any(-1)
+
+
+def _attend_chunk(q, k, v, read, anchor, key_valid, *, block_m, block_n, threshold, softmax_scale, skip_test, use_anchor, descending,
                   must_q, must_k):
     """One batch row, a chunk of heads: q ``[h, Sq, D]``, read ``[h, QT, KT]``, anchor ``[h, QT]``."""
     n_heads, seq_q, _ = q.shape
     seq_k = k.shape[1]
     q_tiles, k_tiles = read.shape[-2:]
     scores = q.float() @ k.float().transpose(-1, -2)  # [h, Sq, Sk], unscaled
+    if key_valid is not None:
+        scores = scores.masked_fill(~key_valid, -math.inf)
     padded = torch.full((n_heads, seq_q, k_tiles * block_n), -math.inf, device=q.device)
     padded[..., :seq_k] = scores
     row_tile_max = padded.view(n_heads, seq_q, k_tiles, block_n).amax(-1)  # [h, Sq, KT]
@@ -112,7 +130,9 @@ def _attend_chunk(q, k, v, read, anchor, *, block_m, block_n, threshold, softmax
 
     first_visited = torch.zeros_like(read).scatter_(-1, visit[..., :1], True)
     if skip_test:
-        needs_in_order = ((in_order_max - m_prev) * (softmax_scale * LOG2E) > threshold) & in_order_read
+        below = (in_order_max - m_prev) * (softmax_scale * LOG2E) <= threshold
+        finite = torch.isfinite(in_order_max) & torch.isfinite(m_prev)
+        needs_in_order = ~(below & finite) & in_order_read
         needs_rows = torch.zeros_like(needs_in_order).scatter_(-1, visit_rows, needs_in_order)
         needed = _any_row_per_tile(needs_rows, block_m, q_tiles)
         protected = first_visited | must_q[:, None] | must_k[None, :]
@@ -125,6 +145,8 @@ def _attend_chunk(q, k, v, read, anchor, *, block_m, block_n, threshold, softmax
     new_anchor = visit.gather(-1, best_pos).squeeze(-1).to(torch.int32)
 
     column_mask = read_rows.repeat_interleave(block_n, dim=-1)[..., :seq_k]
+    if key_valid is not None:
+        column_mask = column_mask & key_valid
     logits = (scores * softmax_scale).masked_fill(~column_mask, -math.inf)
     lse = torch.logsumexp(logits, dim=-1)
     out = torch.softmax(logits, dim=-1) @ v.float()
@@ -163,3 +185,12 @@ def _max_row_per_tile(per_row: torch.Tensor, block_m: int, q_tiles: int) -> torc
     padded = per_row.new_full((n_heads, q_tiles * block_m, k_tiles), -math.inf)
     padded[:, :seq_q] = per_row
     return padded.view(n_heads, q_tiles, block_m, k_tiles).amax(-2)
+
+
+register_backend(Backend(
+    name="reference",
+    forward=reference_forward,
+    tiles=lambda head_dim: DEFAULT_TILES,
+    # Any device PyTorch runs on; ``auto`` picks it for CPU tensors only (DESIGN §2).
+    constraints=Constraints(device_types=("cpu", "cuda"), dtypes=(torch.float16, torch.bfloat16, torch.float32)),
+))

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..recipes.schema import ORDERS  # noqa: F401  (re-exported as litepatch.kernels.ORDERS)
+from .vocabulary import ORDERS  # noqa: F401  (re-exported as litepatch.kernels.ORDERS)
 
 TokenRanges = tuple[tuple[int, int], ...]
 

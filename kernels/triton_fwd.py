@@ -31,23 +31,19 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .interface import register_backend
-from .reference import reference_forward
+from .registry import Backend, Constraints, register_backend
 from .state import TileConfig
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 MAX_K_TILES = 32767  # tile ids are int16 with the sign bit as the "never skippable" flag
-
-_WARNED: set[str] = set()
 
 
 def tiles_for_head_dim(head_dim: int) -> TileConfig:
@@ -81,9 +77,9 @@ def launch_config(head_dim: int, block_m: int, block_n: int) -> tuple[int, int]:
 
 @triton.jit
 def _visit_list_kernel(
-    keep_ptr, anchor_ptr, must_q_ptr, must_k_ptr, visit_ptr, count_ptr, kept_ptr,
-    q_tiles, k_tiles, n_words,
-    USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
+    keep_ptr, anchor_ptr, must_q_ptr, must_k_ptr, tile_valid_ptr, visit_ptr, count_ptr, kept_ptr,
+    q_tiles, k_tiles, n_words, heads,
+    USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
 ):
     row = tl.program_id(0)  # (batch row * heads + head) * q_tiles + q-tile
     qt = row % q_tiles
@@ -91,6 +87,9 @@ def _visit_list_kernel(
     in_range = j < k_tiles
     words = tl.load(keep_ptr + row.to(tl.int64) * n_words + j // 32, mask=in_range, other=0)
     bit = (((words >> (j % 32)) & 1) != 0) & in_range
+    if HAS_KEY_MASK:  # key tiles with no valid key: not visited, and left in the stored list
+        b = row // (q_tiles * heads)
+        bit = bit & (tl.load(tile_valid_ptr + b * k_tiles + j, mask=in_range, other=0) != 0)
     bit_i = bit.to(tl.int32)
     total = tl.sum(bit_i, axis=0)
     if USE_ANCHOR:
@@ -120,7 +119,7 @@ def _bit_or(a, b):
 
 @triton.jit
 def _attend_tile(q, k_desc, v_desc, j, k_row0, v_row0, k_col, v_col, seq_k, qk_scale, m_i, l_i, acc, offs_n,
-                 BLOCK_N: tl.constexpr, HAS_TAIL: tl.constexpr):
+                 key_valid_row, BLOCK_N: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
     """One key tile of the online softmax; returns the tile's row max (log2 units) and the new m, l, acc."""
     k = k_desc.load([k_row0 + j * BLOCK_N, k_col])
     qk = tl.dot(q, k.T)
@@ -128,6 +127,10 @@ def _attend_tile(q, k_desc, v_desc, j, k_row0, v_row0, k_col, v_col, seq_k, qk_s
         limit = seq_k - j * BLOCK_N
         if limit < BLOCK_N:
             qk = tl.where(offs_n[None, :] < limit, qk, float("-inf"))
+    if HAS_KEY_MASK:
+        cols = j * BLOCK_N + offs_n
+        valid = tl.load(key_valid_row + cols, mask=cols < seq_k, other=0) != 0
+        qk = tl.where(valid[None, :], qk, float("-inf"))
     m_tile = tl.max(qk, 1) * qk_scale
     m_new = tl.maximum(m_i, m_tile)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
@@ -140,13 +143,18 @@ def _attend_tile(q, k_desc, v_desc, j, k_row0, v_row0, k_col, v_col, seq_k, qk_s
 
 
 @triton.jit
+def _finite(x):
+    return tl.abs(x) < float("inf")
+
+
+@triton.jit
 def _lite_fwd_kernel(
-    q_desc, k_desc, v_desc, out_ptr, lse_ptr, keep_ptr, anchor_ptr, visit_ptr, count_ptr,
+    q_desc, k_desc, v_desc, out_ptr, lse_ptr, keep_ptr, anchor_ptr, visit_ptr, count_ptr, key_valid_ptr,
     qk_scale, threshold,
     seq_q, seq_k, heads, q_tiles, k_tiles, n_words,
     q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    SKIP_TEST: tl.constexpr, HAS_TAIL: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SKIP_TEST: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -163,6 +171,7 @@ def _lite_fwd_kernel(
     q = q_desc.load([b * q_rb + h * q_rh + pid_m * BLOCK_M, h * q_ch])
     k_row0 = b * k_rb + h * k_rh
     v_row0 = b * v_rb + h * v_rh
+    key_valid_row = key_valid_ptr + b.to(tl.int64) * seq_k
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -179,8 +188,12 @@ def _lite_fwd_kernel(
                 j = tl.load(visit_row + it).to(tl.int32) & 0x7FFF
                 m_prev = m_i
                 m_tile, m_i, l_i, acc = _attend_tile(q, k_desc, v_desc, j, k_row0, v_row0, h * k_ch, h * v_ch, seq_k,
-                                                     qk_scale, m_i, l_i, acc, offs_n, BLOCK_N, HAS_TAIL)
-                vote = row_valid & (m_tile - m_prev > threshold)
+                                                     qk_scale, m_i, l_i, acc, offs_n, key_valid_row, BLOCK_N, HAS_TAIL,
+                                                     HAS_KEY_MASK)
+                # a row needs the tile unless both maxima are finite and the tile's is far enough below:
+                # a NaN or infinite score never votes to skip (DESIGN §1)
+                below = (m_tile - m_prev <= threshold) & _finite(m_tile) & _finite(m_prev)
+                vote = row_valid & ~below
                 votes = votes | (vote.to(tl.int64) << (it - w0))
                 better = m_tile > best_val
                 best_val = tl.where(better, m_tile, best_val)
@@ -195,7 +208,8 @@ def _lite_fwd_kernel(
         for it in tl.range(0, n_visit, num_stages=NUM_STAGES):
             j = tl.load(visit_row + it).to(tl.int32) & 0x7FFF
             m_tile, m_i, l_i, acc = _attend_tile(q, k_desc, v_desc, j, k_row0, v_row0, h * k_ch, h * v_ch, seq_k,
-                                                 qk_scale, m_i, l_i, acc, offs_n, BLOCK_N, HAS_TAIL)
+                                                 qk_scale, m_i, l_i, acc, offs_n, key_valid_row, BLOCK_N, HAS_TAIL,
+                                                     HAS_KEY_MASK)
             better = m_tile > best_val
             best_val = tl.where(better, m_tile, best_val)
             best_pos = tl.where(better, it, best_pos)
@@ -248,19 +262,20 @@ def _descriptor(t: torch.Tensor, view, block_rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, [n_rows, n_cols], [row_stride, 1], [block_rows, t.shape[3]])
 
 
-def unsupported_reason(q: torch.Tensor, block_m: int, block_n: int, seq_k: int) -> str | None:
-    """Why this kernel cannot take the inputs (then the reference runs), or ``None``."""
-    if q.device.type != "cuda":
-        return f"device {q.device} is not CUDA"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype} (the kernel takes float16 and bfloat16)"
-    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
-        return f"head_dim {q.shape[3]} (the kernel takes {SUPPORTED_HEAD_DIMS})"
-    if block_m not in (64, 128, 256) or block_n not in (32, 64, 128):
-        return f"tiles {block_m}x{block_n} (the kernel takes block_m 64/128/256, block_n 32/64/128)"
-    if math.ceil(seq_k / block_n) > MAX_K_TILES:
-        return f"{math.ceil(seq_k / block_n)} key tiles (at most {MAX_K_TILES})"
-    return None
+CONSTRAINTS = Constraints(
+    device_types=("cuda",),
+    dtypes=(torch.float16, torch.bfloat16),
+    head_dims=SUPPORTED_HEAD_DIMS,
+    cuda_archs=(8, 9, 10, 12),  # TMA descriptors are emulated before Hopper
+    max_k_tiles=MAX_K_TILES,
+)
+
+
+def tile_valid(key_valid: torch.Tensor, block_n: int, k_tiles: int) -> torch.Tensor:
+    """uint8 ``[B, k_tiles]``: 1 where the key tile holds at least one valid key."""
+    padded = key_valid.new_zeros(key_valid.shape[0], k_tiles * block_n)
+    padded[:, : key_valid.shape[1]] = key_valid
+    return padded.view(-1, k_tiles, block_n).any(-1).to(torch.uint8)
 
 
 def triton_forward(
@@ -272,6 +287,7 @@ def triton_forward(
     kept: torch.Tensor,
     must_q: torch.Tensor,
     must_k: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
     *,
     block_m: int,
     block_n: int,
@@ -284,22 +300,13 @@ def triton_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`litepatch.kernels.reference.reference_forward`, on the GPU.
 
-    Inputs the kernel cannot take (see :func:`unsupported_reason`) run the reference, with one
-    warning per reason. ``num_warps``/``num_stages`` override :func:`launch_config` (benchmarks).
+    The registry only sends calls within :data:`CONSTRAINTS`. ``num_warps``/``num_stages`` override
+    :func:`launch_config` (benchmarks).
     """
     batch, seq_q, heads, dim = q.shape
     seq_k = k.shape[1]
-    reason = unsupported_reason(q, block_m, block_n, seq_k)
-    if reason is None and not softmax_scale > 0:
-        reason = f"softmax_scale {softmax_scale} (the kernel needs > 0)"
-    if reason is not None:
-        if reason not in _WARNED:
-            _WARNED.add(reason)
-            warnings.warn(f"litepatch Triton kernel: unsupported {reason}; running the PyTorch reference", stacklevel=2)
-        return reference_forward(
-            q, k, v, keep, anchor, kept, must_q, must_k, block_m=block_m, block_n=block_n, threshold=threshold,
-            softmax_scale=softmax_scale, use_anchor=use_anchor, descending=descending,
-        )
+    if not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be > 0 for the Triton kernel, got {softmax_scale}")
     if not keep.is_contiguous() or not anchor.is_contiguous():
         raise ValueError("keep and anchor must be contiguous (as SkipState.initialize makes them)")
     q_tiles, k_tiles = math.ceil(seq_q / block_m), math.ceil(seq_k / block_n)
@@ -309,10 +316,13 @@ def triton_forward(
     visit = torch.empty(rows * k_tiles, dtype=torch.int16, device=device)
     count = torch.empty(rows, dtype=torch.int32, device=device)
     kept.zero_()
+    has_mask = key_valid is not None
+    valid_tiles = tile_valid(key_valid, block_n, k_tiles) if has_mask else count
+    key_valid = key_valid.to(torch.uint8).contiguous() if has_mask else count
     _visit_list_kernel[(rows,)](
-        keep, anchor, must_q, must_k, visit, count, kept, q_tiles, k_tiles, n_words,
+        keep, anchor, must_q, must_k, valid_tiles, visit, count, kept, q_tiles, k_tiles, n_words, heads,
         USE_ANCHOR=use_anchor, DESCENDING=descending, KT_POW2=max(16, triton.next_power_of_2(k_tiles)),
-        num_warps=4 if k_tiles <= 1024 else 8,
+        HAS_KEY_MASK=has_mask, num_warps=4 if k_tiles <= 1024 else 8,
     )
     out = torch.empty(batch, seq_q, heads, dim, dtype=q.dtype, device=device)
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=device)
@@ -324,14 +334,15 @@ def triton_forward(
     skip_test = threshold > -math.inf
     _lite_fwd_kernel[(q_tiles, batch * heads)](
         _descriptor(q_t, q_view, block_m), _descriptor(k_t, k_view, block_n), _descriptor(v_t, v_view, block_n),
-        out, lse, keep, anchor, visit, count,
+        out, lse, keep, anchor, visit, count, key_valid,
         softmax_scale * LOG2E, threshold if skip_test else 0.0,
         seq_q, seq_k, heads, q_tiles, k_tiles, n_words,
         *q_view[3:], *k_view[3:], *v_view[3:],
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim, SKIP_TEST=skip_test, HAS_TAIL=seq_k % block_n != 0,
+        HAS_KEY_MASK=has_mask,
         NUM_STAGES=stages, num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
-register_backend("triton", triton_forward, tiles_for_head_dim)
+register_backend(Backend("triton", triton_forward, tiles_for_head_dim, CONSTRAINTS))

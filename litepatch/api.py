@@ -326,10 +326,10 @@ def apply(
         raise ValueError(f"adapter {adapter!r} is unknown; attention is found by introspection (use None)")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    from .kernels import available_backends
+    from .kernels import registry
 
-    if backend not in ("auto", *available_backends(), "triton"):
-        raise ValueError(f"unknown backend {backend!r}; available: auto, {', '.join(available_backends())}")
+    if backend != "auto":
+        registry.get(backend)  # raises, naming what is missing or the known names
     effective = _effective_recipe(recipe, threshold, warmup_steps, order, layers, model)
     roots = _roots(model)
     patched = _attached(model)

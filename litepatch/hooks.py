@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 from .context import CallReader, StepTracker
 from .diffusers_cp import dense_reason, ulysses_degree
 from .discovery import AttentionLayerInfo, text_layout_of
-from .kernels import DEFAULT_TILES, SkipState, lite_attention
+from .kernels import SkipState, lite_attention, registry
 from .kernels.interface import SUPPORTED_DTYPES
 from .stats import CallLog
 
@@ -65,12 +65,17 @@ class Runtime:
             layer.flush()
 
 
-def _dense_tiles(q: torch.Tensor, k: torch.Tensor) -> int:
-    """Tiles of dense attention for SDPA-layout ``q [B, H, Sq, D]`` and ``k`` (default tile sizes)."""
+def _dense_tiles(q: torch.Tensor, k: torch.Tensor, backend: str = "auto") -> int:
+    """Tiles of dense attention for SDPA-layout ``q [B, H, Sq, D]`` and ``k``, in the tiles of the backend that
+    would take the call (so dense and sparse records of one layer count the same tiles)."""
     batch, heads, seq_q = q.shape[0], q.shape[1], q.shape[-2]
     seq_k = k.shape[-2]
-    q_tiles = -(-seq_q // DEFAULT_TILES.block_m)
-    k_tiles = -(-seq_k // DEFAULT_TILES.block_n)
+    try:
+        tiles = registry.tiles(q.transpose(1, 2), seq_k, backend=backend)
+    except registry.BackendUnavailable:
+        tiles = registry.get("reference").tiles(q.shape[-1])
+    q_tiles = -(-seq_q // tiles.block_m)
+    k_tiles = -(-seq_k // tiles.block_n)
     return batch * heads * q_tiles * k_tiles
 
 
@@ -199,12 +204,9 @@ class LayerPatch:
             return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (supported: float16, bfloat16, float32)"
         if q.device.type not in ("cpu", "cuda") or not (q.device == k.device == v.device):
             return f"device {q.device}"
-        if q.device.type == "cuda" and self.runtime.backend != "reference":
-            if q.dtype == torch.float32:
-                return "float32 on CUDA (the GPU kernel takes float16/bfloat16)"
-            head_dim = q.shape[-1]
-            if head_dim % 16 or head_dim > 256:
-                return f"head_dim {head_dim} (the GPU kernel takes multiples of 16 up to 256)"
+        refused = registry.refusal(q.transpose(1, 2), k.shape[-2], backend=self.runtime.backend)
+        if refused:
+            return refused
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return "autograd is recording (the LiteAttention kernel has no backward)"
         return None
@@ -281,10 +283,10 @@ class LayerPatch:
                     reason = "joint attention whose text length is unknown"
         if reason is not None:
             self._warn(reason)
-            self.last_call = (plan, reason, _dense_tiles(q, k) if _is_4d(q, k) else 0)
+            self.last_call = (plan, reason, _dense_tiles(q, k, self.runtime.backend) if _is_4d(q, k) else 0)
             return _SDPA(*args, **kwargs)
         if plan.state is None:
-            self.last_call = (plan, plan.dense_reason, _dense_tiles(q, k))
+            self.last_call = (plan, plan.dense_reason, _dense_tiles(q, k, self.runtime.backend))
             return _SDPA(*args, **kwargs)
         out = lite_attention(
             q.transpose(1, 2),

@@ -18,47 +18,12 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
+from litepatch.kernels.vocabulary import DEFAULT_THRESHOLD, ORDERS, describe_value, threshold_problem  # noqa: F401
+
 FORMAT_VERSION = 1
-# Key-tile visiting orders of DESIGN §1 (the kernels, recipe validation and the calibrator read this).
-ORDERS = ("anchor", "alternate")
-
-
-def describe_value(value: object) -> str:
-    """``repr`` (cut at 60 characters) and type name of a bad value, for error messages: ``'abc' (str)``."""
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(value).__name__})"
-
-
-def threshold_problem(value: object, path: str = "threshold") -> str | None:
-    """The error message for ``value`` as the threshold at ``path``, or ``None`` when it is a valid one.
-
-    The one home of the threshold rule, used by recipe validation (every threshold and schedule entry)
-    and by :func:`litepatch.kernels.check_threshold`: a real number <= 0 in log2 units (-10 conservative,
-    0 the most aggressive allowed, ``-inf`` skips nothing); NaN, positive values (``+inf`` too), booleans
-    and non-numbers are refused.
-
-    Example:
-        >>> threshold_problem(-6.0) is None
-        True
-        >>> threshold_problem(0.5, "schedule[2]")[:47]
-        'schedule[2] must be <= 0 in log2 units (-10 con'
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return f"{path}: expected number, got {describe_value(value)}"
-    if math.isnan(value):
-        return f"{path} is NaN; use a number <= 0 in log2 units (e.g. -6.0), or -inf (YAML: -.inf) to skip nothing"
-    if value > 0:
-        return (
-            f"{path} must be <= 0 in log2 units (-10 conservative, 0 aggressive, -inf skips nothing; "
-            f"YAML: -.inf), got {value}"
-        )
-    return None
 
 
 @dataclass
@@ -128,7 +93,7 @@ class Recipe:
     fingerprint: Optional[ModelFingerprint] = None  # None: applies to any model
     context: Context = field(default_factory=Context)
     warmup_steps: int = 0
-    threshold: float = -10.0
+    threshold: float = DEFAULT_THRESHOLD
     schedule: list[float] = field(default_factory=list)  # default per-step thresholds, last value repeats
     order: str = "anchor"
     layers: dict[str, LayerSetting] = field(default_factory=dict)

@@ -59,6 +59,7 @@ def _complete(tmp_path: Path) -> list:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
+@pytest.mark.slow
 def test_resume_after_killed_job(tmp_path):
     job = _write_job(tmp_path, trials=7, delay=0.3)
     proc = subprocess.Popen(_cli(str(job), "--no-progress"), env=_env(), stdout=subprocess.PIPE,
@@ -96,6 +97,7 @@ def test_resume_after_killed_job(tmp_path):
     assert "chosen trial" in result.stdout
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path):
     job = _write_job(tmp_path, trials=8, delay=0.2)
     worker = subprocess.Popen(_cli(str(job), "--no-progress", "--worker"), env=_env(), stdout=subprocess.PIPE,

@@ -58,6 +58,7 @@ def random_search(model, samples, budget: str, trials: int, seed: int) -> float:
     return best
 
 
+@pytest.mark.slow
 def test_search_beats_random_search_and_finds_the_sensitive_layers():
     model = ToyModel().eval()
     recipe, report = calibrate(run, [0, 1], BUDGET, model=model, trials=TRIALS, objective="sparsity",
