@@ -1,0 +1,57 @@
+"""The fastest exact dense attention on the device, for calls that skip nothing (DESIGN §2).
+
+Warm-up steps, layers a recipe keeps dense and ``threshold=-inf`` calls in a patched model run here, so
+a patched model is never slower than the unpatched one when nothing is skipped. On Hopper with the
+``cuda`` extra that is flash-attn-4's CuTe-DSL forward, which measured 1.07-1.30x SDPA's cuDNN backend
+over the six DiT shapes of ``benchmarks/kernel.py``; everywhere else it is PyTorch's SDPA (cuDNN or
+flash on CUDA, the math/flash CPU kernels on CPU), which is what the model itself would have run.
+
+Example:
+    >>> out = dense_attention(q, k, v)   # [B, S, H, D] in, [B, S, H, D] out
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import registry
+
+
+def _flash_attn_4(q: torch.Tensor) -> object | None:
+    """flash-attn-4's forward when it can run on ``q``'s device (the ``cute`` backend loads it), else ``None``."""
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        cute = registry.get("cute")
+    except registry.BackendUnavailable:
+        return None
+    if cute.refusal(q, q.shape[1]) is not None:
+        return None
+    return cute.forward.dense  # type: ignore[attr-defined]
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact softmax attention on ``[B, S, H, D]`` inputs with the fastest kernel this device has.
+
+    ``key_mask``: bool ``[B, seq_k]``, True where the key takes part. (Callers that need the LSE call
+    :func:`litepatch.kernels.lite_attention` with ``threshold=-inf``.)
+    """
+    fa4 = _flash_attn_4(q)
+    if fa4 is not None and (key_mask is None or _is_prefix(key_mask)):
+        return fa4(q, k, v, softmax_scale=softmax_scale, key_mask=key_mask)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=softmax_scale).transpose(1, 2)
+
+
+def _is_prefix(key_mask: torch.Tensor) -> bool:
+    """Whether every row of the bool mask is valid keys then padding (flash-attn-4's ``seqused_k``)."""
+    return bool((key_mask[:, 1:] <= key_mask[:, :-1]).all())
