@@ -6,7 +6,9 @@ sequential CFG (a cond and an uncond forward per step, as the Wan pipeline runs 
 * dense: the model unpatched (SDPA as diffusers calls it: default backend, and cuDNN forced);
 * patched with ``litepatch.apply`` at forced kept fractions k: after one call creates the skip states,
   every layer's ``SkipState.keep`` is set to a band of round(k·KT) key tiles around each q-tile's
-  diagonal, and the threshold is -1e30 (the skip test and list writing run, nothing more is dropped);
+  diagonal. ``--threshold -inf`` (default) times the read-only steady state (on Hopper with the cute backend:
+  flash-attn-4's block-sparse forward); ``--threshold -1e30`` makes every call vote (list writing on,
+  nothing more dropped);
 * the attention share of a dense step (30 layers x one attention call at this shape, timed alone,
   over the step time), and the Amdahl prediction ``step(k) = step(1) - layers x (attn(1) - attn(k))``
   against the measured step time.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -67,13 +70,14 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
     parser.add_argument("--json", default="e2e_bench.json")
+    parser.add_argument("--threshold", type=float, default=float("-inf"))
     args = parser.parse_args(argv)
 
     from diffusers import WanTransformer3DModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import litepatch
-    from litepatch.kernels import pack_bits, triton_fwd
+    from litepatch.kernels import SkipState, dense_attention, lite_attention, pack_bits, registry
 
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from kernel import banded_read_list, bench
@@ -97,25 +101,24 @@ def main(argv=None) -> int:
         attn = {"sdpa_default": bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), 2, 10)}
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             attn["sdpa_cudnn"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), 2, 10)
-        tiles = triton_fwd.tiles_for_head_dim(dim)
-        state = litepatch.kernels.SkipState()
-        state.initialize((1, heads, seq, seq), tiles, device, (), ())
-        must = state.must_masks(device)
+        qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
+        attn["dense_attention"] = bench(lambda: dense_attention(qs, ks, vs), 2, 10)
+        res["backend"] = registry.select(qs, seq).name
+        state = SkipState()
+        lite_attention(qs, ks, vs, state, threshold=-math.inf)
+        tiles = state.tiles
         bands = {}
         for fraction in args.fractions:
             band = banded_read_list(1, heads, state.q_tiles, state.k_tiles, fraction, tiles.block_m, tiles.block_n,
                                     device)
             bands[fraction] = pack_bits(band)
             state.keep.copy_(bands[fraction].expand_as(state.keep))
-            attn[f"ours_k{fraction}"] = bench(lambda: triton_fwd.triton_forward(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), state.keep, state.anchor, state.kept, *must,
-                block_m=tiles.block_m, block_n=tiles.block_n, threshold=-1e30, softmax_scale=dim ** -0.5,
-                use_anchor=True, descending=False), 2, 10)
+            attn[f"ours_k{fraction}"] = bench(lambda: lite_attention(qs, ks, vs, state, threshold=args.threshold), 2, 10)
         res["attention_ms"] = attn
         res["attention_share_dense"] = layers * 2 * attn["sdpa_default"] / 1e3 / res["dense_step_s"]
         del q, k, v
 
-        handle = litepatch.apply(model, threshold=-1e30, warmup_steps=0)
+        handle = litepatch.apply(model, threshold=args.threshold, warmup_steps=0)
         patched = {}
         for fraction in args.fractions:
             handle.reset()
@@ -141,7 +144,8 @@ def main(argv=None) -> int:
     with open(args.json, "w") as fh:
         json.dump(res, fh, indent=2)
     a = attn
-    print(f"\nGPU: {res['gpu']}; {res['config']}; {args.steps} steps, sequential CFG, bf16, random weights")
+    print(f"\nGPU: {res['gpu']}; {res['config']}; {args.steps} steps, sequential CFG, bf16, random weights; "
+          f"backend {res['backend']}, threshold {args.threshold}")
     print(f"dense step: {res['dense_step_s']:.3f} s (SDPA default), {res['dense_cudnn_step_s']:.3f} s (SDPA cuDNN)")
     print(f"attention alone per call: SDPA default {a['sdpa_default']:.2f} ms, cuDNN {a['sdpa_cudnn']:.2f} ms; "
           f"attention share of a dense step {100 * res['attention_share_dense']:.0f}%")

@@ -86,8 +86,7 @@ def per_call_host_us(iters: int = 2000) -> dict[str, float]:
     """Host microseconds per call of each layer of the attention stack, at a tiny shape."""
     import math
 
-    from litepatch.kernels import SkipState, lite_attention
-    from litepatch.kernels.interface import _BACKENDS
+    from litepatch.kernels import SkipState, lite_attention, registry
 
     q, k, v = (torch.randn(1, 512, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
@@ -98,9 +97,9 @@ def per_call_host_us(iters: int = 2000) -> dict[str, float]:
               softmax_scale=1 / math.sqrt(64), use_anchor=True, descending=False)
     candidates = {
         "SDPA (reference point)": lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt),
-        "triton_forward (2 launches)": lambda: _BACKENDS["triton"](*args, **kw),
+        "triton_forward (2 launches)": lambda: registry.get("triton").forward(*args, **kw),
         "torch.ops.litepatch.lite_attention_fwd": lambda: torch.ops.litepatch.lite_attention_fwd(
-            *args, "triton", kw["block_m"], kw["block_n"], -4.0, kw["softmax_scale"], True, False),
+            *args, None, "triton", kw["block_m"], kw["block_n"], -4.0, kw["softmax_scale"], True, False),
         "lite_attention (checks + state + custom op)": lambda: lite_attention(q, k, v, state, threshold=-4.0),
     }
     out = {}

@@ -1,4 +1,5 @@
-"""The Triton LiteAttention forward against the PyTorch reference (the oracle), on CUDA.
+"""The GPU LiteAttention forwards (Triton; CuTe-DSL on sm90 with flash-attn-4) against the PyTorch
+reference (the oracle), on CUDA.
 
 Each fuzz case runs several consecutive calls. Before each call both backends get the same state
 (the reference's), so a difference cannot cascade; then they must agree:
@@ -10,6 +11,10 @@ Each fuzz case runs several consecutive calls. Before each call both backends ge
   move a score by ~1e-6 relative; the decisions of one call do not feed its own tests, so shifting
   the threshold is exactly "moving every test by that much");
 * the anchor, except where the two tiles' largest scores differ by at most ``TIE_SCORE`` (relative).
+
+A third of the cases carry a key-padding mask (valid key lengths per batch row, or a random boolean mask).
+The cute backend's read-only calls (``threshold=-inf``) leave the anchor as it was (flash-attn-4's
+block-sparse forward computes the list and votes on nothing): its anchor is compared with the input's.
 
 ``LITEPATCH_FUZZ_CASES`` (default 500) sets the number of random cases.
 """
@@ -31,6 +36,14 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 triton_fwd = pytest.importorskip("litepatch.kernels.triton_fwd")
+try:
+    from litepatch.kernels import cute_fwd
+except ImportError:
+    cute_fwd = None
+CUTE_RUNS = cute_fwd is not None and torch.cuda.get_device_capability()[0] == 9
+FORWARDS = {"triton": triton_fwd.triton_forward}
+if CUTE_RUNS:
+    FORWARDS["cute"] = cute_fwd.cute_forward
 
 TIE_LOG2 = 2e-3
 TIE_SCORE = 1e-5
@@ -87,8 +100,9 @@ def _case(index: int) -> dict:
         torch.empty(()).uniform_(0.3, 2.0, generator=gen))))
     batch = 1 if big else pick((1, 2))
     heads = 1 if big else pick((1, 2, 3, 8, 16) if seq_q * seq_k < 1_000_000 else (1, 2, 4))
+    mask = pick((None, None, None, None, "lengths", "random"))
     return dict(
-        batch=batch, seq_q=seq_q, seq_k=seq_k, heads=heads, dim=pick((64, 128)),
+        batch=batch, seq_q=seq_q, seq_k=seq_k, heads=heads, dim=pick((64, 128)), mask=mask,
         dtype=pick((torch.float16, torch.bfloat16)), threshold=pick(THRESHOLDS), order=pick(("anchor", "alternate")),
         layout=pick(("bshd", "bhsd", "fused")), calls=2 if big else int(torch.randint(2, 5, (), generator=gen)),
         must_q=_ranges(gen, seq_q), must_k=_ranges(gen, seq_k), seed=index,
@@ -101,11 +115,23 @@ def _tile_max(q, k, b, h, qt, kt, tiles: TileConfig) -> float:
     return float((rows @ cols.T).max())
 
 
-def _check_case(case: dict, stats: dict) -> None:
+def _key_valid(gen: torch.Generator, kind, batch: int, seq_k: int):
+    if kind is None:
+        return None
+    if kind == "lengths":
+        lengths = torch.randint(1, seq_k + 1, (batch,), device=DEVICE, generator=gen)
+        return torch.arange(seq_k, device=DEVICE)[None, :] < lengths[:, None]
+    valid = torch.rand(batch, seq_k, device=DEVICE, generator=gen) < 0.7
+    valid[:, 0] = True
+    return valid
+
+
+def _check_case(case: dict, stats: dict, backend: str = "triton") -> None:
     """Runs both backends' forwards call after call from the same state; see the module docstring."""
     gen = torch.Generator(device=DEVICE).manual_seed(case["seed"])
     q, k, v = _inputs(gen, case["batch"], case["seq_q"], case["seq_k"], case["heads"], case["dim"], case["dtype"],
                       case["layout"])
+    key_valid = _key_valid(gen, case.get("mask"), case["batch"], case["seq_k"])
     tiles = triton_fwd.tiles_for_head_dim(case["dim"])
     state = SkipState()
     state.initialize((case["batch"], case["heads"], case["seq_q"], case["seq_k"]), tiles, q.device,
@@ -120,15 +146,19 @@ def _check_case(case: dict, stats: dict) -> None:
 
         def run(forward, threshold):
             st = (keep.clone(), anchor.clone(), torch.full((), -1, dtype=torch.int64, device=DEVICE))
-            out, lse = forward(q, k, v, *st, must_q, must_k, threshold=threshold, **args)
+            out, lse = forward(q, k, v, *st, must_q, must_k, key_valid, threshold=threshold, **args)
             return out, lse, st
 
         out_r, lse_r, (keep_r, anchor_r, kept_r) = run(reference_forward, case["threshold"])
-        out_o, lse_o, (keep_o, anchor_o, kept_o) = run(triton_fwd.triton_forward, case["threshold"])
+        out_o, lse_o, (keep_o, anchor_o, kept_o) = run(FORWARDS[backend], case["threshold"])
+        if backend == "cute" and case["threshold"] == -math.inf:
+            assert torch.equal(anchor_o, anchor), f"{ctx}: a read-only call changed the anchor"
+            anchor_o = anchor_r  # the reference moves it; flash-attn-4 reads only
         assert int(kept_o) == int(kept_r), ctx
         assert out_o.shape == q.shape and out_o.dtype == q.dtype and out_o.is_contiguous(), ctx
         assert lse_o.shape == lse_r.shape and lse_o.dtype == torch.float32, ctx
-        assert bool(torch.isfinite(out_o).all()), ctx
+        if key_valid is None or bool(key_valid.any(-1).all()):
+            assert bool(torch.isfinite(out_o).all()), ctx
         diff = out_o.float() - out_r.float()
         rel = float(diff.norm() / out_r.float().norm().clamp_min(1e-6))
         max_abs = float(diff.abs().max())
@@ -162,13 +192,30 @@ def _popcount(words: torch.Tensor) -> int:
     return int(unpack_bits(words, 32 * words.shape[-1]).sum())
 
 
+@pytest.mark.parametrize("backend", list(FORWARDS))
 @pytest.mark.parametrize("group", range(N_GROUPS))
-def test_fuzz_against_reference(group):
+def test_fuzz_against_reference(group, backend):
     stats: dict = {}
     cases = [_case(i) for i in range(group, N_CASES, N_GROUPS)]
     for case in cases:
-        _check_case(case, stats)
-    print(f"group {group}: {len(cases)} cases, {stats}")
+        _check_case(case, stats, backend)
+    print(f"{backend} group {group}: {len(cases)} cases, {stats}")
+
+
+@pytest.mark.skipif(not CUTE_RUNS, reason="needs sm90 and flash-attn-4 (pip install 'litepatch[cuda]')")
+def test_cute_is_the_default_on_sm90_and_dense_calls_run_flash_attn_4():
+    from litepatch.kernels import dense_attention, registry
+
+    q = torch.randn(2, 3000, 4, 128, device=DEVICE, dtype=torch.bfloat16)
+    assert registry.select(q, 3000).name == "cute"
+    lengths = torch.tensor([3000, 1234], device=DEVICE)
+    mask = torch.arange(3000, device=DEVICE)[None, :] < lengths[:, None]
+    for key_mask in (None, mask):
+        out = dense_attention(q, q, q, key_mask=key_mask)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2).float() for t in (q, q, q)),
+            attn_mask=None if key_mask is None else key_mask[:, None, None, :]).transpose(1, 2)
+        assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
 
 
 @pytest.mark.parametrize("threshold", [-3.0, 0.0])
@@ -226,13 +273,15 @@ def test_padded_query_rows_do_not_vote_and_state_updates_in_place():
         assert int(state.kept) == int(ref[2])
 
 
-def test_unsupported_head_dim_runs_reference_with_warning():
-    q = torch.randn(1, 100, 2, 48, device=DEVICE, dtype=torch.bfloat16)
-    state = SkipState()
-    with pytest.warns(UserWarning, match="head_dim 48"):
-        out = lite_attention(q, q, q, state, threshold=-3.0, backend="triton")
-    ref = lite_attention(q, q, q, SkipState(), threshold=-3.0, backend="reference")
-    torch.testing.assert_close(out, ref)
+def test_unsupported_head_dim_is_refused_never_the_cpu_reference():
+    """head_dim 96 on a GPU: no GPU backend takes it, and ``auto`` never falls back to the reference."""
+    from litepatch.kernels import BackendUnavailable, registry
+
+    q = torch.randn(1, 100, 2, 96, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(BackendUnavailable, match="head_dim 96"):
+        lite_attention(q, q, q, SkipState(), threshold=-3.0, backend="triton")
+    reason = registry.refusal(q, 100)
+    assert reason and "head_dim 96" in reason and "reference" not in reason
 
 
 def test_torch_compile_fullgraph():

@@ -1,0 +1,142 @@
+"""Backends side by side on the six DiT shapes of issue 12: one run, interleaved calls, one JSON.
+
+Per shape (bf16), all in one interleaved round per repetition:
+
+* dense: SDPA cuDNN, flash-attn-4 dense, ``litepatch.kernels.dense_attention`` (what a patched model's dense
+  calls run), ours reading a full list (the cute backend's read-only call: flash-attn-4 block-sparse with
+  every tile listed), the first (list-writing) call at threshold -10, and the Triton kernel at ``-inf``;
+* kept fractions k: the read list set to a band of round(k·KT) key tiles around each q-tile's diagonal;
+  time(k) / time(1) for the cute read-only call and for the Triton kernel (vote on, nothing dropped);
+* vote overhead at k = 1: a list-writing call (threshold -1e30: the test runs, nothing is dropped) over a
+  read-only call, on the cute backend (in stage 1 the former runs on the Triton kernel).
+
+Usage::
+
+    python benchmarks/backends.py --json backends.json [--shapes wan1.3b-480p flux-1024] [--reps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from kernel import banded_read_list, interleaved, median_ratio  # noqa: E402
+
+SHAPES = {
+    "wan1.3b-480p": (1, 12, 32760, 128),
+    "wan14b-720p": (1, 40, 75600, 128),
+    "hunyuan-720p": (1, 24, 119040, 128),
+    "cogvideox": (2, 48, 17776, 64),
+    "ltx": (1, 32, 24576, 64),
+    "flux-1024": (1, 24, 4608, 128),
+}
+FRACTIONS = (0.75, 0.5, 0.25, 0.1, 0.05)
+
+
+def shape_rows(name: str, reps: int, warmup: int) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from litepatch.kernels import SkipState, dense_attention, lite_attention, pack_bits
+    from litepatch.kernels.cute_fwd import flash_attn_4_dense
+
+    batch, heads, seq, dim = SHAPES[name]
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(batch, seq, heads, dim, device=device, dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    flops = 4.0 * batch * heads * seq * seq * dim
+
+    full = SkipState()
+    lite_attention(q, k, v, full, vote=False, backend="cute")  # sizes it; every tile listed
+    first = SkipState()
+
+    def first_call():
+        first.reset()
+        lite_attention(q, k, v, first, threshold=-10.0, backend="cute")
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            F.scaled_dot_product_attention(qt, kt, vt)
+
+    calls = {
+        "cudnn": (None, cudnn),
+        "fa4": (None, lambda: flash_attn_4_dense(q, k, v)),
+        "dense_attention": (None, lambda: dense_attention(q, k, v)),
+        "ours_read_full": (None, lambda: lite_attention(q, k, v, full, vote=False, backend="cute")),
+        "ours_first": (None, first_call),
+        "ours_vote_full": (None, lambda: lite_attention(q, k, v, full, threshold=-1e30, backend="cute")),
+        "triton_dense": (None, lambda: lite_attention(q, k, v, full, threshold=-math.inf, backend="triton")),
+    }
+    bands = {}
+    for fraction in FRACTIONS:
+        band = banded_read_list(batch, heads, full.q_tiles, full.k_tiles, fraction, 128, 128, device)
+        bands[fraction] = pack_bits(band).expand_as(full.keep).contiguous()
+        state = SkipState()
+        lite_attention(q, k, v, state, vote=False, backend="cute")
+        state_t = SkipState()
+        lite_attention(q, k, v, state_t, threshold=-math.inf, backend="triton")
+
+        def reset(s=state, s_t=state_t, b=bands[fraction]):
+            s.keep.copy_(b)
+            s_t.keep.copy_(b)
+
+        calls[f"ours_read_k{fraction}"] = (reset, lambda s=state: lite_attention(q, k, v, s, vote=False, backend="cute"))
+        calls[f"triton_k{fraction}"] = (None, lambda s=state_t: lite_attention(q, k, v, s, threshold=-1e30,
+                                                                             backend="triton"))
+    times = interleaved(calls, warmup, reps)
+    med = {key: sorted(val)[len(val) // 2] for key, val in times.items()}
+    row = {
+        "shape": dict(zip(("batch", "heads", "seq", "dim"), SHAPES[name])),
+        "ms": med,
+        "tflops": {key: flops / ms / 1e9 for key, ms in med.items() if "_k" not in key},
+        "fa4_over_cudnn": median_ratio(times, "cudnn", "fa4"),
+        "ours_dense_over_fa4": median_ratio(times, "fa4", "dense_attention"),
+        "ours_read_full_over_fa4": median_ratio(times, "fa4", "ours_read_full"),
+        "first_over_fa4": median_ratio(times, "ours_first", "fa4"),
+        "triton_over_cudnn": median_ratio(times, "cudnn", "triton_dense"),
+        "vote_overhead_k1": median_ratio(times, "ours_vote_full", "ours_read_full") - 1.0,
+        "read_k": {str(f): median_ratio(times, f"ours_read_k{f}", "ours_read_full") for f in FRACTIONS},
+        "triton_k": {str(f): median_ratio(times, f"triton_k{f}", "triton_dense") for f in FRACTIONS},
+        "state_bytes": full.nbytes(),
+    }
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--json", default="backends_bench.json")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args(argv)
+
+    from litepatch.kernels.cute_fwd import scratch_bytes
+
+    gpu = torch.cuda.get_device_name()
+    results = {"gpu": gpu, "torch": torch.__version__, "shapes": {}}
+    print(f"GPU: {gpu}, torch {torch.__version__}, bf16; speed ratios are time(other)/time(ours) unless noted")
+    print(f"{'shape':<14}{'cuDNN TF/s':>11}{'FA4/cuDNN':>10}{'dense/FA4':>10}{'read-all/FA4':>13}{'first/FA4':>10}"
+          f"{'Triton/cuDNN':>13}{'vote ovh':>9}   read time(k)/time(1) k=" + "/".join(map(str, FRACTIONS)))
+    for name in args.shapes:
+        row = shape_rows(name, args.reps, args.warmup)
+        results["shapes"][name] = row
+        print(f"{name:<14}{row['tflops']['cudnn']:>11.0f}{row['fa4_over_cudnn']:>10.3f}{row['ours_dense_over_fa4']:>10.3f}"
+              f"{row['ours_read_full_over_fa4']:>13.3f}{row['first_over_fa4']:>10.3f}{row['triton_over_cudnn']:>13.3f}"
+              f"{100 * row['vote_overhead_k1']:>8.0f}%   " + " / ".join(f"{x:.3f}" for x in row["read_k"].values())
+              + "   (Triton: " + " / ".join(f"{x:.3f}" for x in row["triton_k"].values()) + ")", flush=True)
+        torch.cuda.empty_cache()
+    results["scratch_bytes"] = scratch_bytes()
+    with open(args.json, "w") as fh:
+        json.dump(results, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
