@@ -25,7 +25,11 @@ def test_demo_end_to_end_writes_both_pngs(tmp_path, capsys):
     out = tmp_path / "out"
     assert _run(["--steps", "3", "--threshold", "0", "--warmup-steps", "1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "PSNR vs dense" in text and "final: PSNR" in text and "wall time (cpu)" in text
+    assert "PSNR vs dense" in text and "final: PSNR" in text
+    last = text.splitlines()[-4:-1]  # before the "wrote ..." line
+    assert last[0].startswith("attention work saved: ") and "% of the tiles" in last[0]
+    assert last[1].startswith("wall time (cpu, not a speed result)") and "x)" not in last[1], "no CPU speed ratio"
+    assert "measured on the GPU" in last[2]
     rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r[0]) for r in rows] == [0, 1, 2]
     assert float(rows[0][2]) == 1.0  # warm-up step: dense
