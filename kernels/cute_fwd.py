@@ -1,58 +1,49 @@
 """CuTe-DSL LiteAttention backend for Hopper (sm90), built on flash-attn-4 as a library.
 
-Stage 1 of issue 12 (what this file does today):
+Every call with the backend's 128x128 tiles runs :class:`~litepatch.kernels.cute_sm90.LiteAttentionForwardSm90`,
+flash-attn-4's SM90 forward with the skip vote inside each tile's online softmax. Around it, two small
+Triton kernels of this file, one program per (batch row, head, q-tile):
 
-* **Read-only calls** (``vote=False``, or ``threshold=-inf``) run flash-attn-4's SM90 block-sparse forward
-  unchanged: the read list (``state.keep``) is turned into flash-attn-4's "full block" lists, per
-  (batch row, head, q-tile) the ascending key tiles to compute, by one small Triton kernel into a
-  scratch buffer shared by every layer (:func:`block_lists`). flash-attn-4 walks a list from its last
-  entry to its first. Read-only calls leave ``keep`` and ``anchor`` as they are and set ``kept``.
-* **List-writing calls** (a finite threshold) run the Triton kernel (:mod:`litepatch.kernels.triton_fwd`),
-  which holds the skip vote; its 128x128 tiles are this backend's, so both share one state layout. The
-  patcher runs them once every ``refresh`` steps of a recipe and read-only calls in between.
-* **Dense calls** (:func:`flash_attn_4_dense`, reached through :func:`litepatch.kernels.dense_attention`):
-  flash-attn-4's plain forward, with valid key lengths (``seqused_k``) for prefix key masks.
+1. :func:`_list_kernel` turns the read list (``state.keep``, minus key tiles with no valid key) into
+   flash-attn-4's "full block" list in *reverse* visiting order (the kernel walks lists from last entry to
+   first): anchor first then ascending, or all descending / ascending for ``order="alternate"``. It also
+   seeds the scratch ``needed`` bitmask with the tiles that must stay whatever the vote says (the first
+   visited, must-compute tiles, tiles this call does not read), sets the anchor slot to its minimum and sums
+   the listed tiles into ``kept``.
+2. :func:`_commit_kernel` ANDs ``needed`` (now also holding the tiles some valid row needed) into ``keep``
+   and decodes the anchor slot. ``threshold=-inf`` calls skip the AND: nothing is dropped.
 
-Key-padding masks: prefix masks (valid keys then padding, per batch row: the text mask of HunyuanVideo
-and Qwen-Image) become ``seqused_k``; tiles past a row's length are dropped from its lists. Other masks
-go to the Triton kernel.
+The lists, ``needed`` and the slots live in one int32 scratch buffer per device shared by every layer
+(:func:`scratch_bytes`), not in the per-layer state, which keeps :mod:`litepatch.kernels.state`'s layout.
 
-The final stage moves the vote into the CuTe kernel: a subclass of flash-attn-4's
-``FlashAttentionForwardSm90`` whose consumer warpgroups compare each visited tile's row maxima (which
-the online softmax already holds) with the running maxima before the rescale, OR the per-row "needed"
-votes across the warpgroup through shared memory, and clear the tile's bit in ``keep`` with one
-``atomicAnd`` per (q-tile, tile) from one thread. **Blackwell (sm100)** would be the twin of that
-subclass on flash-attn-4's ``FlashAttentionForwardSm100``: the softmax warpgroups hold the row maxima
-in registers there too (TMEM-loaded S), the correction warpgroup is where the vote would be taken, and
-its block-sparse iteration (``softmax_block_sparse_sm100``) visits lists in the same order; it would be
-one more file registering a ``cute-sm100`` backend with ``cuda_archs=(10,)``. Neither can be tested on
-the lent H200s.
+Key-padding masks: prefix masks (valid keys then padding per batch row, the text mask of HunyuanVideo and
+Qwen-Image) become flash-attn-4's ``seqused_k``; tiles past a row's length leave the lists. Other masks,
+and other tile sizes, run the Triton kernel (:mod:`litepatch.kernels.triton_fwd`), whose 128x128 tiles and
+state layout are the same. Dense calls (:func:`flash_attn_4_dense`, reached through
+:func:`litepatch.kernels.dense_attention`) run flash-attn-4's plain forward.
 
-Requires ``pip install "litepatch[cuda]"`` (flash-attn-4 4.0.0b36, nvidia-cutlass-dsl 4.8.1). The first
-call per configuration JIT-compiles (about 2 s); set ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` to keep
-the compiled kernels on disk between processes.
+Requires ``pip install "litepatch[cuda]"`` (flash-attn-4 4.0.0b36, nvidia-cutlass-dsl 4.8.1). The first call
+per configuration (dtype, head dim, vote on/off, key lengths or not) JIT-compiles in a few seconds
+(:data:`~litepatch.kernels.cute_sm90.COMPILE_SECONDS`); ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` (set
+by default here) keeps compiled kernels on disk between processes.
 
 Example:
-    >>> out = lite_attention(q, k, v, state, threshold=-6.0, backend="cute")          # votes (Triton)
-    >>> out = lite_attention(q, k, v, state, vote=False, backend="cute")              # reads (flash-attn-4)
+    >>> out = lite_attention(q, k, v, state, threshold=-6.0, backend="cute")
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from flash_attn.cute import interface as _fa4
-from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
+from .cute_sm90 import run_sm90
 from .registry import Backend, Constraints, register_backend
 from .state import TileConfig
 from .triton_fwd import MAX_K_TILES, tile_valid, triton_forward
-
-os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
 
 TILES = TileConfig(128, 128)  # flash-attn-4's SM90 tile at head dims 64-128 when block sparsity is 128x128
 HEAD_DIMS = (64, 128)
@@ -66,22 +57,61 @@ CONSTRAINTS = Constraints(
 
 
 @triton.jit
-def _block_list_kernel(keep_ptr, tile_valid_ptr, idx_ptr, cnt_ptr, kept_ptr, q_tiles, k_tiles, n_words, heads,
-                       KT_POW2: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _list_kernel(keep_ptr, anchor_ptr, must_q_ptr, must_k_ptr, tile_valid_ptr, idx_ptr, cnt_ptr, needed_ptr,
+                 slot_ptr, kept_ptr, q_tiles, k_tiles, n_words, heads,
+                 USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
+                 HAS_KEY_MASK: tl.constexpr):
     row = tl.program_id(0)  # (batch row * heads + head) * q_tiles + q-tile
     j = tl.arange(0, KT_POW2)
     in_range = j < k_tiles
-    words = tl.load(keep_ptr + row.to(tl.int64) * n_words + j // 32, mask=in_range, other=0)
-    bit = (((words >> (j % 32)) & 1) != 0) & in_range
-    if HAS_KEY_MASK:
+    stored = (((tl.load(keep_ptr + row.to(tl.int64) * n_words + j // 32, mask=in_range, other=0) >> (j % 32)) & 1)
+              != 0) & in_range
+    read = stored
+    if HAS_KEY_MASK:  # key tiles with no valid key: not visited, and left in the stored list
         b = row // (q_tiles * heads)
-        bit = bit & (tl.load(tile_valid_ptr + b * k_tiles + j, mask=in_range, other=0) != 0)
-    bit_i = bit.to(tl.int32)
-    total = tl.sum(bit_i, axis=0)
-    pos = tl.cumsum(bit_i, axis=0) - 1
-    tl.store(idx_ptr + row.to(tl.int64) * k_tiles + pos, j, mask=bit)
+        read = read & (tl.load(tile_valid_ptr + b * k_tiles + j, mask=in_range, other=0) != 0)
+    read_i = read.to(tl.int32)
+    total = tl.sum(read_i, axis=0)
+    if USE_ANCHOR:
+        is_anchor = read & (j == tl.load(anchor_ptr + row))
+        has_anchor = tl.sum(is_anchor.to(tl.int32), axis=0)
+        pos = tl.cumsum((read & ~is_anchor).to(tl.int32), axis=0) - 1 + has_anchor
+        pos = tl.where(is_anchor, 0, pos)
+    elif DESCENDING:
+        pos = total - tl.cumsum(read_i, axis=0)
+    else:
+        pos = tl.cumsum(read_i, axis=0) - 1
+    tl.store(idx_ptr + row.to(tl.int64) * k_tiles + (total - 1 - pos), j, mask=read)
     tl.store(cnt_ptr + row, total)
     tl.atomic_add(kept_ptr, total.to(tl.int64))
+    # tiles the vote cannot drop: unread ones (kept as stored), the first visited, must-compute ones
+    must = (tl.load(must_q_ptr + row % q_tiles).to(tl.int32) + tl.load(must_k_ptr + j, mask=in_range, other=0).to(tl.int32)) > 0
+    stays = (~read | (read & (pos == 0)) | must) & in_range
+    words = tl.reduce(tl.reshape(stays.to(tl.int32) << (j % 32), (KT_POW2 // 32, 32)), 1, _bit_or)
+    w = tl.arange(0, KT_POW2 // 32)
+    tl.store(needed_ptr + row.to(tl.int64) * n_words + w, words, mask=w < n_words)
+    tl.store(slot_ptr + row, -9223372036854775807 - 1)
+
+
+@triton.jit
+def _commit_kernel(keep_ptr, needed_ptr, slot_ptr, anchor_ptr, rows, n_words,
+                   VOTE: tl.constexpr, ROWS: tl.constexpr, NW_POW2: tl.constexpr):
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    live = r < rows
+    if VOTE:
+        w = tl.arange(0, NW_POW2)
+        offs = r.to(tl.int64)[:, None] * n_words + w[None, :]
+        inside = live[:, None] & (w[None, :] < n_words)
+        kept = tl.load(keep_ptr + offs, mask=inside, other=0) & tl.load(needed_ptr + offs, mask=inside, other=0)
+        tl.store(keep_ptr + offs, kept, mask=inside)
+    slot = tl.load(slot_ptr + r, mask=live, other=0)
+    empty = slot == -9223372036854775807 - 1  # no tile visited: tile 0, as the reference
+    tl.store(anchor_ptr + r, tl.where(empty, 0, slot & 0xFFFF).to(tl.int32), mask=live)
 
 
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
@@ -96,27 +126,19 @@ def _scratch(device: torch.device, numel: int) -> torch.Tensor:
 
 
 def scratch_bytes() -> int:
-    """Bytes held by the shared block-list scratch buffers (not per layer)."""
+    """Bytes held by the shared scratch buffers (lists, ``needed``, anchor slots; not per layer)."""
     return sum(b.numel() * b.element_size() for b in _SCRATCH.values())
 
 
-def block_lists(keep: torch.Tensor, kept: torch.Tensor, k_tiles: int, valid_tiles: torch.Tensor | None):
-    """flash-attn-4 "full block" lists of the read list: ``(count [B, H, QT], index [B, H, QT, KT])``, int32.
-
-    ``index`` is a view of the shared scratch buffer: valid until the next call on this device.
-    Also writes the number of listed tiles into ``kept``.
-    """
+def _scratch_views(keep: torch.Tensor, k_tiles: int):
+    """(slot int64 [B,H,QT], count [B,H,QT], index [B,H,QT,KT], needed [B,H,QT,W]) in the shared buffer."""
     batch, heads, q_tiles, n_words = keep.shape
     rows = batch * heads * q_tiles
-    buffer = _scratch(keep.device, rows * (k_tiles + 1))
-    count, index = buffer[:rows], buffer[rows : rows * (k_tiles + 1)]
-    kept.zero_()
-    _block_list_kernel[(rows,)](
-        keep, valid_tiles if valid_tiles is not None else count, index, count, kept, q_tiles, k_tiles, n_words, heads,
-        KT_POW2=max(16, triton.next_power_of_2(k_tiles)), HAS_KEY_MASK=valid_tiles is not None,
-        num_warps=4 if k_tiles <= 1024 else 8,
-    )
-    return count.view(batch, heads, q_tiles), index.view(batch, heads, q_tiles, k_tiles)
+    sizes = (2 * rows, rows, rows * k_tiles, rows * n_words)  # the int64 slots first: 8-byte aligned
+    buffer = _scratch(keep.device, sum(sizes))
+    slot, count, index, needed = torch.split(buffer[: sum(sizes)], sizes)
+    return (slot.view(torch.int64).view(batch, heads, q_tiles), count.view(batch, heads, q_tiles),
+            index.view(batch, heads, q_tiles, k_tiles), needed.view(batch, heads, q_tiles, n_words))
 
 
 def _prefix_lengths(key_valid: torch.Tensor | None) -> torch.Tensor | None | bool:
@@ -146,25 +168,34 @@ def cute_forward(
     use_anchor: bool,
     descending: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`~litepatch.kernels.reference.reference_forward` for voting calls; a read-only
-    call (``threshold=-inf``) computes the read list and leaves ``keep`` and ``anchor`` unchanged."""
+    """Same contract as :func:`~litepatch.kernels.reference.reference_forward` (see the module docstring)."""
     lengths = _prefix_lengths(key_valid)
-    if threshold > -math.inf or lengths is False or (block_m, block_n) != (TILES.block_m, TILES.block_n):
+    if lengths is False or (block_m, block_n) != (TILES.block_m, TILES.block_n):
         return triton_forward(
             q, k, v, keep, anchor, kept, must_q, must_k, key_valid, block_m=block_m, block_n=block_n,
             threshold=threshold, softmax_scale=softmax_scale, use_anchor=use_anchor, descending=descending,
         )
     k_tiles = math.ceil(k.shape[1] / block_n)
+    batch, heads, q_tiles, n_words = keep.shape
+    rows = batch * heads * q_tiles
+    slot, count, index, needed = _scratch_views(keep, k_tiles)
     valid_tiles = None if key_valid is None else tile_valid(key_valid, block_n, k_tiles)
-    count, index = block_lists(keep, kept, k_tiles, valid_tiles)
-    no_mask_cnt, no_mask_idx = _no_masked_blocks(q.device, count.shape[-1])
-    sparse = BlockSparseTensorsTorch(
-        mask_block_cnt=no_mask_cnt, mask_block_idx=no_mask_idx,
-        full_block_cnt=count, full_block_idx=index, block_size=(block_m, block_n),
+    kept.zero_()
+    kt_pow2 = max(32, triton.next_power_of_2(k_tiles))
+    _list_kernel[(rows,)](
+        keep, anchor, must_q, must_k, valid_tiles if valid_tiles is not None else count, index, count, needed, slot,
+        kept, q_tiles, k_tiles, n_words, heads, USE_ANCHOR=use_anchor, DESCENDING=descending, KT_POW2=kt_pow2,
+        HAS_KEY_MASK=valid_tiles is not None, num_warps=4 if k_tiles <= 1024 else 8,
     )
-    out, lse = _fa4._flash_attn_fwd(
-        q, k, v, softmax_scale=softmax_scale, seqused_k=lengths, block_sparse_tensors=sparse, return_lse=True,
-    )[:2]
+    no_mask_cnt, no_mask_idx = _no_masked_blocks(q.device, batch, heads, q_tiles)
+    out, lse = run_sm90(
+        q, k, v, (no_mask_cnt, no_mask_idx, count, index), needed, slot, softmax_scale=softmax_scale,
+        threshold=threshold, descending=descending, seqused_k=lengths,
+    )
+    _commit_kernel[(triton.cdiv(rows, 128),)](
+        keep, needed, slot, anchor, rows, n_words, VOTE=threshold > -math.inf, ROWS=128,
+        NW_POW2=max(2, triton.next_power_of_2(n_words)), num_warps=4,
+    )
     return out, lse
 
 
@@ -177,16 +208,16 @@ def flash_attn_4_dense(
     return _fa4._flash_attn_fwd(q, k, v, softmax_scale=softmax_scale, seqused_k=lengths)[0]
 
 
-_NO_MASKED: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_NO_MASKED: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _no_masked_blocks(device: torch.device, q_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """flash-attn-4's "masked block" lists, empty: int32 zeros ``[1, 1, QT]`` and ``[1, 1, QT, 1]``
-    (batch and heads broadcast)."""
-    if (device, q_tiles) not in _NO_MASKED:
-        _NO_MASKED[device, q_tiles] = (torch.zeros(1, 1, q_tiles, dtype=torch.int32, device=device),
-                                       torch.zeros(1, 1, q_tiles, 1, dtype=torch.int32, device=device))
-    return _NO_MASKED[device, q_tiles]
+def _no_masked_blocks(device: torch.device, batch: int, heads: int, q_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash-attn-4's "masked block" lists, empty: int32 zeros ``[B, H, QT]`` and ``[B, H, QT, 1]``."""
+    key = (device, batch, heads, q_tiles)
+    if key not in _NO_MASKED:
+        _NO_MASKED[key] = (torch.zeros(batch, heads, q_tiles, dtype=torch.int32, device=device),
+                           torch.zeros(batch, heads, q_tiles, 1, dtype=torch.int32, device=device))
+    return _NO_MASKED[key]
 
 
 cute_forward.dense = flash_attn_4_dense  # type: ignore[attr-defined]  (used by litepatch.kernels.dense)
