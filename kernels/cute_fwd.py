@@ -141,13 +141,29 @@ def _scratch_views(keep: torch.Tensor, k_tiles: int):
             index.view(batch, heads, q_tiles, k_tiles), needed.view(batch, heads, q_tiles, n_words))
 
 
+_PREFIX_CACHE: list[tuple[torch.Tensor, tuple, torch.Tensor | bool]] = []  # a few recent masks, held alive
+
+
 def _prefix_lengths(key_valid: torch.Tensor | None) -> torch.Tensor | None | bool:
-    """int32 valid key lengths when ``key_valid`` is a prefix mask, ``None`` without a mask, ``False`` otherwise."""
+    """int32 valid key lengths when ``key_valid`` is a prefix mask, ``None`` without a mask, ``False`` otherwise.
+
+    Telling a prefix mask needs one device sync; a model passes the same mask to every layer of a forward, so
+    the answer is kept for the last few masks. The cache holds the mask tensors themselves (their memory cannot
+    be reused while cached) and keys them by storage, view and version counter (an in-place write invalidates).
+    """
     if key_valid is None:
         return None
+    key = (key_valid.untyped_storage().data_ptr(), key_valid.storage_offset(), tuple(key_valid.shape),
+           key_valid.stride(), key_valid._version)
+    for held, held_key, answer in _PREFIX_CACHE:
+        if held_key == key:
+            return answer
     lengths = key_valid.sum(-1, dtype=torch.int32)
     prefix = torch.arange(key_valid.shape[-1], device=key_valid.device)[None, :] < lengths[:, None]
-    return lengths if torch.equal(prefix, key_valid) else False
+    answer = lengths if torch.equal(prefix, key_valid) else False
+    _PREFIX_CACHE.insert(0, (key_valid, key, answer))
+    del _PREFIX_CACHE[4:]
+    return answer
 
 
 def cute_forward(
@@ -202,9 +218,11 @@ def cute_forward(
 def flash_attn_4_dense(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float | None = None,
     key_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """flash-attn-4's dense SM90 forward on ``[B, S, H, D]``; ``key_mask`` must be a prefix mask (or ``None``)."""
-    lengths = None if key_mask is None else key_mask.sum(-1, dtype=torch.int32)
+) -> torch.Tensor | None:
+    """flash-attn-4's dense SM90 forward on ``[B, S, H, D]``; ``None`` when ``key_mask`` is not a prefix mask."""
+    lengths = _prefix_lengths(key_mask)
+    if lengths is False:
+        return None
     return _fa4._flash_attn_fwd(q, k, v, softmax_scale=softmax_scale, seqused_k=lengths)[0]
 
 

@@ -106,9 +106,12 @@ class _TileVote:
                        check_inf: cutlass.Constexpr[bool] = True) -> cute.Tensor:
         acc_S_mn = layout_utils.reshape_acc_to_mn(acc_S)
         row_max, row_sum, scale_log2 = self.row_max, self.row_sum, self.scale_log2
-        best_tile, pending = self.carry
+        best_tile, pending, valid = self.carry
         row_scale = cute.make_fragment_like(row_max, Float32)
-        valid = self.row_valid()
+        if const_expr(is_first):
+            fresh = self.row_valid()
+            for r in cutlass.range(cute.size(row_max), unroll_full=True):
+                valid[r] = fresh[r]
         needed = Boolean(False)
         for r in cutlass.range(cute.size(row_max), unroll_full=True):
             scores = acc_S_mn[r, None].load()
@@ -169,8 +172,7 @@ class _TileVote:
         maximum, ties to the earliest visit) folded into the q-tile's slot as one packed int64."""
         if const_expr(self.vote):
             self.flush_votes()
-        best_tile = self.carry[0]
-        valid = self.row_valid()
+        best_tile, _, valid = self.carry
         top = -Float32.inf
         for r in cutlass.range(cute.size(self.row_max), unroll_full=True):
             top = cute.arch.fmax(top, self.row_max[r] if valid[r] else -Float32.inf)
@@ -204,11 +206,12 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
 
     def mma_init(self):
         """Also allocates the registers that live across a q-tile's visits (before the consumers' tile loop,
-        so that every visit sees them): per row the tile that set its maximum, the pending vote word and bits,
-        and the first visited tile."""
+        so that every visit sees them): per row the tile that set its maximum and whether the row lies inside
+        the query sequence, the pending vote word and bits, and the first visited tile."""
         FlashAttentionForwardSm90.mma_init(self)
         rows = 2 * self.tile_m // (64 * self.num_wg_mma)  # wgmma m64: a thread holds rows r and r + 8 of 16
-        self._carry = (cute.make_rmem_tensor(rows, Int32), cute.make_rmem_tensor(2, Int32))
+        self._carry = (cute.make_rmem_tensor(rows, Int32), cute.make_rmem_tensor(2, Int32),
+                       cute.make_rmem_tensor(rows, Boolean))
         self._first_tile = cute.make_rmem_tensor(1, Int32)
 
     def _vote_for(self, softmax, n_block, mask_fn, seqlen) -> _TileVote:

@@ -45,13 +45,9 @@ def dense_attention(
     :func:`litepatch.kernels.lite_attention` with ``threshold=-inf``.)
     """
     fa4 = _flash_attn_4(q)
-    if fa4 is not None and (key_mask is None or _is_prefix(key_mask)):
-        return fa4(q, k, v, softmax_scale=softmax_scale, key_mask=key_mask)
+    out = None if fa4 is None else fa4(q, k, v, softmax_scale=softmax_scale, key_mask=key_mask)
+    if out is not None:  # None: a key mask flash-attn-4 cannot take (not valid keys then padding)
+        return out
     mask = None if key_mask is None else key_mask[:, None, None, :]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=softmax_scale).transpose(1, 2)
-
-
-def _is_prefix(key_mask: torch.Tensor) -> bool:
-    """Whether every row of the bool mask is valid keys then padding (flash-attn-4's ``seqused_k``)."""
-    return bool((key_mask[:, 1:] <= key_mask[:, :-1]).all())

@@ -300,3 +300,25 @@ def test_torch_compile_fullgraph():
         assert torch.equal(compiled.keep, eager.keep)
         assert torch.equal(compiled.anchor, eager.anchor)
         assert int(compiled.kept) == int(eager.kept)
+
+
+@pytest.mark.skipif(not CUTE_RUNS, reason="needs sm90 and flash-attn-4 (pip install 'litepatch[cuda]')")
+def test_prefix_mask_verdict_follows_in_place_writes():
+    """The cute backend remembers whether a key mask is a prefix; a write into the mask must not be missed."""
+    from litepatch.kernels import dense_attention
+
+    gen = torch.Generator(device=DEVICE).manual_seed(13)
+    q, k, v = (torch.randn(2, 1000, 2, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    mask = torch.arange(1000, device=DEVICE)[None, :] < torch.tensor([1000, 600], device=DEVICE)[:, None]
+
+    def reference():
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2).float() for t in (q, k, v)), attn_mask=mask[:, None, None, :])
+        return ref.transpose(1, 2)
+
+    for step in range(2):
+        for out in (dense_attention(q, k, v, key_mask=mask),
+                    lite_attention(q, k, v, SkipState(), threshold=-3.0, key_mask=mask)):
+            ref = reference()
+            assert float((out.float() - ref).norm() / ref.norm()) < 1e-2, f"step {step}"
+        mask[1, 10] = False  # in place: no longer valid keys then padding
