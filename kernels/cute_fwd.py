@@ -90,7 +90,8 @@ def _list_kernel(keep_ptr, anchor_ptr, must_q_ptr, must_k_ptr, tile_valid_ptr, i
     tl.store(cnt_ptr + row, total)
     tl.atomic_add(kept_ptr, total.to(tl.int64))
     # tiles the vote cannot drop: unread ones (kept as stored), the first visited, must-compute ones
-    must = (tl.load(must_q_ptr + row % q_tiles).to(tl.int32) + tl.load(must_k_ptr + j, mask=in_range, other=0).to(tl.int32)) > 0
+    must_q = tl.load(must_q_ptr + row % q_tiles).to(tl.int32)
+    must = (must_q + tl.load(must_k_ptr + j, mask=in_range, other=0).to(tl.int32)) > 0
     stays = (~read | (read & (pos == 0)) | must) & in_range
     words = tl.reduce(tl.reshape(stays.to(tl.int32) << (j % 32), (KT_POW2 // 32, 32)), 1, _bit_or)
     w = tl.arange(0, KT_POW2 // 32)
