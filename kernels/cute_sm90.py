@@ -42,8 +42,14 @@ Example (what :func:`litepatch.kernels.cute_fwd.cute_forward` does):
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from functools import partial
+from pathlib import Path
+
+# flash-attn-4 reads this when imported: compiled kernels are kept on disk between processes
+os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
 
 import cutlass
 import cutlass.cute as cute
@@ -53,6 +59,7 @@ from cutlass.base_dsl.typing import Vector
 from cutlass.cutlass_dsl import dsl_user_op
 from flash_attn.cute import utils as fa_utils
 from flash_attn.cute.block_sparsity import BlockSparseTensors
+from flash_attn.cute.cache_utils import get_jit_cache
 from flash_attn.cute.cute_dsl_utils import to_cute_tensor
 from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.utils import AuxData
@@ -253,7 +260,10 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
 # ---------------------------------------------------------------------------------------------------------
 
 _TORCH_TO_CUTE = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}
-_COMPILED: dict[tuple, object] = {}
+# flash-attn-4's compile cache (on disk when enabled, namespaced by flash-attn-4's own sources); the key also
+# carries this file's hash, so that a changed kernel is never loaded from an older entry
+_COMPILED = get_jit_cache("litepatch-sm90")
+_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 COMPILE_SECONDS: dict[tuple, float] = {}  # first-call JIT time per configuration (reported by benchmarks)
 
 
@@ -303,13 +313,11 @@ def run_sm90(
     ``lists`` = (mask counts, mask lists, full counts, full lists) in flash-attn-4's block-sparse format
     (mask lists empty). ``threshold=-inf`` compiles the variant without the vote.
     """
-    import time
-
     vote = threshold > -float("inf")
     batch, seq_q, heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
-    key = (q.dtype, head_dim, vote, seqused_k is not None)
+    key = (_SOURCE, str(q.dtype), head_dim, vote, seqused_k is not None)
     if key not in _COMPILED:
         start = time.perf_counter()
         stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
@@ -323,5 +331,3 @@ def run_sm90(
     )
     return out, lse
 
-
-os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
