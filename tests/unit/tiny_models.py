@@ -187,7 +187,7 @@ def hunyuan_video(seed: int = 0, masked: bool = True):
     if masked:
         mask[:, 7:] = False
     inputs = {
-        "hidden_states": torch.randn(1, 4, 3, 16, 16),  # 3 x 8 x 8 = 192 tokens
+        "hidden_states": torch.randn(1, 4, 6, 16, 16),  # 6 x 8 x 8 = 384 tokens
         "timestep": torch.tensor([999]),
         "encoder_hidden_states": torch.randn(1, 10, 16),
         "encoder_attention_mask": mask,
