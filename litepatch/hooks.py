@@ -157,6 +157,7 @@ class LayerPatch:
         self._undo = None
         self._attachment: Attachment | None = None
         self._tiles: dict = {}
+        self.call_index = 0
 
     # ------------------------------------------------------------------------------ attachment
     def install(self, module: torch.nn.Module) -> None:
@@ -221,10 +222,16 @@ class LayerPatch:
             return "autograd is recording (the LiteAttention kernel has no backward)"
         return None
 
-    def make_plan(self) -> Plan:
-        """Decides the coming call from the tracker (eager code, before the top-level forward runs)."""
+    def make_plan(self, call_index: int = 0) -> Plan:
+        """Decides the coming call from the tracker (eager code, before the top-level forward runs).
+
+        ``call_index`` > 0: a further attention call of the layer in one forward (a processor that loops over
+        batch rows, as Mochi's does): it gets a state of its own.
+        """
         tracker, recipe = self.runtime.tracker, self.runtime.recipe
         step, branch = max(tracker.step, 0), tracker.branch
+        if call_index:
+            branch = (branch, call_index)
         if step < recipe.warmup_steps:
             return Plan(step, branch, tracker.generation, None, "warm-up", None)
         threshold = recipe.threshold_for(self.name, step)
@@ -260,9 +267,13 @@ class LayerPatch:
 
     def _current_plan(self) -> Plan:
         plan = self.plan
-        if plan is None or self.last_call is not None:  # called outside a patched root's forward, or twice in one
+        if plan is None:  # called outside a patched root's forward
             self.flush()
             plan = self.make_plan()
+        elif self.last_call is not None:  # a further call in one forward: its own state
+            self.flush()
+            self.call_index += 1
+            plan = self.make_plan(self.call_index)
         self.reached = True
         return plan
 
@@ -374,6 +385,7 @@ class RootPatch:
         runtime.text_tokens = text_tokens
         for layer in runtime.layers.values():
             layer.plan = layer.make_plan()
+            layer.call_index = 0
         return None
 
     def install(self, module: torch.nn.Module) -> None:

@@ -420,6 +420,8 @@ def static_kind(module: torch.nn.Module, name: str) -> tuple[str, str]:
         return "cross", f"attribute name {name.rsplit('.', 1)[-1]!r} marks cross-attention"
     if "cross" in type(module).__name__.lower():
         return "cross", f"class name {type(module).__name__} marks cross-attention"
+    if "pool" in type(module).__name__.lower():
+        return "cross", f"class name {type(module).__name__}: attention pooling (learned queries over the tokens)"
     return "self", "queries and keys from the same tokens"
 
 

@@ -25,6 +25,7 @@ Importing this module never imports diffusers: classes are recognised by name an
 from __future__ import annotations
 
 import functools
+import re
 import types
 
 import torch
@@ -65,11 +66,15 @@ TEXT_LAYOUT: dict[str, str] = {
     "QwenDoubleStreamAttnProcessor": "first",
     "AuraFlowAttnProcessor": "first",
     "HiDreamAttnProcessor": "last",
+    "Lumina2AttnProcessor": "first",
 }
 
 # Processors that concatenate text and video themselves, with the module's own projections.
 JOINT_PROCESSORS = ("CogVideoXAttnProcessor", "FusedCogVideoXAttnProcessor", "CogView3PlusAttnProcessor",
                     "CogView4AttnProcessor")
+# Layers of one sequence that already holds text and image tokens (no encoder_hidden_states reaches the layer),
+# by processor class name prefix -> pattern of the layer's name in the model.
+SINGLE_STREAM_LAYERS = {"Lumina2AttnProcessor": r"^layers\.\d+\.attn$"}
 # Attention whose processor computes no softmax over keys: LiteAttention does not apply.
 LINEAR_PROCESSOR_WORDS = ("Linear", "Multiscale")
 # The fix named when a processor computes attention where litepatch cannot route it.
@@ -79,13 +84,17 @@ _CROSS_WORDS = ("attn2", "cross", "xattn")
 
 
 def is_diffusers_attention(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is a diffusers attention module (``AttentionModuleMixin`` or ``Attention``)."""
+    """Whether ``module`` is a diffusers attention module: ``AttentionModuleMixin``, ``Attention``, or a diffusers
+    module dispatching to a processor that calls attention (``MochiAttention``)."""
     for cls in type(module).__mro__:
         if cls.__name__ == "AttentionModuleMixin":
             return True
         if cls.__name__ == "Attention" and cls.__module__.startswith("diffusers."):
             return True
-    return False
+    if not type(module).__module__.startswith("diffusers."):
+        return False
+    processor = module.__dict__.get("processor", None)
+    return processor is not None and reaches_attention(getattr(type(processor), "__call__", None))
 
 
 def _is_dispatch(value) -> bool:
@@ -186,6 +195,11 @@ def _kind(module: torch.nn.Module, name: str, parent) -> tuple[str, str, bool]:
         return "joint", "added key/value projections for the text stream (add_k_proj)", False
     if processor.startswith(JOINT_PROCESSORS):
         return "joint", f"{processor} attends over text and video tokens together", False
+    if processor.startswith("HiDreamAttnProcessor") and getattr(module, "single", None) is False:
+        return "joint", f"{processor} of a double-stream block concatenates image and text tokens", False
+    for prefix, pattern in SINGLE_STREAM_LAYERS.items():
+        if processor.startswith(prefix) and re.match(pattern, name):
+            return "joint", f"{processor} in a unified text+image layer ({pattern})", True
     if parent is not None and "single" in type(parent).__name__.lower():
         return "joint", f"single-stream block {type(parent).__name__}: text and video already concatenated", True
     return "self", "queries and keys from the same tokens", False
