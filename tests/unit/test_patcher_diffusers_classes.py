@@ -262,3 +262,13 @@ def test_out_of_reach_layers_warn_once_naming_the_layer_and_the_fix(name):
     model = _build(CLASSES[name])
     reach = [i for i in litepatch.inspect(model) if i.out_of_reach]
     assert reach and all("set_processor" in i.out_of_reach or "fused_attn" in i.out_of_reach for i in reach)
+
+
+@pytest.mark.parametrize("name", ["SanaTransformer2DModel", "SanaVideoTransformer3DModel"])
+def test_linear_attention_is_not_applicable_and_apply_says_so(name):
+    model = _build(CLASSES[name])
+    infos = litepatch.inspect(model)
+    linear = [i for i in infos if i.kind == NA]
+    assert linear and all("linear attention" in i.reason and not i.sparse for i in linear)
+    with pytest.raises(ValueError, match="not applicable: .*Attention"):
+        litepatch.apply(model)

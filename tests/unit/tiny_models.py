@@ -269,3 +269,66 @@ DIFFUSERS_FACTORIES = {
     "flux": flux,
     "sd3": sd3,
 }
+
+
+def mochi(seed: int = 0):
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=1, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=16, time_embed_dim=16, max_sequence_length=12,
+    ).eval()
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    mask[:, 9:] = False  # 9 valid text tokens: the processor drops the 3 padded ones
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 6, 16, 16),  # 6 x 8 x 8 = 384 tokens
+        "encoder_hidden_states": torch.randn(1, 12, 16),
+        "timestep": torch.tensor([999]),
+        "encoder_attention_mask": mask,
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def qwen_image(seed: int = 0):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    mask[:, 8:] = False
+    inputs = {
+        "hidden_states": torch.randn(1, 384, 16),  # 384 packed image tokens (frame 1, 16 x 24)
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "encoder_hidden_states_mask": mask,
+        "timestep": torch.tensor([1.0]),
+        "img_shapes": [(1, 16, 24)],
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def lumina2(seed: int = 0):
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = Lumina2Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, hidden_size=32, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=2, multiple_of=16, cap_feat_dim=16, axes_dim_rope=(4, 6, 6),
+        axes_lens=(64, 64, 64),
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 32, 40),  # 16 x 20 = 320 image tokens
+        "timestep": torch.tensor([1.0]),
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "encoder_attention_mask": torch.ones(1, 10, dtype=torch.bool),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+DIFFUSERS_FACTORIES.update({"mochi": mochi, "qwen_image": qwen_image, "lumina2": lumina2})
