@@ -428,7 +428,7 @@ def _nothing_found(root, found) -> str:
     if kinds:
         message += " (" + "; ".join(
             f"{label}: {', '.join(sorted({i.module_class for i in infos}))}" for label, infos in kinds.items()) + ")"
-        reaches = [i for i in found if i.out_of_reach]
+        reaches = [info for info, _, _, _ in found if info.out_of_reach]
         if reaches:
             message += f"; {reaches[0].name}: {reaches[0].out_of_reach}"
     return message + ("; litepatch looks for diffusers attention modules, nn.MultiheadAttention, timm-style Attention "
