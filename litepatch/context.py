@@ -32,6 +32,7 @@ from __future__ import annotations
 import inspect as pyinspect
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -65,8 +66,9 @@ class StepTracker:
     def observe(self, timestep: float | None, branch_name: str | None = None, inputs: object = None) -> bool:
         """Records one top-level call; returns True when it starts a new generation.
 
-        ``inputs``: a hashable key of the call's tensor arguments (see :meth:`CallReader.read`); equal keys at
-        one timestep are the same branch. ``None`` (unknown) makes every call at one timestep a new branch.
+        ``inputs``: the call's tensor arguments other than the timestep (see :meth:`CallReader.read`); the very
+        same tensor objects again at one timestep are the same branch (tensors are held by weak reference:
+        a freed tensor never matches a new one). ``None`` makes every call at one timestep a new branch.
         """
         new_generation = self.pending_new
         self.pending_new = False
@@ -92,10 +94,11 @@ class StepTracker:
         return new_generation
 
     def _unnamed_branch(self, inputs: object) -> int:
-        if inputs is not None and inputs in self.step_inputs:
-            return self.step_inputs.index(inputs)
-        self.step_inputs.append(inputs)
-        index = len(self.step_inputs) - 1
+        if inputs is not None:
+            for seen, branch in self.step_inputs:
+                if _same_inputs(seen, inputs):
+                    return branch
+        index = len(self.step_inputs)
         if index >= MAX_BRANCHES:
             if not self.warned_wrap:
                 self.warned_wrap = True
@@ -106,6 +109,7 @@ class StepTracker:
                     UserWarning, stacklevel=4,
                 )
             index %= MAX_BRANCHES
+        self.step_inputs.append((_remembered(inputs), index))
         self.branches_seen = max(self.branches_seen, index + 1)
         return index
 
@@ -154,8 +158,8 @@ class CallReader:
     def read(self, args: tuple, kwargs: dict) -> tuple[float | None, int | None, tuple]:
         """(timestep, number of text tokens, inputs key) of one call; None where the call has none.
 
-        The inputs key identifies the call's tensor arguments other than the timestep (object, storage and
-        shape; no data is read, so no device sync): equal keys mean the same inputs were passed again.
+        The inputs are the call's tensor arguments other than the timestep (compared by identity: no data is
+        read, so no device sync).
         """
         arguments = self._arguments(args, kwargs)
         timestep, timestep_value = None, None
@@ -172,7 +176,7 @@ class CallReader:
                     timestep, timestep_value = _scalar(value), value
                     break
         values = list(arguments.values()) if arguments else list(args)
-        inputs = tuple(_identity(v) for v in values if isinstance(v, torch.Tensor) and v is not timestep_value)
+        inputs = tuple(v for v in values if isinstance(v, torch.Tensor) and v is not timestep_value)
         text_tokens = None
         for name in TEXT_NAMES:
             value = arguments.get(name)
@@ -182,9 +186,14 @@ class CallReader:
         return timestep, text_tokens, inputs
 
 
-def _identity(tensor: torch.Tensor) -> tuple:
-    try:
-        pointer = tensor.data_ptr()
-    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, fake)
-        pointer = None
-    return id(tensor), pointer, tuple(tensor.shape)
+def _remembered(inputs):
+    if isinstance(inputs, tuple) and all(isinstance(t, torch.Tensor) for t in inputs):
+        return tuple(weakref.ref(t) for t in inputs)
+    return inputs
+
+
+def _same_inputs(seen, inputs) -> bool:
+    if isinstance(inputs, tuple) and all(isinstance(t, torch.Tensor) for t in inputs):
+        return (isinstance(seen, tuple) and len(seen) == len(inputs)
+                and all(isinstance(r, weakref.ref) and r() is t for r, t in zip(seen, inputs)))
+    return seen == inputs

@@ -158,6 +158,7 @@ class LayerPatch:
         self._attachment: Attachment | None = None
         self._tiles: dict = {}
         self.call_index = 0
+        self.installed = None  # the adapter's check that its interception is still in place (None: nothing to check)
 
     # ------------------------------------------------------------------------------ attachment
     def install(self, module: torch.nn.Module) -> None:
@@ -364,6 +365,14 @@ class RootPatch:
     def check_reach(self) -> None:
         """Warns once per layer that ran while none of its attention calls reached litepatch."""
         for layer in self.runtime.layers.values():
+            if layer.installed is not None and "replaced" not in layer.warned and not layer.installed():
+                layer.warned.add("replaced")
+                warnings.warn(
+                    f"litepatch: {layer.name}'s attention processor was replaced after litepatch.apply "
+                    "(set_processor / set_attn_processor); the layer runs dense. Set processors before apply, or "
+                    "call handle.remove() and litepatch.apply(model) again",
+                    UserWarning, stacklevel=4,
+                )
             if layer.entered and not layer.reached and "unreached" not in layer.warned:
                 layer.warned.add("unreached")
                 warnings.warn(

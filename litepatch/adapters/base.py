@@ -451,6 +451,7 @@ def install_forward_interception(module: torch.nn.Module, layer, methods: list[s
 
         def forward(*args, **kwargs):
             cell["hidden_tokens"], cell["encoder_tokens"] = token_counts(args, kwargs, encoder_index)
+            layer.entered = True
             with SDPAMode(sdpa):
                 return original_forward(*args, **kwargs)
 
@@ -463,6 +464,7 @@ def install_forward_interception(module: torch.nn.Module, layer, methods: list[s
 
         def forward(*args, **kwargs):
             cell["hidden_tokens"], cell["encoder_tokens"] = token_counts(args, kwargs, encoder_index)
+            layer.entered = True
             return inner_forward(*args, **kwargs)
 
         for name, method in bound.items():

@@ -283,7 +283,7 @@ def _install_processor_proxy(module: torch.nn.Module, processor, layer):
             else:
                 module.__dict__["processor"] = previous
 
-    layer.proxy = proxy
+    layer.installed = lambda: module.__dict__.get("processor") is proxy
     return undo
 
 

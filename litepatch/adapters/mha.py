@@ -61,7 +61,8 @@ class MultiheadAttentionAdapter(Adapter):
         def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                     average_attn_weights=True, is_causal=False):
             layer.entered = True
-            if not (query is key and key is value):
+            if not (query is key and key is value):  # cross-attention: the module's own forward
+                layer.reached = True
                 return original(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                 attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
             out = _attend(module, layer, query, key_padding_mask,

@@ -332,3 +332,38 @@ def lumina2(seed: int = 0):
 
 
 DIFFUSERS_FACTORIES.update({"mochi": mochi, "qwen_image": qwen_image, "lumina2": lumina2})
+
+
+# ------------------------------------------------------------------- nn.MultiheadAttention models
+class MHABlock(nn.Module):
+    """A DiT block on ``nn.MultiheadAttention``: self-attention, then cross-attention to the text."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+
+    def forward(self, x, context, key_padding_mask=None):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False, key_padding_mask=key_padding_mask)[0]
+        return x + self.cross_attn(self.norm2(x), context, context, need_weights=False)[0]
+
+
+class MHADiT(nn.Module):
+    def __init__(self, dim: int = 64, num_heads: int = 2, depth: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(MHABlock(dim, num_heads) for _ in range(depth))
+
+    def forward(self, x, t, context, key_padding_mask=None):
+        for block in self.blocks:
+            x = block(x, context, key_padding_mask)
+        return x
+
+
+def mha_dit(seq: int = 320, seed: int = 0):
+    torch.manual_seed(seed)
+    model = MHADiT().eval()
+    base = torch.randn(1, seq // 20 + 2, 64)
+    x = 3 * F.interpolate(base.transpose(1, 2), size=seq, mode="linear", align_corners=True).transpose(1, 2)
+    return model, {"x": x.contiguous(), "t": torch.tensor([999.0]), "context": torch.randn(1, 12, 64)}
