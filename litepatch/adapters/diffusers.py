@@ -306,7 +306,9 @@ class ProcessorProxy:
         object.__setattr__(self, "_litepatch_inner", inner)
 
     def __getattr__(self, name):
-        return getattr(object.__getattribute__(self, "_litepatch_inner"), name)
+        if name == "_litepatch_inner":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._litepatch_inner, name)
 
     def __setattr__(self, name, value):
         setattr(self._litepatch_inner, name, value)
