@@ -6,8 +6,18 @@ call (interception, plan, state lookup, two kernel launches, stats record), for 
 kernel without the skip test) and -4. ``syncs`` counts the host-device synchronisations torch reports in
 one forward.
 
+On a machine without a GPU, ``--cpu`` measures the same on CPU with a *null* LiteAttention backend (registered
+for the run: it returns an uninitialised output and leaves the skip state as it is), so the numbers are the
+patcher's host time alone: interception, plan, registry checks, stats record. Two rows:
+
+* ``dense path``: warm-up calls (litepatch looks at the call and runs the model's own attention);
+  added host time = (patched - unpatched) / attention calls;
+* ``sparse path``: calls that go to the (null) kernel; added host time = (patched - unpatched + SDPA time) /
+  calls, with the SDPA time of the same call measured alone (the patched forward skips it).
+
 Example:
     $ python benchmarks/patch_overhead.py --json bench-out/patch_overhead.json
+    $ python benchmarks/patch_overhead.py --cpu --iters 200
 """
 
 from __future__ import annotations
@@ -31,8 +41,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="print the host profile of patched forwards")
+    parser.add_argument("--cpu", action="store_true", help="CPU, null kernel: the patcher's host time alone")
+    parser.add_argument("--rounds", type=int, default=7, help="--cpu: interleaved rounds (medians are printed)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    if args.cpu:
+        return cpu_main(args)
     import diffusers
 
     import litepatch
@@ -113,6 +127,87 @@ def per_call_host_us(iters: int = 2000) -> dict[str, float]:
         out[name] = (time.perf_counter() - start) / iters * 1e6
         torch.cuda.synchronize()
     return out
+
+
+NULL_BACKEND = "null-cpu"
+
+
+def _register_null_backend() -> None:
+    """A CPU backend that computes nothing: the host cost of the patcher without any kernel."""
+    from litepatch.kernels import registry
+    from litepatch.kernels.state import TileConfig
+
+    def null_forward(q, k, v, keep, anchor, kept, must_q, must_k, key_valid, **kwargs):
+        return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+    registry.register_backend(registry.Backend(
+        name=NULL_BACKEND, forward=null_forward, tiles=lambda head_dim: TileConfig(128, 64),
+        constraints=registry.Constraints(device_types=("cpu",), dtypes=(torch.float32,))))
+
+
+def cpu_main(args) -> None:
+    import diffusers
+
+    import litepatch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    _register_null_backend()
+    model = diffusers.WanTransformer3DModel(**TINY_WAN).eval()
+    latents = torch.randn(1, 16, 1, 16, 16)  # 64 tokens: the forward is host-bound
+    text = torch.randn(1, 16, 32)
+    layers = TINY_WAN["num_layers"]
+
+    @torch.inference_mode()
+    def per_forward_us(same_step: bool) -> float:
+        def call(i):
+            t = torch.full((1,), 999.0 if same_step else 999.0 - i)
+            model(hidden_states=latents, timestep=t, encoder_hidden_states=text, return_dict=False)
+
+        for i in range(10):
+            call(i)
+        best = float("inf")
+        for _ in range(3):  # best of 3 repeats
+            start = time.perf_counter()
+            for i in range(args.iters):
+                call(i)
+            best = min(best, (time.perf_counter() - start) / args.iters * 1e6)
+        return best
+
+    q = torch.randn(1, 2, 64, 64)
+    with torch.inference_mode():
+        for _ in range(100):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        start = time.perf_counter()
+        for _ in range(2000):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        sdpa_us = (time.perf_counter() - start) / 2000 * 1e6
+    import statistics
+
+    dense_diffs, sparse_diffs, unpatched_times = [], [], []
+    for _ in range(args.rounds):  # interleaved rounds, medians: the host is shared and its speed drifts
+        unpatched = per_forward_us(False)
+        handle = litepatch.apply(model, threshold=-4.0, warmup_steps=10**6, backend=NULL_BACKEND)
+        dense = per_forward_us(False)
+        handle.configure(warmup_steps=0)
+        sparse = per_forward_us(True)
+        handle.remove()
+        unpatched_times.append(unpatched)
+        dense_diffs.append((dense - unpatched) / layers)
+        sparse_diffs.append((sparse - unpatched) / layers + sdpa_us)
+    unpatched = statistics.median(unpatched_times)
+    rows = {
+        "dense path (warm-up: the model's own SDPA)": statistics.median(dense_diffs),
+        "sparse path (null kernel)": statistics.median(sparse_diffs),
+    }
+    print(f"CPU (1 thread), tiny Wan, {layers} self-attention layers, 64 tokens, fp32; unpatched forward "
+          f"{unpatched:.0f} us, SDPA alone {sdpa_us:.1f} us per call; medians of {args.rounds} interleaved rounds")
+    for name, us in rows.items():
+        print(f"  {name:<44} +{us:6.1f} us host time per attention call")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": "cpu", "layers": layers, "unpatched_us": unpatched, "sdpa_us": sdpa_us,
+                       "added_host_us_per_call": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import types
 
 import torch
 
-from ..diffusers_cp import ulysses_degree
+from ..diffusers_cp import ulysses_degree_of
 from .base import (
     SDPA_NAME,
     Adapter,
@@ -265,7 +265,6 @@ def _install_processor_proxy(module: torch.nn.Module, processor, layer):
 
     def __call__(self, attn, *args, **kwargs):
         cell["hidden_tokens"], cell["encoder_tokens"] = token_counts(args, kwargs, encoder_index)
-        cell["shards"] = ulysses_degree(attn)
         layer.entered = True
         return routed(self._litepatch_inner, attn, *args, **kwargs)
 
@@ -328,6 +327,7 @@ def _dispatch_interceptor(layer, cell: dict, sdpa, original):
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
         if parallel_config is not None:  # context parallelism: intercept the SDPA call beneath the template
+            cell["shards"] = ulysses_degree_of(parallel_config)
             with SDPAMode(sdpa):
                 return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                 attention_kwargs, backend=backend, parallel_config=parallel_config)
