@@ -371,15 +371,30 @@ def _flag_problem(call: dict, q: torch.Tensor, k: torch.Tensor) -> str | None:
     return None
 
 
-def token_counts(args: tuple, kwargs: dict, encoder_index: int | None) -> tuple[int | None, int | None]:
-    """(hidden tokens, encoder tokens) of a layer call: dim 1 of ``hidden_states``/``encoder_hidden_states``."""
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
-    encoder = kwargs.get("encoder_hidden_states")
-    if encoder is None and encoder_index is not None and len(args) > encoder_index:
-        encoder = args[encoder_index]
-    hidden_tokens = hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() >= 3 else None
-    encoder_tokens = encoder.shape[1] if isinstance(encoder, torch.Tensor) and encoder.dim() >= 3 else None
-    return hidden_tokens, encoder_tokens
+# Parameter names under which a layer receives the text tokens (a hand-written joint layer: forward(x, context)).
+ENCODER_NAMES = ("encoder_hidden_states", "context", "text", "txt", "text_states", "prompt_embeds")
+
+
+class TokenCounter:
+    """Reads (hidden tokens, encoder tokens) from a layer's call: dim 1 of its first argument
+    (``hidden_states``) and of its text argument (the first of :data:`ENCODER_NAMES` it takes)."""
+
+    def __init__(self, function, skip: int = 1):
+        code = getattr(function, "__code__", None)
+        names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount] if code is not None else ()
+        positional = list(code.co_varnames[skip: code.co_argcount]) if code is not None else []
+        self.hidden_name = positional[0] if positional else "hidden_states"
+        self.encoder_name = next((n for n in ENCODER_NAMES if n in names), "encoder_hidden_states")
+        self.encoder_index = positional.index(self.encoder_name) if self.encoder_name in positional else None
+
+    def __call__(self, args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
+        hidden = args[0] if args else kwargs.get(self.hidden_name)
+        encoder = kwargs.get(self.encoder_name)
+        if encoder is None and self.encoder_index is not None and len(args) > self.encoder_index:
+            encoder = args[self.encoder_index]
+        hidden_tokens = hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() >= 3 else None
+        encoder_tokens = encoder.shape[1] if isinstance(encoder, torch.Tensor) and encoder.dim() >= 3 else None
+        return hidden_tokens, encoder_tokens
 
 
 class Adapter:
@@ -399,8 +414,10 @@ class Adapter:
         """The layer's static record: kind and why, heads, head dim, whether it is in reach."""
         heads, head_dim = heads_and_dim(module)
         kind, why = static_kind(module, name)
+        layout = getattr(module, "text_layout", "unknown")
+        layout = layout if layout in ("first", "last") else "unknown"
         return AttentionLayerInfo(name, kind, heads, head_dim, type(module).__name__, f"{self.name}: {why}",
-                                  kind in SPARSE_KINDS, adapter=self.name)
+                                  kind in SPARSE_KINDS, text_layout=layout, adapter=self.name)
 
     def install(self, module: torch.nn.Module, layer) -> Callable[[], None]:
         """Intercepts ``module``'s attention calls for ``layer``; returns the function that undoes it."""
@@ -433,7 +450,7 @@ def install_forward_interception(module: torch.nn.Module, layer, methods: list[s
     """
     cls = type(module)
     methods = methods or methods_reaching(cls, lambda f: SDPA_NAME in code_names(f)) or ["forward"]
-    encoder_index = _param_index(plain_method(cls, "forward"), "encoder_hidden_states")
+    counter = TokenCounter(plain_method(cls, "forward"))
     cell = {"hidden_tokens": None, "encoder_tokens": None, "shards": 1}
     sdpa = sdpa_interceptor(layer, lambda: cell)
     rebound = {}
@@ -450,7 +467,7 @@ def install_forward_interception(module: torch.nn.Module, layer, methods: list[s
         layer.interception = "torch-function-mode"
 
         def forward(*args, **kwargs):
-            cell["hidden_tokens"], cell["encoder_tokens"] = token_counts(args, kwargs, encoder_index)
+            cell["hidden_tokens"], cell["encoder_tokens"] = counter(args, kwargs)
             layer.entered = True
             with SDPAMode(sdpa):
                 return original_forward(*args, **kwargs)
@@ -463,7 +480,7 @@ def install_forward_interception(module: torch.nn.Module, layer, methods: list[s
         inner_forward = bound.get("forward", original_forward)
 
         def forward(*args, **kwargs):
-            cell["hidden_tokens"], cell["encoder_tokens"] = token_counts(args, kwargs, encoder_index)
+            cell["hidden_tokens"], cell["encoder_tokens"] = counter(args, kwargs)
             layer.entered = True
             return inner_forward(*args, **kwargs)
 
@@ -487,15 +504,6 @@ def _is_static(cls: type, name: str) -> bool:
         if name in klass.__dict__:
             return isinstance(klass.__dict__[name], staticmethod)
     return False
-
-
-def _param_index(function, name: str) -> int | None:
-    """Position of parameter ``name`` among the positional arguments after ``self`` (None if absent)."""
-    code = getattr(function, "__code__", None)
-    if code is None:
-        return None
-    positional = code.co_varnames[: code.co_argcount]
-    return positional.index(name) - 1 if name in positional[1:] else None
 
 
 def iter_named(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, torch.nn.Module | None]]:

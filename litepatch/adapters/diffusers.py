@@ -44,7 +44,7 @@ from .base import (
     rebind,
     release,
     sdpa_interceptor,
-    token_counts,
+    TokenCounter,
 )
 
 # Processor class-name prefix -> where the text tokens sit in the joint sequence ("first" / "last").
@@ -253,7 +253,7 @@ def _install_processor_proxy(module: torch.nn.Module, processor, layer):
     dispatch = _dispatch_interceptor(layer, cell, sdpa, original_dispatch)
     call = type(processor).__call__
     routed = _route(call, sdpa, dispatch)
-    encoder_index = _encoder_index(call)
+    counter = TokenCounter(call, skip=2)
     if routed is None:
         layer.interception = f"torch-function-mode over {type(processor).__name__}"
 
@@ -264,7 +264,7 @@ def _install_processor_proxy(module: torch.nn.Module, processor, layer):
         layer.interception = f"{type(processor).__name__}.__call__ with routed attention"
 
     def __call__(self, attn, *args, **kwargs):
-        cell["hidden_tokens"], cell["encoder_tokens"] = token_counts(args, kwargs, encoder_index)
+        cell["hidden_tokens"], cell["encoder_tokens"] = counter(args, kwargs)
         layer.entered = True
         return routed(self._litepatch_inner, attn, *args, **kwargs)
 
@@ -287,15 +287,6 @@ def _install_processor_proxy(module: torch.nn.Module, processor, layer):
 
 
 _MISSING = object()
-
-
-def _encoder_index(call) -> int | None:
-    """Position of ``encoder_hidden_states`` among a processor's arguments after ``(self, attn)``."""
-    code = getattr(call, "__code__", None)
-    if code is None:
-        return None
-    positional = code.co_varnames[: code.co_argcount]
-    return positional.index("encoder_hidden_states") - 2 if "encoder_hidden_states" in positional[2:] else None
 
 
 class ProcessorProxy:

@@ -6,8 +6,10 @@ in ``forward`` or in ``self.<helper>`` methods up to :data:`HELPER_DEPTH` calls 
 * **Find**: the bytecode names of ``forward`` and the helpers it calls (no source text needed: works for
   ``exec``-made classes and ``.pyc``-only installs).
 * **Classify**: cross when the attribute or class name says so; otherwise self, and each call is classified
-  again from its shapes (query and key lengths; a layer given ``encoder_hidden_states`` whose sequence holds
-  both is joint, with its text tokens at both ends unless the layer says ``text_layout``).
+  again from its shapes: query and key lengths, and a layer given text tokens (``encoder_hidden_states``,
+  ``context``, ...: :data:`~litepatch.adapters.base.ENCODER_NAMES`) whose attention sequence holds both
+  streams is joint, its text tokens protected at both ends of the sequence unless the module says where
+  they are (an attribute ``text_layout = "first"`` or ``"last"``).
 * **Intercept**: copies of the methods that call SDPA, with ``F``/``scaled_dot_product_attention`` naming the
   layer's interceptor; SDPA reached any other way (an import inside the function) gets the
   ``TorchFunctionMode`` fallback.

@@ -338,3 +338,19 @@ def test_a_layer_whose_attention_bypasses_the_interception_warns_at_run_time():
     messages = _messages(caught)
     assert len(messages) == 1 and messages[0].startswith("litepatch: 1 ran but none of its attention calls")
     handle.remove()
+
+
+@pytest.mark.parametrize("layout, ranges", [(None, ((0, 12), (288, 300))), ("first", ((0, 12),))])
+def test_hand_written_joint_attention_protects_the_text_tokens(layout, ranges):
+    torch.manual_seed(0)
+    model = tm.HandWrittenJointAttention(text_layout=layout).eval()
+    x, context = torch.randn(1, 288, 64), torch.randn(1, 12, 64)
+    reference = _run(model, {"x": x, "context": context})
+    handle = litepatch.apply(model, threshold=0.0)
+    for _ in range(2):
+        out = _run(model, {"x": x, "context": context})
+    state = handle.skip_states()[""][0]
+    assert state.must_compute_keys == ranges and state.must_compute_queries == ranges
+    handle.configure(threshold=float("-inf"))
+    torch.testing.assert_close(_run(model, {"x": x, "context": context}), reference, rtol=1e-5, atol=1e-5)
+    handle.remove()

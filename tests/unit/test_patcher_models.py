@@ -70,8 +70,8 @@ def _snapshot(model):
     return (
         [(n, type(m)) for n, m in model.named_modules()],
         list(model.state_dict().keys()),
-        {n: sorted(k for k in vars(m) if k in ("forward", "cache_context", "_litepatch"))
-         for n, m in model.named_modules()},
+        {n: sorted(vars(m)) for n, m in model.named_modules()},  # every instance attribute
+        {n: id(m.__dict__.get("processor")) for n, m in model.named_modules()},  # the very processor objects
         {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()},
     )
 

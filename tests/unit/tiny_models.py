@@ -367,3 +367,22 @@ def mha_dit(seq: int = 320, seed: int = 0):
     base = torch.randn(1, seq // 20 + 2, 64)
     x = 3 * F.interpolate(base.transpose(1, 2), size=seq, mode="linear", align_corners=True).transpose(1, 2)
     return model, {"x": x.contiguous(), "t": torch.tensor([999.0]), "context": torch.randn(1, 12, 64)}
+
+
+class HandWrittenJointAttention(nn.Module):
+    """Joint text+video attention written by hand: ``cat([context, x])`` then one SDPA call."""
+
+    def __init__(self, dim: int = 64, num_heads: int = 2, text_layout: str | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        if text_layout is not None:
+            self.text_layout = text_layout
+
+    def forward(self, x, context):
+        b, s, d = x.shape
+        tokens = torch.cat([context, x], dim=1)
+        qkv = self.qkv(tokens).view(b, tokens.shape[1], 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, tokens.shape[1], d)
+        return self.o(out[:, context.shape[1]:])
