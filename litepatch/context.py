@@ -8,8 +8,9 @@ The patched root module gets a forward pre-hook that reads the timestep of each 
     tensors of an earlier call of this step **repeats that call's branch** (a user timing one step, a
     benchmark loop: one state, sparse from the second call on); other inputs (sequential CFG passes the
     conditional and the unconditional text embeddings) are the next branch, 0, 1, 2, ...;
-  - at most :data:`MAX_BRANCHES` unnamed branches per generation: calls past that wrap around onto the
-    existing ones (with one warning), so the states per layer are bounded by the branches a generation shows;
+  - at most :data:`MAX_BRANCHES` unnamed branches per step (branch indices, hence states per layer, stay below
+    it for the whole generation): calls past that wrap around onto the existing ones (with one warning), so the
+    states per layer are bounded by the branches a generation shows;
 * a lower timestep: the next step;
 * anything else (a higher timestep, the schedule starting again): a new generation, whose state is
   reset and whose first ``warmup_steps`` steps run dense again.
