@@ -215,8 +215,10 @@ class LayerPatch:
             return f"query/key/value on {q.dtype}/{k.dtype}/{v.dtype}, {q.device}/{k.device}/{v.device}"
         key = ("refusal", tuple(q.shape), q.dtype, q.device, k.shape[1], call.key_mask is not None)
         if key not in self._tiles:
-            self._tiles[key] = registry.refusal(q, k.shape[1], backend=self.runtime.backend,
-                                                key_padding=call.key_mask is not None)
+            refused = registry.refusal(q, k.shape[1], backend=self.runtime.backend,
+                                       key_padding=call.key_mask is not None)
+            # the call as it is, then the registry's sentence (backend facts live there)
+            self._tiles[key] = refused and f"dtype {q.dtype}, head_dim {q.shape[-1]}, {q.device.type}: {refused}"
         if self._tiles[key]:
             return self._tiles[key]
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):

@@ -180,7 +180,7 @@ class SDPACaller(nn.Module):
         ({"is_causal": True}, torch.float32, False, "is_causal"),
         ({"dropout_p": 0.5}, torch.float32, False, "dropout_p=0.5"),
         ({"heads_kv": 1, "enable_gqa": True}, torch.float32, False, "grouped K/V heads"),
-        ({}, torch.float64, False, "dtype float64"),
+        ({}, torch.float64, False, "dtype torch.float64"),
         ({}, torch.float32, True, "autograd"),
     ],
 )
