@@ -53,6 +53,7 @@ class Runtime:
     layers: dict[str, LayerPatch] = field(default_factory=dict)
     context_name: str | None = None  # set by ``with model.cache_context(name):``
     text_tokens: int | None = None  # text length of the current top-level call
+    stream_text_tokens: int | None = None  # text tokens a double-stream joint layer of this call saw
     handle: object = None  # the LiteHandle
 
     def reset_states(self) -> None:
@@ -307,8 +308,12 @@ class LayerPatch:
             seq_q, seq_k, shards = q.shape[1], k.shape[1], call.shards
             local_q = seq_q // shards if seq_q % shards == 0 else seq_q
             local_k = seq_k // shards if seq_k % shards == 0 else seq_k
+            runtime = self.runtime
             kind = call_kind(self.info, local_q, local_k, call.hidden_tokens, call.encoder_tokens,
-                             self.runtime.text_tokens)
+                             runtime.stream_text_tokens or runtime.text_tokens)
+            if kind.kind == "joint" and kind.text_ranges and call.encoder_tokens and call.hidden_tokens:
+                # single-stream layers after it hold these text tokens (AuraFlow adds register tokens to them)
+                runtime.stream_text_tokens = local_q - call.hidden_tokens
             if kind.kind == "cross":
                 reason = f"{kind.why}: cross-attention stays dense"
             elif kind.kind == "joint" and not kind.text_ranges:
@@ -393,7 +398,7 @@ class RootPatch:
         self.check_reach()
         if runtime.tracker.observe(timestep, runtime.context_name, inputs):
             runtime.reset_states()
-        runtime.text_tokens = text_tokens
+        runtime.text_tokens, runtime.stream_text_tokens = text_tokens, None
         for layer in runtime.layers.values():
             layer.plan = layer.make_plan()
             layer.call_index = 0

@@ -130,7 +130,8 @@ def call_kind(info: AttentionLayerInfo, seq_q: int, seq_k: int, hidden_tokens: i
     * ``seq_q != seq_k``: keys from other tokens: cross-attention (never sparse);
     * the layer got ``encoder_hidden_states`` and its sequence holds the hidden tokens plus (some of) them:
       joint, the text tokens at the layer's ``text_layout``;
-    * a single-stream layer (text and video concatenated before it): joint, text length from the top level;
+    * a single-stream layer (text and video concatenated before it): joint, its text length the one the
+      double-stream layers of the same forward saw, else the top-level call's text argument;
     * otherwise: self-attention.
     """
     if seq_q != seq_k:

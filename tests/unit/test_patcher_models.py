@@ -30,6 +30,13 @@ EXPECTED = {
     "mochi": {"time_embed.pooler": "cross", "transformer_blocks.0.attn1": "joint"},
     "qwen_image": {"transformer_blocks.0.attn": "joint"},
     "lumina2": {"noise_refiner.0.attn": "self", "context_refiner.0.attn": "self", "layers.0.attn": "joint"},
+    "pixart": {"transformer_blocks.0.attn1": "self", "transformer_blocks.0.attn2": "cross"},
+    "chroma": {"transformer_blocks.0.attn": "joint", "single_transformer_blocks.0.attn": "joint"},
+    "flux2": {"transformer_blocks.0.attn": "joint", "single_transformer_blocks.0.attn": "joint"},
+    "skyreels_v2": {"blocks.0.attn1": "self", "blocks.0.attn2": "cross"},
+    "auraflow": {"joint_transformer_blocks.0.attn": "joint", "single_transformer_blocks.0.attn": "joint"},
+    "cogview4": {"transformer_blocks.0.attn1": "joint"},
+    "allegro": {"transformer_blocks.0.attn1": "self", "transformer_blocks.0.attn2": "cross"},
 }
 # joint layer -> the text tokens it must protect (must-compute ranges of its skip state)
 TEXT_RANGES = {
@@ -38,6 +45,11 @@ TEXT_RANGES = {
     "lumina2": {"layers.0.attn": ((0, 10),)},  # caption first in the unified layers
     "flux": {"transformer_blocks.0.attn": ((0, 12),), "single_transformer_blocks.0.attn": ((0, 12),)},
     "hunyuan_video": {"transformer_blocks.0.attn": ((384, 394),), "single_transformer_blocks.0.attn": ((384, 394),)},
+    "chroma": {"transformer_blocks.0.attn": ((0, 12),), "single_transformer_blocks.0.attn": ((0, 12),)},
+    "flux2": {"transformer_blocks.0.attn": ((0, 12),), "single_transformer_blocks.0.attn": ((0, 12),)},
+    # 8 register tokens + 12 text tokens, in the double- and in the single-stream layer
+    "auraflow": {"joint_transformer_blocks.0.attn": ((0, 20),), "single_transformer_blocks.0.attn": ((0, 20),)},
+    "cogview4": {"transformer_blocks.0.attn1": ((0, 12),)},
 }
 FACTORIES = {"wan_style": tm.wan_style, **tm.DIFFUSERS_FACTORIES}
 TIMESTEPS = (999, 900, 800, 700)

@@ -386,3 +386,144 @@ class HandWrittenJointAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, tokens.shape[1], d)
         return self.o(out[:, context.shape[1]:])
+
+
+def _grid_ids(height: int, width: int) -> torch.Tensor:
+    return torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(height)), torch.arange(float(width)),
+                                      indexing="ij"), -1).reshape(-1, 3)
+
+
+def pixart(seed: int = 0):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1,
+        cross_attention_dim=32, sample_size=32, patch_size=2, caption_channels=16, norm_num_groups=4,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 32, 40),  # 16 x 20 = 320 tokens
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "timestep": torch.tensor([999]),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def chroma(seed: int = 0):
+    from diffusers import ChromaTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = ChromaTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6), approximator_num_channels=16, approximator_hidden_dim=32,
+        approximator_layers=1,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 320, 4),
+        "encoder_hidden_states": torch.randn(1, 12, 16),
+        "timestep": torch.tensor([1.0]),
+        "img_ids": _grid_ids(16, 20),
+        "txt_ids": torch.zeros(12, 3),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def flux2(seed: int = 0):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    ).eval()
+    grid = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(16.0), torch.arange(20.0), torch.zeros(1),
+                                      indexing="ij"), -1).reshape(1, -1, 4)
+    inputs = {
+        "hidden_states": torch.randn(1, 320, 4),
+        "encoder_hidden_states": torch.randn(1, 12, 16),
+        "timestep": torch.tensor([1.0]),
+        "img_ids": grid,
+        "txt_ids": torch.zeros(1, 12, 4),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def skyreels_v2(seed: int = 0):
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(seed)
+    model = SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 5, 8, 16),  # 160 tokens
+        "timestep": torch.tensor([999]),
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def auraflow(seed: int = 0):
+    from diffusers import AuraFlowTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = AuraFlowTransformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=32,
+        out_channels=4, pos_embed_max_size=400,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 32, 40),  # 320 tokens
+        "encoder_hidden_states": torch.randn(1, 12, 16),
+        "timestep": torch.tensor([999]),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def cogview4(seed: int = 0):
+    from diffusers import CogView4Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        text_embed_dim=16, time_embed_dim=16, condition_dim=8, pos_embed_max_size=32, sample_size=32,
+        rope_axes_dim=(16, 16),
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 32, 40),  # 320 tokens
+        "encoder_hidden_states": torch.randn(1, 12, 16),
+        "timestep": torch.tensor([999]),
+        "original_size": torch.tensor([[32.0, 40.0]]),
+        "target_size": torch.tensor([[32.0, 40.0]]),
+        "crop_coords": torch.tensor([[0.0, 0.0]]),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def allegro(seed: int = 0):
+    from diffusers import AllegroTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = AllegroTransformer3DModel(
+        patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        num_layers=1, cross_attention_dim=32, sample_height=16, sample_width=16, sample_frames=5, caption_channels=16,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 5, 16, 16),  # 5 x 8 x 8 = 320 tokens
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "timestep": torch.tensor([999]),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+DIFFUSERS_FACTORIES.update({"pixart": pixart, "chroma": chroma, "flux2": flux2, "skyreels_v2": skyreels_v2,
+                            "auraflow": auraflow, "cogview4": cogview4, "allegro": allegro})
