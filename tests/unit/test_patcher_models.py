@@ -37,6 +37,10 @@ EXPECTED = {
     "auraflow": {"joint_transformer_blocks.0.attn": "joint", "single_transformer_blocks.0.attn": "joint"},
     "cogview4": {"transformer_blocks.0.attn1": "joint"},
     "allegro": {"transformer_blocks.0.attn1": "self", "transformer_blocks.0.attn2": "cross"},
+    "wan_vace": {f"{p}.{i}.{a}": k for p, n in (("blocks", 2), ("vace_blocks", 1)) for i in range(n)
+                 for a, k in (("attn1", "self"), ("attn2", "cross"))},
+    "latte": {"transformer_blocks.0.attn1": "self", "transformer_blocks.0.attn2": "cross",
+              "temporal_transformer_blocks.0.attn1": "self"},
 }
 # joint layer -> the text tokens it must protect (must-compute ranges of its skip state)
 TEXT_RANGES = {

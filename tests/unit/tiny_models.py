@@ -527,3 +527,43 @@ def allegro(seed: int = 0):
 
 DIFFUSERS_FACTORIES.update({"pixart": pixart, "chroma": chroma, "flux2": flux2, "skyreels_v2": skyreels_v2,
                             "auraflow": auraflow, "cogview4": cogview4, "allegro": allegro})
+
+
+def wan_vace(seed: int = 0):
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, vace_layers=[0],
+        vace_in_channels=8,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 5, 8, 16),  # 160 tokens
+        "timestep": torch.tensor([999]),
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "control_hidden_states": torch.randn(1, 8, 5, 8, 16),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def latte(seed: int = 0):
+    from diffusers import LatteTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1, sample_size=16,
+        patch_size=2, video_length=4, caption_channels=16, cross_attention_dim=32, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 4, 32, 32),  # 4 frames of 16 x 16 = 256 spatial tokens each
+        "timestep": torch.tensor([999]),
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+DIFFUSERS_FACTORIES.update({"wan_vace": wan_vace, "latte": latte})
