@@ -41,6 +41,7 @@ EXPECTED = {
                  for a, k in (("attn1", "self"), ("attn2", "cross"))},
     "latte": {"transformer_blocks.0.attn1": "self", "transformer_blocks.0.attn2": "cross",
               "temporal_transformer_blocks.0.attn1": "self"},
+    "hidream": {"double_stream_blocks.0.block.attn1": "joint", "single_stream_blocks.0.block.attn1": "joint"},
 }
 # joint layer -> the text tokens it must protect (must-compute ranges of its skip state)
 TEXT_RANGES = {
@@ -54,6 +55,9 @@ TEXT_RANGES = {
     # 8 register tokens + 12 text tokens, in the double- and in the single-stream layer
     "auraflow": {"joint_transformer_blocks.0.attn": ((0, 20),), "single_transformer_blocks.0.attn": ((0, 20),)},
     "cogview4": {"transformer_blocks.0.attn1": ((0, 12),)},
+    # 1024 image tokens (patchified to max_resolution), then t5 (8) + llama (6) + this block's llama layer (6)
+    "hidream": {"double_stream_blocks.0.block.attn1": ((1024, 1044),),
+                "single_stream_blocks.0.block.attn1": ((1024, 1044),)},
 }
 FACTORIES = {"wan_style": tm.wan_style, **tm.DIFFUSERS_FACTORIES}
 TIMESTEPS = (999, 900, 800, 700)
@@ -71,7 +75,7 @@ def _smooth(t: torch.Tensor) -> torch.Tensor:
 
 def _inputs_at(name: str, inputs: dict, t: int) -> dict:
     inputs = dict(inputs)
-    key = "t" if "t" in inputs else "timestep"
+    key = next(k for k in ("t", "timesteps", "timestep") if k in inputs)
     inputs[key] = torch.tensor([t / 1000 if name == "flux" else float(t)])
     return inputs
 

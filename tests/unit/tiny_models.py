@@ -567,3 +567,26 @@ def latte(seed: int = 0):
 
 
 DIFFUSERS_FACTORIES.update({"wan_vace": wan_vace, "latte": latte})
+
+
+def hidream(seed: int = 0):
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, caption_channels=[16, 16], text_emb_dim=16, num_routed_experts=2,
+        num_activated_experts=1, axes_dims_rope=(4, 6, 6), max_resolution=(64, 64), llama_layers=[0, 1],
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 32, 40),  # 16 x 20 = 320 image tokens
+        "timesteps": torch.tensor([999]),
+        "encoder_hidden_states_t5": torch.randn(1, 8, 16),
+        "encoder_hidden_states_llama3": torch.randn(2, 1, 6, 16),
+        "pooled_embeds": torch.randn(1, 16),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+DIFFUSERS_FACTORIES["hidream"] = hidream
