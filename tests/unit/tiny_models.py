@@ -590,3 +590,10 @@ def hidream(seed: int = 0):
 
 
 DIFFUSERS_FACTORIES["hidream"] = hidream
+
+
+def timm_unfused():
+    """A timm-style ViT whose second block computes its softmax by hand (``fused_attn=False``)."""
+    model = TimmStyleViT()
+    model.blocks[1]["attn"].fused_attn = False
+    return model
