@@ -4,8 +4,8 @@ The patched root module gets a forward pre-hook that reads the timestep of each 
 
 * the same timestep as the previous call: the same step, and a branch of it:
   - a name set by ``with transformer.cache_context("cond"):`` is the branch;
-  - otherwise the call's inputs decide: a call whose tensor arguments (other than the timestep) are the very
-    tensors of an earlier call of this step **repeats that call's branch** (a user timing one step, a
+  - otherwise the call's inputs decide: a call whose arguments (other than the timestep) are the very
+    tensors and equal other values of an earlier call of this step **repeats that call's branch** (a user timing one step, a
     benchmark loop: one state, sparse from the second call on); other inputs (sequential CFG passes the
     conditional and the unconditional text embeddings) are the next branch, 0, 1, 2, ...;
   - at most :data:`MAX_BRANCHES` unnamed branches per step (branch indices, hence states per layer, stay below
@@ -67,9 +67,9 @@ class StepTracker:
     def observe(self, timestep: float | None, branch_name: str | None = None, inputs: object = None) -> bool:
         """Records one top-level call; returns True when it starts a new generation.
 
-        ``inputs``: the call's tensor arguments other than the timestep (see :meth:`CallReader.read`); the very
-        same tensor objects again at one timestep are the same branch (tensors are held by weak reference:
-        a freed tensor never matches a new one). ``None`` makes every call at one timestep a new branch.
+        ``inputs``: the call's arguments other than the timestep (see :meth:`CallReader.read`); the very same
+        tensor objects and equal other values again at one timestep are the same branch (tensors are held by
+        weak reference: a freed tensor never matches a new one). ``None`` makes every call a new branch.
         """
         new_generation = self.pending_new
         self.pending_new = False
@@ -159,8 +159,8 @@ class CallReader:
     def read(self, args: tuple, kwargs: dict) -> tuple[float | None, int | None, tuple]:
         """(timestep, number of text tokens, inputs key) of one call; None where the call has none.
 
-        The inputs are the call's tensor arguments other than the timestep (compared by identity: no data is
-        read, so no device sync).
+        The inputs are the call's arguments other than the timestep: tensors are compared by identity (no
+        data is read, so no device sync), other values (flags, lists of skipped layers) by value.
         """
         arguments = self._arguments(args, kwargs)
         timestep, timestep_value = None, None
@@ -176,8 +176,10 @@ class CallReader:
                 if isinstance(value, torch.Tensor) and value.dim() <= 1 and value.numel() >= 1:
                     timestep, timestep_value = _scalar(value), value
                     break
-        values = list(arguments.values()) if arguments else list(args)
-        inputs = tuple(v for v in values if isinstance(v, torch.Tensor) and v is not timestep_value)
+        if arguments:
+            inputs = tuple((k, v) for k, v in arguments.items() if v is not timestep_value)
+        else:
+            inputs = tuple(v for v in args if v is not timestep_value)
         text_tokens = None
         for name in TEXT_NAMES:
             value = arguments.get(name)
@@ -187,14 +189,37 @@ class CallReader:
         return timestep, text_tokens, inputs
 
 
+class _Same:
+    """A tensor held by weak reference: equal only to the very same tensor (a freed one never matches)."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.ref = weakref.ref(tensor)
+
+    def matches(self, value) -> bool:
+        return self.ref() is value
+
+
 def _remembered(inputs):
-    if isinstance(inputs, tuple) and all(isinstance(t, torch.Tensor) for t in inputs):
-        return tuple(weakref.ref(t) for t in inputs)
+    """What :meth:`StepTracker.observe` keeps of a call's inputs: tensors by identity, other values as they are."""
+    if isinstance(inputs, torch.Tensor):
+        return _Same(inputs)
+    if isinstance(inputs, (list, tuple)):
+        return tuple(_remembered(v) for v in inputs)
+    if isinstance(inputs, dict):
+        return tuple((k, _remembered(v)) for k, v in inputs.items())
     return inputs
 
 
 def _same_inputs(seen, inputs) -> bool:
-    if isinstance(inputs, tuple) and all(isinstance(t, torch.Tensor) for t in inputs):
-        return (isinstance(seen, tuple) and len(seen) == len(inputs)
-                and all(isinstance(r, weakref.ref) and r() is t for r, t in zip(seen, inputs)))
-    return seen == inputs
+    if isinstance(seen, _Same):
+        return seen.matches(inputs)
+    if isinstance(inputs, (list, tuple, dict)):
+        items = list(inputs.items()) if isinstance(inputs, dict) else list(inputs)
+        return (isinstance(seen, tuple) and len(seen) == len(items)
+                and all(_same_inputs(a, b) for a, b in zip(seen, items)))
+    try:
+        return bool(seen == inputs)
+    except Exception:  # values whose == is not a plain bool
+        return seen is inputs

@@ -354,3 +354,25 @@ def test_hand_written_joint_attention_protects_the_text_tokens(layout, ranges):
     handle.configure(threshold=float("-inf"))
     torch.testing.assert_close(_run(model, {"x": x, "context": context}), reference, rtol=1e-5, atol=1e-5)
     handle.remove()
+
+
+def test_calls_that_differ_only_in_a_flag_are_separate_branches():
+    """Skip-layer guidance passes the same tensors with another argument: a branch of its own."""
+
+    class Flagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, _ = tm.wan_style()
+
+        def forward(self, x, t, context, skip_layers=None):
+            return self.inner(x, t, context)
+
+    model = Flagged().eval()
+    _, inputs = tm.wan_style()
+    handle = litepatch.apply(model, threshold=-6.0)
+    for _ in range(3):
+        _run(model, inputs)
+        _run(model, inputs, skip_layers=[1])
+        _run(model, inputs, skip_layers=[1])  # equal value, new list: the same branch
+    assert [r["branch"] for r in handle.stats().records if r["layer"] == "inner.blocks.0.self_attn"] == [0, 1, 1] * 3
+    handle.remove()
