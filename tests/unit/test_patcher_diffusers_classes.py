@@ -26,6 +26,8 @@ S, X, J, NA, OUT = "self", "cross", "joint", "not applicable", "out of reach"
 
 # Constructor kwargs for the classes whose defaults do not build (None where a size must be given).
 CONFIGS = {
+    "HunyuanDiT2DModel": dict(in_channels=4, patch_size=2),
+    "EasyAnimateTransformer3DModel": dict(in_channels=16, out_channels=16, patch_size=2),
     "LatteTransformer3DModel": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
                                     num_layers=2, sample_size=16, patch_size=2, video_length=4, caption_channels=32,
                                     cross_attention_dim=32),
@@ -50,8 +52,6 @@ CONFIGS = {
 }
 # Classes that cannot be built without a checkpoint-sized config this test does not guess; each names why.
 NOT_BUILT = {
-    "HunyuanDiT2DModel": "its defaults leave sizes unset (TypeError in __init__); attention is diffusers Attention",
-    "EasyAnimateTransformer3DModel": "its defaults leave sample sizes unset; attention is diffusers Attention",
     "OmniGenTransformer2DModel": "its rope scaling config needs checkpoint values; attention is diffusers Attention",
 }
 
@@ -121,6 +121,8 @@ def test_every_attention_layer_found_and_classified(name):
 
 
 EXPECTED.update({
+    'HunyuanDiT2DModel': {'blocks.*.attn1': S, 'blocks.*.attn2': X},
+    'EasyAnimateTransformer3DModel': {'transformer_blocks.*.attn1': J},
     'AceStepTransformer1DModel': {'layers.*.self_attn': S, 'layers.*.cross_attn': X},
     'AuraFlowTransformer2DModel': {'joint_transformer_blocks.*.attn': J, 'single_transformer_blocks.*.attn': J},
     'CogVideoXTransformer3DModel': {'transformer_blocks.*.attn1': J},
