@@ -5,9 +5,10 @@ The patched root module gets a forward pre-hook that reads the timestep of each 
 * the same timestep as the previous call: the same step, and a branch of it:
   - a name set by ``with transformer.cache_context("cond"):`` is the branch;
   - otherwise the call's inputs decide: a call whose arguments (other than the timestep) are the very
-    tensors and equal other values of an earlier call of this step **repeats that call's branch** (a user timing one step, a
-    benchmark loop: one state, sparse from the second call on); other inputs (sequential CFG passes the
-    conditional and the unconditional text embeddings) are the next branch, 0, 1, 2, ...;
+    tensors and equal other values of an earlier call of this step **repeats that call's branch** (a user
+    timing one step, a benchmark loop: one state, sparse from the second call on); other inputs
+    (sequential CFG passes the conditional and the unconditional text embeddings) are the next branch,
+    0, 1, 2, ...;
   - at most :data:`MAX_BRANCHES` unnamed branches per step (branch indices, hence states per layer, stay below
     it for the whole generation): calls past that wrap around onto the existing ones (with one warning), so the
     states per layer are bounded by the branches a generation shows;

@@ -35,7 +35,9 @@ _REGISTRY: list[Adapter] = [DiffusersAdapter(), MultiheadAttentionAdapter(), Tim
 
 
 def register_adapter(adapter: Adapter, *, first: bool = True) -> None:
-    """Adds ``adapter`` to the registry (before the built-in ones unless ``first=False``); replaces one of the same name."""
+    """Adds ``adapter`` to the registry (before the built-in ones unless ``first=False``).
+
+    An adapter of the same name is replaced."""
     _check(adapter)
     _REGISTRY[:] = [a for a in _REGISTRY if a.name != adapter.name]
     _REGISTRY.insert(0 if first else len(_REGISTRY), adapter)

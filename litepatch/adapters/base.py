@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -167,7 +166,8 @@ def mask_problem(mask, batch: int, seq_k: int) -> tuple[torch.Tensor | None, str
     if not isinstance(mask, torch.Tensor):
         return None, f"an attention mask of type {type(mask).__name__}"
     if mask.dtype != torch.bool:
-        return None, f"an additive {str(mask.dtype).replace('torch.', '')} attention mask (only boolean key-padding masks are sparse)"
+        dtype = str(mask.dtype).replace("torch.", "")
+        return None, f"an additive {dtype} attention mask (only boolean key-padding masks are sparse)"
     shape = tuple(mask.shape)
     squeezed = mask
     while squeezed.dim() > 2 and squeezed.shape[1] == 1:
@@ -514,7 +514,3 @@ def iter_named(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, t
         for child_name, child in module.named_children():
             parents[f"{name}.{child_name}" if name else child_name] = module
         yield name, module, parents.get(name)
-
-
-def finite_or_none(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

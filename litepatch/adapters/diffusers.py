@@ -131,7 +131,9 @@ def reaches_attention(function, depth: int = 2) -> bool:
     names = code_names(function)
     for name in names:
         value = function.__globals__.get(name, None)
-        if (value is torch.nn.functional and SDPA_NAME in names) or value is torch.nn.functional.scaled_dot_product_attention:
+        if value is torch.nn.functional.scaled_dot_product_attention:
+            return True
+        if value is torch.nn.functional and SDPA_NAME in names:
             return True
         if _is_dispatch(value):
             return True
@@ -187,7 +189,8 @@ def _kind(module: torch.nn.Module, name: str, parent) -> tuple[str, str, bool]:
     processor = processor_name(module)
     call = getattr(type(_processor(module)), "__call__", None)
     if processor and not reaches_attention(call) and any(w in processor for w in LINEAR_PROCESSOR_WORDS):
-        return "not applicable", f"{processor} computes linear attention (no softmax): LiteAttention does not apply", False
+        why = f"{processor} computes linear attention (no softmax): LiteAttention does not apply"
+        return "not applicable", why, False
     cross = _cross_reason(module, attr_name)
     if cross is not None:
         return "cross", cross, False
@@ -270,7 +273,7 @@ def _install_processor_proxy(module: torch.nn.Module, processor, layer):
 
     functools.update_wrapper(__call__, call)
     proxy_cls = type(f"LiteProxy{type(processor).__name__}", (ProcessorProxy,), {"__call__": __call__})
-    proxy = proxy_cls(processor, module)
+    proxy = proxy_cls(processor)
     previous = module.__dict__.get("processor", _MISSING)
     module.__dict__["processor"] = proxy
 
@@ -292,7 +295,7 @@ _MISSING = object()
 class ProcessorProxy:
     """Stands in for a layer's processor: calls its routed ``__call__``; every attribute is the processor's."""
 
-    def __init__(self, inner, module):
+    def __init__(self, inner):
         object.__setattr__(self, "_litepatch_inner", inner)
 
     def __getattr__(self, name):

@@ -36,7 +36,8 @@ def test_multihead_attention_self_and_cross_classified_and_self_routed():
     model, inputs = tm.mha_dit()
     infos = {i.name: i for i in litepatch.inspect(model)}
     assert {n: i.kind for n, i in infos.items()} == {
-        "blocks.0.attn": "self", "blocks.0.cross_attn": "cross", "blocks.1.attn": "self", "blocks.1.cross_attn": "cross"}
+        "blocks.0.attn": "self", "blocks.0.cross_attn": "cross",
+        "blocks.1.attn": "self", "blocks.1.cross_attn": "cross"}
     assert infos["blocks.0.attn"].adapter == "nn.MultiheadAttention" and infos["blocks.0.attn"].head_dim == 32
     reference = _run(model, inputs)
     handle = litepatch.apply(model, threshold=float("-inf"))
@@ -348,7 +349,7 @@ def test_hand_written_joint_attention_protects_the_text_tokens(layout, ranges):
     reference = _run(model, {"x": x, "context": context})
     handle = litepatch.apply(model, threshold=0.0)
     for _ in range(2):
-        out = _run(model, {"x": x, "context": context})
+        _run(model, {"x": x, "context": context})
     state = handle.skip_states()[""][0]
     assert state.must_compute_keys == ranges and state.must_compute_queries == ranges
     handle.configure(threshold=float("-inf"))
