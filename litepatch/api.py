@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import torch
 
 from .adapters import Adapter, AttentionLayerInfo, find_attention_layers
+from .adapters.diffusers import pipeline_roots
 from .hooks import LayerPatch, RootPatch, Runtime
 from .recipes import check_fingerprint, validate
 from .recipes.io import unmatched_patterns
@@ -32,12 +33,8 @@ def _roots(model) -> list[tuple[str, torch.nn.Module]]:
     """(name prefix, module) pairs to patch: the module itself, or a pipeline's transformer(s)."""
     if isinstance(model, torch.nn.Module):
         return [("", model)]
-    transformer = getattr(model, "transformer", None)
-    if isinstance(transformer, torch.nn.Module):
-        roots = [("", transformer)]
-        second = getattr(model, "transformer_2", None)
-        if isinstance(second, torch.nn.Module):
-            roots.append(("transformer_2.", second))
+    roots = pipeline_roots(model)
+    if roots:
         return roots
     raise TypeError(
         f"expected a torch.nn.Module or a diffusers pipeline with a .transformer, got {type(model).__name__}"

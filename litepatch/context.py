@@ -40,8 +40,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .adapters.base import ENCODER_NAMES
+
 TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
-TEXT_NAMES = ("encoder_hidden_states", "context", "text_embeds", "prompt_embeds")
+TEXT_NAMES = ENCODER_NAMES + ("text_embeds",)  # where a root's forward takes the text tokens
 MAX_BRANCHES = 8
 
 Branch = int | str

@@ -81,6 +81,20 @@ LINEAR_PROCESSOR_WORDS = ("Linear", "Multiscale")
 PROCESSOR_FIX = ("give the layer an SDPA processor (e.g. module.set_processor(AttnProcessor2_0()) or "
                  "model.set_default_attn_processor())")
 _CROSS_WORDS = ("attn2", "cross", "xattn")
+# A diffusers pipeline's denoisers, patched together (Wan2.2's second expert gets the prefix "transformer_2.").
+PIPELINE_DENOISERS = ("transformer", "transformer_2")
+
+
+def pipeline_roots(pipeline) -> list[tuple[str, torch.nn.Module]]:
+    """(name prefix, module) of a pipeline's denoisers; [] when ``pipeline`` has no ``.transformer``."""
+    roots = []
+    for i, attr in enumerate(PIPELINE_DENOISERS):
+        module = getattr(pipeline, attr, None)
+        if isinstance(module, torch.nn.Module):
+            roots.append(("" if i == 0 else f"{attr}.", module))
+        elif i == 0:
+            return []
+    return roots
 
 
 def is_diffusers_attention(module: torch.nn.Module) -> bool:
