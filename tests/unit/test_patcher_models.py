@@ -230,3 +230,22 @@ def test_timm_style_attention_found_and_exact():
     assert len(handle.stats().records) == 2
     handle.remove()
     assert torch.equal(_run(model, {"x": x}), reference)
+
+
+def test_mochi_batch_rows_attend_one_by_one_each_with_its_own_state():
+    """Mochi's processor loops over batch rows (each drops its own padded text): one state per row."""
+    model, inputs = tm.mochi()
+    inputs = dict(inputs)
+    for key in ("hidden_states", "encoder_hidden_states"):
+        inputs[key] = torch.cat([inputs[key], torch.randn_like(inputs[key])])
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, 9:] = False
+    mask[1, 5:] = False
+    inputs["encoder_attention_mask"] = mask
+    reference = _run(model, inputs)
+    handle = litepatch.apply(model, threshold=float("-inf"))
+    torch.testing.assert_close(_run(model, inputs), reference, rtol=1e-5, atol=1e-5)
+    states = handle.skip_states()["transformer_blocks.0.attn1"]
+    assert set(states) == {0, (0, 1)}
+    assert states[0].must_compute_keys == ((384, 393),) and states[(0, 1)].must_compute_keys == ((384, 389),)
+    handle.remove()
