@@ -409,7 +409,7 @@ class Adapter:
 
     def matches(self, module: torch.nn.Module, name: str) -> bool:
         """Whether ``module`` (at ``name`` in the model) is an attention layer of this family."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define matches(module, name)")
 
     def describe(self, module: torch.nn.Module, name: str, parent: torch.nn.Module | None) -> AttentionLayerInfo:
         """The layer's static record: kind and why, heads, head dim, whether it is in reach."""

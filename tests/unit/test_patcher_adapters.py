@@ -377,3 +377,19 @@ def test_calls_that_differ_only_in_a_flag_are_separate_branches():
         _run(model, inputs, skip_layers=[1])  # equal value, new list: the same branch
     assert [r["branch"] for r in handle.stats().records if r["layer"] == "inner.blocks.0.self_attn"] == [0, 1, 1] * 3
     handle.remove()
+
+
+def test_bad_adapters_are_refused_with_a_clear_error():
+    from litepatch.adapters import register_adapter
+
+    class Nameless(Adapter):
+        name = ""
+
+    class NoMatches(Adapter):
+        name = "no-matches"
+
+    with pytest.raises(ValueError, match="needs a non-empty name"):
+        register_adapter(Nameless())
+    with pytest.raises(NotImplementedError, match=r"NoMatches must define matches\(module, name\)"):
+        litepatch.inspect(tm.TimmStyleViT(), adapter=NoMatches())
+    assert [a.name for a in registered_adapters()] == ["diffusers", "nn.MultiheadAttention", "timm-style", "sdpa-call"]
