@@ -280,18 +280,24 @@ def test_inspect_cli_saves_a_recipe(tmp_path, capsys):
 # ------------------------------------------------------------------------------------ out of reach
 def test_diffusers_attention_backends_are_reached_through_dispatch():
     pytest.importorskip("diffusers")
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
     model, inputs = tm.wan_diffusers()
-    model.set_attention_backend("flex")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reference = _run(model, inputs)
-        handle = litepatch.apply(model, threshold=-6.0, warmup_steps=1)
-        assert torch.equal(_run(model, inputs), reference)  # warm-up runs the chosen backend
-        _run(model, inputs, timestep=torch.tensor([500]))
-    records = handle.stats().records
-    assert [r["dense"] for r in records] == [True, True, False, False]
-    handle.remove()
-    model.reset_attention_backend()
+    active = _AttentionBackendRegistry._active_backend  # set_attention_backend also sets diffusers' global one
+    try:
+        model.set_attention_backend("flex")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference = _run(model, inputs)
+            handle = litepatch.apply(model, threshold=-6.0, warmup_steps=1)
+            assert torch.equal(_run(model, inputs), reference)  # warm-up runs the chosen backend
+            _run(model, inputs, timestep=torch.tensor([500]))
+        records = handle.stats().records
+        assert [r["dense"] for r in records] == [True, True, False, False]
+        handle.remove()
+    finally:
+        model.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(active)
 
 
 def test_a_processor_replaced_after_apply_warns_once_naming_the_layer():
