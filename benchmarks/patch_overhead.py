@@ -6,8 +6,18 @@ call (interception, plan, state lookup, two kernel launches, stats record), for 
 kernel without the skip test) and -4. ``syncs`` counts the host-device synchronisations torch reports in
 one forward.
 
+On a machine without a GPU, ``--cpu`` measures the same on CPU with a *null* LiteAttention backend (registered
+for the run: it returns its query as the output and leaves the skip state as it is), so the numbers are the
+patcher's host time alone: interception, plan, registry checks, stats record. Two rows:
+
+* ``dense path``: warm-up calls (litepatch looks at the call and runs the model's own attention);
+  added host time = (patched - unpatched) / attention calls;
+* ``sparse path``: calls that go to the (null) kernel; added host time = (patched - unpatched) / calls, the
+  unpatched model's SDPA replaced by a null function for the run, so neither side computes attention.
+
 Example:
     $ python benchmarks/patch_overhead.py --json bench-out/patch_overhead.json
+    $ python benchmarks/patch_overhead.py --cpu --iters 200
 """
 
 from __future__ import annotations
@@ -31,8 +41,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="print the host profile of patched forwards")
+    parser.add_argument("--cpu", action="store_true", help="CPU, null kernel: the patcher's host time alone")
+    parser.add_argument("--rounds", type=int, default=7, help="--cpu: interleaved rounds (medians are printed)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    if args.cpu:
+        return cpu_main(args)
     import diffusers
 
     import litepatch
@@ -113,6 +127,143 @@ def per_call_host_us(iters: int = 2000) -> dict[str, float]:
         out[name] = (time.perf_counter() - start) / iters * 1e6
         torch.cuda.synchronize()
     return out
+
+
+NULL_BACKEND = "null-cpu"
+
+
+@torch.inference_mode()
+def per_layer_call_us(model, latents, rounds: int, null_sdpa) -> dict[str, float]:
+    """One self-attention module called alone, patched (null kernel) vs unpatched (null SDPA), interleaved: the
+    interception's own host time without the rest of the forward's noise; plus the root pre-hook per layer."""
+    import statistics
+    from unittest import mock
+
+    import litepatch
+
+    attn = model.blocks[0].attn1
+    hidden = torch.randn(1, latents[0, 0].numel() // 4, attn.to_q.in_features)
+    rotary = model.rope(latents)
+
+    def timed(fn, n=2000) -> float:
+        for _ in range(100):
+            fn()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - start) / n * 1e6
+
+    calls, hooks = [], []
+    for _ in range(rounds):
+        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", null_sdpa):
+            unpatched = timed(lambda: attn(hidden, None, None, rotary))
+        handle = litepatch.apply(model, threshold=-4.0, backend=NULL_BACKEND)
+        layer = attn._litepatch
+        root = model._litepatch
+        kwargs = dict(hidden_states=latents, timestep=torch.full((1,), 999.0), encoder_hidden_states=None)
+        root._pre_hook(model, (), kwargs)
+
+        def call():
+            layer.last_call = None  # as in a forward: one call per plan
+            attn(hidden, None, None, rotary)
+
+        calls.append(timed(call) - unpatched)
+        hooks.append(timed(lambda: root._pre_hook(model, (), kwargs), 300) / len(handle.layers))
+        handle.remove()
+    return {"one attention module, patched - unpatched": statistics.median(calls),
+            "root pre-hook (plans, records), per layer": statistics.median(hooks)}
+
+
+def _register_null_backend() -> None:
+    """A CPU backend that computes nothing: the host cost of the patcher without any kernel."""
+    from litepatch.kernels import registry
+    from litepatch.kernels.state import TileConfig
+
+    lse = {}
+
+    def null_forward(q, k, v, keep, anchor, kept, must_q, must_k, key_valid, **kwargs):
+        # q itself as the output: no allocation, and no uninitialised memory (denormals would slow the next layers)
+        shape = (q.shape[0], q.shape[2], q.shape[1])
+        return q, lse.setdefault(shape, torch.zeros(shape))
+
+    registry.register_backend(registry.Backend(
+        name=NULL_BACKEND, forward=null_forward, tiles=lambda head_dim: TileConfig(128, 64),
+        constraints=registry.Constraints(device_types=("cpu",), dtypes=(torch.float32,))))
+
+
+def cpu_main(args) -> None:
+    import diffusers
+
+    import litepatch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    _register_null_backend()
+    # smaller still than TINY_WAN: the less the rest of the forward costs, the less its noise hides
+    config = dict(TINY_WAN, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+                  ffn_dim=16)
+    model = diffusers.WanTransformer3DModel(**config).eval()
+    latents = torch.randn(1, 4, 1, 16, 16)  # 64 tokens: the forward is host-bound
+    text = torch.randn(1, 16, 16)
+    layers = TINY_WAN["num_layers"]
+
+    @torch.inference_mode()
+    def per_forward_us(same_step: bool) -> float:
+        def call(i):
+            t = torch.full((1,), 999.0 if same_step else 999.0 - i)
+            model(hidden_states=latents, timestep=t, encoder_hidden_states=text, return_dict=False)
+
+        for i in range(10):
+            call(i)
+        best = float("inf")
+        for _ in range(3):  # best of 3 repeats
+            start = time.perf_counter()
+            for i in range(args.iters):
+                call(i)
+            best = min(best, (time.perf_counter() - start) / args.iters * 1e6)
+        return best
+
+    q = torch.randn(1, 2, 64, 16)
+    with torch.inference_mode():
+        for _ in range(100):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        start = time.perf_counter()
+        for _ in range(2000):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        sdpa_us = (time.perf_counter() - start) / 2000 * 1e6
+    import statistics
+    from unittest import mock
+
+    def null_sdpa(query, key, value, **kwargs):  # the unpatched model's attention, computing nothing
+        return query
+
+    dense_diffs, sparse_diffs, unpatched_times = [], [], []
+    for _ in range(args.rounds):  # interleaved rounds, medians: the host is shared and its speed drifts
+        unpatched = per_forward_us(False)
+        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", null_sdpa):
+            unpatched_null = per_forward_us(True)
+        handle = litepatch.apply(model, threshold=-4.0, warmup_steps=10**6, backend=NULL_BACKEND)
+        dense = per_forward_us(False)
+        handle.configure(warmup_steps=0)
+        sparse = per_forward_us(True)
+        handle.remove()
+        unpatched_times.append(unpatched)
+        dense_diffs.append((dense - unpatched) / layers)
+        sparse_diffs.append((sparse - unpatched_null) / layers)
+    unpatched = statistics.median(unpatched_times)
+    rows = {
+        "dense path (warm-up: the model's own SDPA)": statistics.median(dense_diffs),
+        "sparse path (null kernel vs a null SDPA)": statistics.median(sparse_diffs),
+    }
+    rows.update(per_layer_call_us(model, latents, args.rounds, null_sdpa))
+    print(f"CPU (1 thread), tiny Wan (2 heads x 16), {layers} self-attention layers, 64 tokens, fp32; unpatched "
+          f"forward {unpatched:.0f} us, SDPA alone {sdpa_us:.1f} us per call; medians of {args.rounds} rounds")
+    for name, us in rows.items():
+        print(f"  {name:<44} +{us:6.1f} us host time per attention call")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": "cpu", "layers": layers, "unpatched_us": unpatched, "sdpa_us": sdpa_us,
+                       "added_host_us_per_call": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

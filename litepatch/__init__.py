@@ -10,7 +10,7 @@
 __version__ = "0.1.0"
 
 from .api import DEFAULT_THRESHOLD, LiteHandle, apply, fingerprint, inspect, remove  # noqa: E402
-from .discovery import AttentionLayerInfo  # noqa: E402
+from .adapters import Adapter, AttentionLayerInfo, register_adapter  # noqa: E402
 from .recipes.schema import LayerSetting, ModelFingerprint, Recipe  # noqa: E402
 from .stats import LiteStats  # noqa: E402
 
@@ -25,6 +25,7 @@ def calibrate(*args, **kwargs):
 
 __all__ = [
     "DEFAULT_THRESHOLD",
+    "Adapter",
     "AttentionLayerInfo",
     "LayerSetting",
     "LiteHandle",
@@ -36,5 +37,6 @@ __all__ = [
     "calibrate",
     "fingerprint",
     "inspect",
+    "register_adapter",
     "remove",
 ]

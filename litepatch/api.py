@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
+import warnings
 from collections.abc import Mapping
 
 import torch
 
-from .discovery import AttentionLayerInfo, find_attention_layers
+from .adapters import Adapter, AttentionLayerInfo, find_attention_layers
+from .adapters.diffusers import pipeline_roots
 from .hooks import LayerPatch, RootPatch, Runtime
 from .recipes import check_fingerprint, validate
 from .recipes.io import unmatched_patterns
@@ -31,34 +33,34 @@ def _roots(model) -> list[tuple[str, torch.nn.Module]]:
     """(name prefix, module) pairs to patch: the module itself, or a pipeline's transformer(s)."""
     if isinstance(model, torch.nn.Module):
         return [("", model)]
-    transformer = getattr(model, "transformer", None)
-    if isinstance(transformer, torch.nn.Module):
-        roots = [("", transformer)]
-        second = getattr(model, "transformer_2", None)
-        if isinstance(second, torch.nn.Module):
-            roots.append(("transformer_2.", second))
+    roots = pipeline_roots(model)
+    if roots:
         return roots
     raise TypeError(
         f"expected a torch.nn.Module or a diffusers pipeline with a .transformer, got {type(model).__name__}"
     )
 
 
-def _layers(model) -> list[tuple[AttentionLayerInfo, torch.nn.Module, torch.nn.Module]]:
+def _layers(model, adapter=None) -> list[tuple[AttentionLayerInfo, torch.nn.Module, torch.nn.Module, Adapter]]:
     found = []
     for prefix, root in _roots(model):
-        for info, module in find_attention_layers(root):
+        for info, module, family in find_attention_layers(root, adapter):
             if prefix:
                 info = dataclasses.replace(info, name=prefix + info.name)
-            found.append((info, module, root))
+            found.append((info, module, root, family))
     return found
 
 
-def inspect(model) -> list[AttentionLayerInfo]:
+def inspect(model, adapter: Adapter | str | None = None) -> list[AttentionLayerInfo]:
     """Lists the attention layers litepatch finds, how it classified them and why (a dry run).
+
+    Layers whose attention runs out of litepatch's reach have ``sparse=False`` and say why and what to do in
+    ``out_of_reach``; linear (non-softmax) attention has ``kind="not applicable"``.
 
     Args:
         model: a ``torch.nn.Module`` or a diffusers pipeline (its ``.transformer``, and ``.transformer_2``
             of Wan2.2, whose layer names get the prefix ``"transformer_2."``).
+        adapter: a :class:`litepatch.adapters.Adapter` (or its registered name) tried before the built-in ones.
 
     Example:
         >>> for info in litepatch.inspect(pipe.transformer):
@@ -66,10 +68,10 @@ def inspect(model) -> list[AttentionLayerInfo]:
         blocks.0.attn1 self 12 128 diffusers: queries and keys from the same tokens
         blocks.0.attn2 cross 12 128 diffusers: is_cross_attention=True
     """
-    return [info for info, _, _ in _layers(model)]
+    return [info for info, _, _, _ in _layers(model, adapter)]
 
 
-def fingerprint(model) -> ModelFingerprint:
+def fingerprint(model, adapter: Adapter | str | None = None) -> ModelFingerprint:
     """What identifies ``model`` for recipes: class, number of sparse layers, heads, head dim, their names.
 
     Example:
@@ -77,7 +79,7 @@ def fingerprint(model) -> ModelFingerprint:
         30
     """
     roots = _roots(model)
-    sparse = [info for info in inspect(model) if info.sparse]
+    sparse = [info for info in inspect(model, adapter) if info.sparse]
     return ModelFingerprint(
         model_class=type(roots[0][1]).__name__,
         num_layers=len(sparse),
@@ -146,8 +148,8 @@ def _effective_recipe(recipe, threshold, warmup_steps, order, layers, model=None
     return validate(recipe)
 
 
-def _check_against_model(recipe: Recipe, model, allow_mismatch: bool) -> None:
-    model_fp = fingerprint(model)
+def _check_against_model(recipe: Recipe, model, allow_mismatch: bool, adapter=None) -> None:
+    model_fp = fingerprint(model, adapter)
     unmatched = unmatched_patterns(recipe, model_fp.layer_names)
     if unmatched:
         examples = ", ".join(model_fp.layer_names[:3]) or "none found"
@@ -167,11 +169,13 @@ class LiteHandle:
         step, branch, generation: where the running generation is (read by the calibrator).
     """
 
-    def __init__(self, model, runtime: Runtime, roots: list[torch.nn.Module], modules: dict[str, torch.nn.Module]):
+    def __init__(self, model, runtime: Runtime, roots: list[torch.nn.Module], modules: dict[str, torch.nn.Module],
+                 adapter=None):
         self.model = model
         self._runtime = runtime
         self._roots = roots
         self._modules = modules
+        self._adapter = adapter
         self._removed = False
 
     @property
@@ -204,7 +208,7 @@ class LiteHandle:
             return
         for root in self._roots:
             attachment = root.__dict__.get("_litepatch")
-            if isinstance(attachment, RootPatch):
+            if isinstance(attachment, RootPatch) and attachment.handle is self:
                 attachment.uninstall(root)
         for name, module in self._modules.items():
             self._runtime.layers[name].uninstall(module)
@@ -232,7 +236,7 @@ class LiteHandle:
         base = self._runtime.recipe if recipe is None else recipe
         new = _effective_recipe(base, threshold, warmup_steps, order, layers, self.model)
         if new.layers:
-            _check_against_model(new, self.model, allow_mismatch=True)
+            _check_against_model(new, self.model, allow_mismatch=True, adapter=self._adapter)
         self._runtime.recipe = new
         self.reset()
         self.clear_stats()
@@ -247,6 +251,35 @@ class LiteHandle:
             recipe_name=recipe.name,
             hub_revision=recipe.provenance.hub_revision,
         )
+
+    def to_recipe(self, name: str | None = None, *, measured: bool = True) -> Recipe:
+        """The settings in use as a :class:`Recipe`: this model's fingerprint, thresholds (default, schedule,
+        per-layer), warm-up, order and, when calls were recorded, the measured kept fraction.
+
+        Applying the saved recipe to the same model gives the same behaviour.
+
+        Example:
+            >>> handle = litepatch.apply(transformer, threshold=-6.0, warmup_steps=4)
+            >>> video = pipe(prompt).frames
+            >>> litepatch.recipes.save(handle.to_recipe("my-wan"), "my-wan.yaml")
+            >>> litepatch.apply(other_process_transformer, recipe="my-wan.yaml")
+        """
+        self._check_active()
+        recipe = self._runtime.recipe
+        kept = None
+        if measured:
+            stats = self.stats()
+            kept = stats.kept_fraction() if stats.records else None
+        from . import __version__
+
+        measured_values = dataclasses.replace(
+            recipe.measured, kept_fraction=kept if kept is not None else recipe.measured.kept_fraction,
+            litepatch_version=__version__,
+        )
+        return validate(dataclasses.replace(
+            recipe, name=name or recipe.name, fingerprint=fingerprint(self.model, self._adapter),
+            measured=measured_values,
+        ))
 
     def skip_states(self) -> dict[str, dict]:
         """The live skip state of each patched layer and CFG branch: ``{layer: {branch: SkipState}}``.
@@ -277,6 +310,27 @@ def _attached(model) -> list[torch.nn.Module]:
     return [root for _, root in _roots(model) if isinstance(root.__dict__.get("_litepatch"), RootPatch)]
 
 
+def _patched_inside(model) -> list[tuple[str, object]]:
+    """(module path, its patch) of every module of ``model`` (module or pipeline) that litepatch patched."""
+    found = []
+    for prefix, root in _roots(model):
+        for name, module in root.named_modules():
+            patch = module.__dict__.get("_litepatch")
+            if patch is not None:
+                found.append((prefix + name, patch))
+    return found
+
+
+def _handle_of(patch):
+    return patch.handle if isinstance(patch, RootPatch) else getattr(patch.runtime, "handle", None)
+
+
+def _warn_out_of_reach(found) -> None:
+    for info, _, _, _ in found:
+        if info.out_of_reach:
+            warnings.warn(f"litepatch: {info.name} stays dense: {info.out_of_reach}", UserWarning, stacklevel=3)
+
+
 def apply(
     model,
     recipe: Recipe | str | os.PathLike | None = None,
@@ -285,7 +339,7 @@ def apply(
     warmup_steps: int | None = None,
     order: str | None = None,
     layers: Mapping | None = None,
-    adapter: str | None = None,
+    adapter: Adapter | str | None = None,
     backend: str = "auto",
     allow_fingerprint_mismatch: bool = False,
     force: bool = False,
@@ -302,10 +356,11 @@ def apply(
         warmup_steps (`int`, *optional*): dense steps at the start of each generation.
         order (`str`, *optional*): key-tile visiting order, ``"anchor"`` or ``"alternate"``.
         layers (`dict`, *optional*): ``{fnmatch pattern: LayerSetting | float | None}``; ``None`` keeps a layer dense.
-        adapter (`str`, *optional*): reserved for forcing a module-family adapter; ``None`` or ``"auto"``.
+        adapter (`Adapter` or `str`, *optional*): a :class:`litepatch.adapters.Adapter` (or a registered adapter's
+            name) tried before the built-in ones (diffusers, ``nn.MultiheadAttention``, timm-style, SDPA callers).
         backend (`str`, defaults to `"auto"`): kernel backend (``"triton"`` on CUDA, ``"reference"``).
         allow_fingerprint_mismatch (`bool`): apply a recipe made for another model (warns instead of raising).
-        force (`bool`): re-apply to an already patched model (the old patch is removed first).
+        force (`bool`): re-apply to a model that is (or has parts) patched already: those patches are removed first.
 
     Returns:
         A :class:`LiteHandle`.
@@ -314,7 +369,7 @@ def apply(
         RecipeValidationError: a bad recipe or override (threshold, schedule, order, warm-up, layers, ...),
             refused by :func:`litepatch.recipes.validate` with the field's name; a ``ValueError``.
         ValueError: recipe made for another model, layer patterns that match no attention layer, no
-            attention layer found, or a model patched already.
+            attention layer found, or a model that is, or holds parts, patched already (unless ``force``).
 
     Example:
         >>> handle = litepatch.apply(transformer, threshold=-6.0, warmup_steps=2,
@@ -322,48 +377,60 @@ def apply(
         >>> handle.layers[:2]
         ['blocks.0.attn1', 'blocks.1.attn1']
     """
-    if adapter not in (None, "auto"):
-        raise ValueError(f"adapter {adapter!r} is unknown; attention is found by introspection (use None)")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     from .kernels import registry
 
     if backend != "auto":
         registry.get(backend)  # raises, naming what is missing or the known names
-    effective = _effective_recipe(recipe, threshold, warmup_steps, order, layers, model)
     roots = _roots(model)
-    patched = _attached(model)
+    patched = _patched_inside(model)
     if patched and not force:
+        where, _ = patched[0]
         raise ValueError(
-            f"{type(patched[0]).__name__} is already patched by litepatch; call handle.remove() (or "
-            "litepatch.remove(model)) first, or pass force=True"
+            f"{type(roots[0][1]).__name__}{' module ' + repr(where) if where else ''} is already patched by "
+            "litepatch (nested or repeated apply is refused); call handle.remove() (or litepatch.remove(model) on "
+            "the model it was applied to) first, or pass force=True to remove those patches"
         )
-    found = _layers(model)
-    sparse = [(info, module, root) for info, module, root in found if info.sparse]
+    found = _layers(model, adapter)
+    effective = _effective_recipe(recipe, threshold, warmup_steps, order, layers, model)
+    sparse = [entry for entry in found if entry[0].sparse]
     if not sparse:
-        classes = sorted({info.module_class for info, _, _ in found})
-        raise ValueError(
-            f"no self or joint attention layer found in {type(roots[0][1]).__name__}"
-            + (f" (only cross-attention: {', '.join(classes)})" if classes else "")
-            + "; litepatch looks for diffusers attention modules, timm-style Attention and modules whose "
-            "forward calls torch.nn.functional.scaled_dot_product_attention"
-        )
-    _check_against_model(effective, model, allow_fingerprint_mismatch)
-    if patched:
-        remove(model)
+        raise ValueError(_nothing_found(roots[0][1], found))
+    _check_against_model(effective, model, allow_fingerprint_mismatch, adapter)
+    for handle in {id(h): h for h in (_handle_of(p) for _, p in patched) if h is not None}.values():
+        handle.remove()
+    _warn_out_of_reach(found)
 
     runtime = Runtime(recipe=effective, backend=backend)
     modules = {}
-    for info, module, _ in sparse:
-        layer = LayerPatch(info, module, runtime)
-        runtime.layers[info.name] = layer
+    for info, module, _, family in sparse:
+        runtime.layers[info.name] = LayerPatch(info, module, family, runtime)
         modules[info.name] = module
-    handle = LiteHandle(model, runtime, [root for _, root in roots], modules)
+    handle = LiteHandle(model, runtime, [root for _, root in roots], modules, adapter)
+    runtime.handle = handle
     for name, layer in runtime.layers.items():
         layer.install(modules[name])
     for _, root in roots:
         RootPatch(root, runtime, handle).install(root)
     return handle
+
+
+def _nothing_found(root, found) -> str:
+    message = f"no self or joint attention layer found in {type(root).__name__}"
+    kinds = {}
+    for info, _, _, _ in found:
+        label = "out of reach" if info.out_of_reach else info.kind
+        kinds.setdefault(label, []).append(info)
+    if kinds:
+        message += " (" + "; ".join(
+            f"{label}: {', '.join(sorted({i.module_class for i in infos}))}" for label, infos in kinds.items()) + ")"
+        reaches = [info for info, _, _, _ in found if info.out_of_reach]
+        if reaches:
+            message += f"; {reaches[0].name}: {reaches[0].out_of_reach}"
+    return message + ("; litepatch looks for diffusers attention modules, nn.MultiheadAttention, timm-style Attention "
+                      "and modules whose forward calls torch.nn.functional.scaled_dot_product_attention "
+                      "(or pass adapter=...)")
 
 
 def remove(model) -> bool:

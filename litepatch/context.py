@@ -2,8 +2,16 @@
 
 The patched root module gets a forward pre-hook that reads the timestep of each call:
 
-* the same timestep as the previous call: another branch of the same step (sequential CFG gives
-  branch 0, 1, ...; a name set by ``with transformer.cache_context("cond"):`` replaces the index);
+* the same timestep as the previous call: the same step, and a branch of it:
+  - a name set by ``with transformer.cache_context("cond"):`` is the branch;
+  - otherwise the call's inputs decide: a call whose arguments (other than the timestep) are the very
+    tensors and equal other values of an earlier call of this step **repeats that call's branch** (a user
+    timing one step, a benchmark loop: one state, sparse from the second call on); other inputs
+    (sequential CFG passes the conditional and the unconditional text embeddings) are the next branch,
+    0, 1, 2, ...;
+  - at most :data:`MAX_BRANCHES` unnamed branches per step (branch indices, hence states per layer, stay below
+    it for the whole generation): calls past that wrap around onto the existing ones (with one warning), so the
+    states per layer are bounded by the branches a generation shows;
 * a lower timestep: the next step;
 * anything else (a higher timestep, the schedule starting again): a new generation, whose state is
   reset and whose first ``warmup_steps`` steps run dense again.
@@ -13,23 +21,30 @@ Calls without any timestep count as one step each.
 
 Example:
     >>> tracker = StepTracker()
-    >>> [tracker.observe(t) for t in (999.0, 999.0, 950.0, 950.0, 999.0)]
-    [True, False, False, False, True]
+    >>> [tracker.observe(t, inputs=key) for t, key in ((999.0, "c"), (999.0, "u"), (950.0, "c"), (950.0, "u"))]
+    [True, False, False, False]
     >>> tracker.step, tracker.branch, tracker.generation
-    (0, 0, 1)
+    (1, 1, 0)
+    >>> tracker.observe(950.0, inputs="u"), tracker.branch        # the same inputs again: the same branch
+    (False, 1)
 """
 
 from __future__ import annotations
 
 import inspect as pyinspect
 import math
+import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from .adapters.base import ENCODER_NAMES
+
 TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
-TEXT_NAMES = ("encoder_hidden_states", "context", "text_embeds", "prompt_embeds")
+TEXT_NAMES = ENCODER_NAMES + ("text_embeds",)  # where a root's forward takes the text tokens
+MAX_BRANCHES = 8
 
 Branch = int | str
 
@@ -41,18 +56,24 @@ class StepTracker:
     generation: int = -1
     step: int = 0
     branch: Branch = 0
-    calls_in_step: int = 0
     last_timestep: float | None = None
-    branches_in_step: list = field(default_factory=list)
+    step_inputs: list = field(default_factory=list)  # inputs key of each unnamed branch of this step
+    branches_seen: int = 0  # unnamed branches this generation has shown
     pending_new: bool = True
+    warned_wrap: bool = False
 
     def reset(self) -> None:
         """Forgets the schedule: the next call starts a new generation."""
         self.last_timestep = None
         self.pending_new = True
 
-    def observe(self, timestep: float | None, branch_name: str | None = None) -> bool:
-        """Records one top-level call; returns True when it starts a new generation."""
+    def observe(self, timestep: float | None, branch_name: str | None = None, inputs: object = None) -> bool:
+        """Records one top-level call; returns True when it starts a new generation.
+
+        ``inputs``: the call's arguments other than the timestep (see :meth:`CallReader.read`); the very same
+        tensor objects and equal other values again at one timestep are the same branch (tensors are held by
+        weak reference: a freed tensor never matches a new one). ``None`` makes every call a new branch.
+        """
         new_generation = self.pending_new
         self.pending_new = False
         if timestep is None or math.isnan(timestep):
@@ -67,16 +88,34 @@ class StepTracker:
             same_step, new_generation = False, True
         if new_generation:
             self.generation += 1
-            self.step, self.calls_in_step, self.branches_in_step = 0, 0, []
+            self.step, self.step_inputs, self.branches_seen = 0, [], 0
         elif not same_step:
             self.step += 1
-            self.calls_in_step, self.branches_in_step = 0, []
-        self.branch = branch_name if branch_name is not None else self.calls_in_step
-        self.calls_in_step += 1
-        self.branches_in_step.append(self.branch)
+            self.step_inputs = []
+        self.branch = branch_name if branch_name is not None else self._unnamed_branch(inputs)
         if timestep is not None:
             self.last_timestep = timestep
         return new_generation
+
+    def _unnamed_branch(self, inputs: object) -> int:
+        if inputs is not None:
+            for seen, branch in self.step_inputs:
+                if _same_inputs(seen, inputs):
+                    return branch
+        index = len(self.step_inputs)
+        if index >= MAX_BRANCHES:
+            if not self.warned_wrap:
+                self.warned_wrap = True
+                warnings.warn(
+                    f"litepatch: more than {MAX_BRANCHES} calls with new inputs at one timestep; they share the "
+                    f"skip states of the first {MAX_BRANCHES} branches (name branches with "
+                    "model.cache_context(name), or call handle.reset() between generations)",
+                    UserWarning, stacklevel=4,
+                )
+            index %= MAX_BRANCHES
+        self.step_inputs.append((_remembered(inputs), index))
+        self.branches_seen = max(self.branches_seen, index + 1)
+        return index
 
 
 def _scalar(value) -> float | None:
@@ -120,25 +159,70 @@ class CallReader:
                 arguments.update(arguments.pop(name))
         return arguments
 
-    def read(self, args: tuple, kwargs: dict) -> tuple[float | None, int | None]:
-        """(timestep, number of text tokens) of one call; None where the call has none."""
+    def read(self, args: tuple, kwargs: dict) -> tuple[float | None, int | None, tuple]:
+        """(timestep, number of text tokens, inputs key) of one call; None where the call has none.
+
+        The inputs are the call's arguments other than the timestep: tensors are compared by identity (no
+        data is read, so no device sync), other values (flags, lists of skipped layers) by value.
+        """
         arguments = self._arguments(args, kwargs)
-        timestep = None
+        timestep, timestep_value = None, None
         for name in TIMESTEP_NAMES:
             if arguments.get(name) is not None:
                 timestep = _scalar(arguments[name])
                 if timestep is not None:
+                    timestep_value = arguments[name]
                     break
         if timestep is None:
             # Positional heuristic: the first 0-d/1-d floating tensor or number after the latents.
             for value in list(arguments.values())[1:] if arguments else args[1:]:
                 if isinstance(value, torch.Tensor) and value.dim() <= 1 and value.numel() >= 1:
-                    timestep = _scalar(value)
+                    timestep, timestep_value = _scalar(value), value
                     break
+        if arguments:
+            inputs = tuple((k, v) for k, v in arguments.items() if v is not timestep_value)
+        else:
+            inputs = tuple(v for v in args if v is not timestep_value)
         text_tokens = None
         for name in TEXT_NAMES:
             value = arguments.get(name)
             if isinstance(value, torch.Tensor) and value.dim() >= 2:
                 text_tokens = int(value.shape[1])
                 break
-        return timestep, text_tokens
+        return timestep, text_tokens, inputs
+
+
+class _Same:
+    """A tensor held by weak reference: equal only to the very same tensor (a freed one never matches)."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.ref = weakref.ref(tensor)
+
+    def matches(self, value) -> bool:
+        return self.ref() is value
+
+
+def _remembered(inputs):
+    """What :meth:`StepTracker.observe` keeps of a call's inputs: tensors by identity, other values as they are."""
+    if isinstance(inputs, torch.Tensor):
+        return _Same(inputs)
+    if isinstance(inputs, (list, tuple)):
+        return tuple(_remembered(v) for v in inputs)
+    if isinstance(inputs, dict):
+        return tuple((k, _remembered(v)) for k, v in inputs.items())
+    return inputs
+
+
+def _same_inputs(seen, inputs) -> bool:
+    if isinstance(seen, _Same):
+        return seen.matches(inputs)
+    if isinstance(inputs, (list, tuple, dict)):
+        items = list(inputs.items()) if isinstance(inputs, dict) else list(inputs)
+        return (isinstance(seen, tuple) and len(seen) == len(items)
+                and all(_same_inputs(a, b) for a, b in zip(seen, items)))
+    try:
+        return bool(seen == inputs)
+    except Exception:  # values whose == is not a plain bool
+        return seen is inputs

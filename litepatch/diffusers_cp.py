@@ -45,7 +45,15 @@ def context_parallel_config(module: torch.nn.Module):
 
 def ulysses_degree(module: torch.nn.Module) -> int:
     """How many sequence shards one SDPA call of ``module`` sees laid end to end (1 without Ulysses)."""
-    cp = context_parallel_config(module)
+    return _ulysses(context_parallel_config(module))
+
+
+def ulysses_degree_of(parallel_config) -> int:
+    """:func:`ulysses_degree` from the ``parallel_config`` diffusers passes to ``dispatch_attention_fn``."""
+    return _ulysses(getattr(parallel_config, "context_parallel_config", None))
+
+
+def _ulysses(cp) -> int:
     if cp is None or (getattr(cp, "ring_degree", 1) or 1) > 1:
         return 1
     return int(getattr(cp, "ulysses_degree", 1) or 1)
@@ -88,4 +96,4 @@ def dense_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
-__all__ = ["SDPA_BACKENDS", "context_parallel_config", "dense_reason", "ulysses_degree"]
+__all__ = ["SDPA_BACKENDS", "context_parallel_config", "dense_reason", "ulysses_degree", "ulysses_degree_of"]

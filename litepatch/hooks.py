@@ -1,46 +1,45 @@
-"""Per-layer attachment: the wrapped forward and the SDPA interception (DESIGN §3).
+"""Per-layer and per-root attachments: plans, skip states, fallbacks, statistics (DESIGN §3).
 
-For each self or joint attention module the patcher sets an *instance* attribute ``forward``
-(``functools.update_wrapper`` keeps the signature); the class is never touched, and ``remove()``
-deletes the attribute, so the module is bit-identical afterwards. While the wrapped forward runs, a
-:class:`torch.overrides.TorchFunctionMode` sees every ``torch.nn.functional.scaled_dot_product_attention``
-call made beneath it and routes it to :func:`litepatch.kernels.lite_attention`: SDPA's ``[B, H, S, D]``
-inputs are passed as transposed *views* ``[B, S, H, D]`` (no copy) and the output is transposed back.
+Each self or joint attention layer gets a :class:`LayerPatch`; its adapter (:mod:`litepatch.adapters`)
+intercepts the layer's attention call site and hands each call over as an
+:class:`~litepatch.adapters.AttentionCall`. :meth:`LayerPatch.attend` runs LiteAttention or returns
+``None``, and the adapter runs the model's own attention (warm-up, a dense layer, a call the kernel cannot
+take). The class of a module is never touched: everything the patch sets is an instance attribute,
+recorded when installed, and ``remove()`` puts back exactly what was there.
 
-Calls the kernel cannot take run the original SDPA and warn once per layer and reason: attention
-masks, dropout, ``is_causal``, grouped K/V heads, unsupported dtypes or head dims, query and key
-lengths that differ, and autograd (the kernel has no backward). Never a wrong result.
+Calls no backend can take run the original attention and warn once per layer and reason: masks other than
+boolean key-padding masks, dropout, ``is_causal``, grouped K/V heads, cross-attention calls, what
+:func:`litepatch.kernels.registry.refusal` refuses (dtype, head dim, device, ...), and autograd (the kernel
+has no backward). Never a wrong result. Which tiles a call counts in is asked of the registry too
+(:func:`litepatch.kernels.registry.tiles`): the tiles of the backend that runs, or would run, the call.
+
+A patched module cannot be pickled (``remove()`` first) and ``copy.deepcopy`` of it gives an unpatched copy
+with a warning: the copy never shares the original's states or tracker.
 
 State: one :class:`~litepatch.kernels.SkipState` per layer and CFG branch (batch rows inside it).
-
-Under diffusers' own context parallelism (``model.enable_parallelism``) each rank's SDPA call holds its Ulysses heads
-over the full sequence, so each rank keeps the states of its heads; ring context parallelism runs dense and warns
-(:mod:`litepatch.diffusers_cp`).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
-import inspect as pyinspect
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
+from .adapters.base import AttentionCall, AttentionLayerInfo, call_kind
 from .context import CallReader, StepTracker
-from .diffusers_cp import dense_reason, ulysses_degree
-from .discovery import AttentionLayerInfo, text_layout_of
+from .diffusers_cp import dense_reason
 from .kernels import SkipState, lite_attention, registry
-from .kernels.interface import SUPPORTED_DTYPES
 from .stats import CallLog
 
 _MISSING = object()
-_SDPA = F.scaled_dot_product_attention
-_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+COPY_WARNING = ("litepatch: copy.deepcopy of a patched module gives an unpatched copy (the original stays "
+                "patched, the copy shares none of its state); call litepatch.apply on the copy to patch it")
+PICKLE_ERROR = ("{name} is patched by litepatch and cannot be pickled (its forward is a closure over live skip "
+                "state); call handle.remove() (or litepatch.remove(model)) first, or save model.state_dict()")
 
 
 @dataclass
@@ -54,6 +53,8 @@ class Runtime:
     layers: dict[str, LayerPatch] = field(default_factory=dict)
     context_name: str | None = None  # set by ``with model.cache_context(name):``
     text_tokens: int | None = None  # text length of the current top-level call
+    stream_text_tokens: int | None = None  # text tokens a double-stream joint layer of this call saw
+    handle: object = None  # the LiteHandle
 
     def reset_states(self) -> None:
         for layer in self.layers.values():
@@ -65,156 +66,176 @@ class Runtime:
             layer.flush()
 
 
-def _dense_tiles(q: torch.Tensor, k: torch.Tensor, backend: str = "auto") -> int:
-    """Tiles of dense attention for SDPA-layout ``q [B, H, Sq, D]`` and ``k``, in the tiles of the backend that
-    would take the call (so dense and sparse records of one layer count the same tiles)."""
-    batch, heads, seq_q = q.shape[0], q.shape[1], q.shape[-2]
-    seq_k = k.shape[-2]
+@dataclass(frozen=True)
+class Plan:
+    """What a layer does in the coming call: dense (``state is None``, with a reason) or sparse."""
+
+    step: int
+    branch: object
+    generation: int
+    threshold: float | None
+    dense_reason: str
+    state: SkipState | None
+
+
+class Attachment:
+    """Instance attributes set on one module, recorded so they can be taken off (remove, deepcopy) exactly."""
+
+    def __init__(self, module: torch.nn.Module):
+        self._before = dict(module.__dict__)
+        self.changed: dict[str, tuple[object, object]] = {}
+        self.name = type(module).__name__
+
+    def record(self, module: torch.nn.Module) -> None:
+        """Notes every instance attribute that differs from before (call after installing)."""
+        name = self.name
+
+        def refuse_pickle(protocol=2):
+            raise TypeError(PICKLE_ERROR.format(name=name))
+
+        module.__dict__["__reduce_ex__"] = refuse_pickle
+        module.__dict__["__deepcopy__"] = lambda memo: unpatched_deepcopy(module, memo)
+        for key, value in module.__dict__.items():
+            if self._before.get(key, _MISSING) is not value:
+                self.changed[key] = (self._before.get(key, _MISSING), value)
+        del self._before
+
+    def take_off(self, module: torch.nn.Module) -> None:
+        for key, (before, now) in self.changed.items():
+            if module.__dict__.get(key, _MISSING) is now:
+                _put(module, key, before)
+
+    def put_back(self, module: torch.nn.Module) -> None:
+        for key, (_, now) in self.changed.items():
+            _put(module, key, now)
+
+
+def _put(module: torch.nn.Module, key: str, value) -> None:
+    if value is _MISSING:
+        module.__dict__.pop(key, None)
+    else:
+        module.__dict__[key] = value
+
+
+def unpatched_deepcopy(module: torch.nn.Module, memo: dict) -> torch.nn.Module:
+    """``copy.deepcopy`` of a patched module (or one holding patched layers), without litepatch, with a warning."""
+    warnings.warn(COPY_WARNING, UserWarning, stacklevel=3)
+    with detached(module):
+        return copy.deepcopy(module, memo)
+
+
+@contextmanager
+def detached(module: torch.nn.Module):
+    """Takes litepatch off ``module`` and its submodules for the duration (states and handles are kept)."""
+    patched = []
+    for m in module.modules():
+        while "_litepatch" in m.__dict__:  # a root that is also a layer holds two patches
+            patch = m.__dict__["_litepatch"]
+            patch.take_off(m)
+            patched.append((m, patch))
     try:
-        tiles = registry.tiles(q.transpose(1, 2), seq_k, backend=backend)
-    except registry.BackendUnavailable:
-        tiles = registry.get("reference").tiles(q.shape[-1])
-    q_tiles = -(-seq_q // tiles.block_m)
-    k_tiles = -(-seq_k // tiles.block_n)
-    return batch * heads * q_tiles * k_tiles
-
-
-def _parse_sdpa(args: tuple, kwargs: dict) -> dict:
-    call = dict(_SDPA_DEFAULTS)
-    call.update(zip(_SDPA_PARAMS, args))
-    call.update(kwargs)
-    return call
-
-
-def _param_index(signature: pyinspect.Signature | None, name: str) -> int | None:
-    if signature is None:
-        return None
-    for i, param in enumerate(signature.parameters.values()):
-        if param.name == name and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
-            return i
-    return None
-
-
-def _text_ranges(layout: str, text: int, seq: int) -> list[tuple[int, int]]:
-    if text <= 0:
-        return []
-    if text >= seq:
-        return [(0, seq)]
-    if layout == "first":
-        return [(0, text)]
-    if layout == "last":
-        return [(seq - text, seq)]
-    return [(0, text), (seq - text, seq)]
-
-
-class _SDPAInterceptor(TorchFunctionMode):
-    """Routes SDPA calls made inside one layer's forward to that layer's :meth:`LayerPatch.attend`."""
-
-    def __init__(self, layer: LayerPatch, hidden_tokens: int | None, encoder_tokens: int | None, shards: int = 1):
-        super().__init__()
-        self.layer = layer
-        self.hidden_tokens = hidden_tokens
-        self.encoder_tokens = encoder_tokens
-        self.shards = shards
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is _SDPA:
-            return self.layer.attend(args, kwargs, self.hidden_tokens, self.encoder_tokens, self.shards)
-        return func(*args, **kwargs)
+        yield
+    finally:
+        for m, patch in reversed(patched):
+            patch.put_back(m)
 
 
 class LayerPatch:
     """The attachment of one attention module (``module._litepatch``)."""
 
-    def __init__(self, info: AttentionLayerInfo, module: torch.nn.Module, runtime: Runtime):
+    def __init__(self, info: AttentionLayerInfo, module: torch.nn.Module, adapter, runtime: Runtime):
         self.info = info
         self.name = info.name
+        self.adapter = adapter
         self.runtime = runtime
         self.states: dict = {}
         self.warned: set[str] = set()
         self.plan: Plan | None = None
         self.last_call: tuple | None = None
-        self.layout = info.text_layout if info.text_layout != "unknown" else text_layout_of(module)
-        self.previous_forward = module.__dict__.get("forward", _MISSING)
-        self.original = module.forward
-        try:
-            signature = pyinspect.signature(self.original)
-        except (TypeError, ValueError):
-            signature = None
-        self.encoder_index = _param_index(signature, "encoder_hidden_states")
-        self.hidden_index = 0 if signature is not None and signature.parameters else None
+        self.interception = ""
+        self.entered = False  # set by the adapter's wrapper when the layer runs
+        self.reached = False  # set when an attention call of the layer reached litepatch
+        self._undo = None
+        self._attachment: Attachment | None = None
+        self._tiles: dict = {}
+        self.call_index = 0
+        self.installed = None  # the adapter's check that its interception is still in place (None: nothing to check)
 
     # ------------------------------------------------------------------------------ attachment
     def install(self, module: torch.nn.Module) -> None:
-        original = self.original
-
-        def forward(*args, **kwargs):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            encoder = kwargs.get("encoder_hidden_states")
-            if encoder is None and self.encoder_index is not None and len(args) > self.encoder_index:
-                encoder = args[self.encoder_index]
-            hidden_tokens = hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() >= 3 else None
-            encoder_tokens = encoder.shape[1] if isinstance(encoder, torch.Tensor) and encoder.dim() >= 3 else None
-            # under diffusers' Ulysses the SDPA call sees the P sequence shards end to end (these token counts are
-            # one shard's)
-            with _SDPAInterceptor(self, hidden_tokens, encoder_tokens, ulysses_degree(module)):
-                return original(*args, **kwargs)
-
-        functools.update_wrapper(forward, original)
-        module.forward = forward
-        module._litepatch = self
+        attachment = Attachment(module)
+        self._undo = self.adapter.install(module, self)
+        module.__dict__["_litepatch"] = self
+        attachment.record(module)
+        self._attachment = attachment
 
     def uninstall(self, module: torch.nn.Module) -> None:
-        if self.previous_forward is _MISSING:
-            module.__dict__.pop("forward", None)
-        else:
-            module.forward = self.previous_forward
-        module.__dict__.pop("_litepatch", None)
+        if self._undo is not None:
+            self._undo()
+        self._attachment.take_off(module)
+
+    def take_off(self, module: torch.nn.Module) -> None:
+        self._attachment.take_off(module)
+
+    def put_back(self, module: torch.nn.Module) -> None:
+        self._attachment.put_back(module)
 
     # ---------------------------------------------------------------------------------- calls
     def _warn(self, reason: str) -> None:
         if reason not in self.warned:
             self.warned.add(reason)
-            warnings.warn(
-                f"litepatch: {self.name} runs dense attention ({reason}); its output is unchanged",
-                UserWarning,
-                stacklevel=4,
-            )
+            warnings.warn(f"litepatch: {self.name} runs dense attention ({reason}); its output is unchanged",
+                          UserWarning, stacklevel=5)
 
-    def _unsupported(self, call: dict) -> str | None:
-        q, k, v = call["query"], call["key"], call["value"]
-        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-            return "query/key/value are not tensors"
-        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-            return f"inputs are {q.dim()}-d, not [batch, heads, seq, head_dim]"
-        if call["attn_mask"] is not None:
-            return "an attention mask is given"
-        if call["is_causal"]:
-            return "is_causal=True"
-        if call["dropout_p"] and float(call["dropout_p"]) > 0.0:
-            return f"dropout_p={call['dropout_p']}"
-        if call["enable_gqa"] or k.shape[1] != q.shape[1] or v.shape[1] != q.shape[1]:
-            return f"grouped K/V heads ({q.shape[1]} query heads, {k.shape[1]} key heads)"
-        if q.shape[-2] != k.shape[-2]:
-            return f"query and key lengths differ ({q.shape[-2]} vs {k.shape[-2]}): cross-attention stays dense"
-        if k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+    def _tiles_of(self, q: torch.Tensor, seq_k: int, key_padding: bool):
+        """Tile sizes the call runs (or would run) with: the registry's answer, this layer's last ones, or the
+        CPU reference's when no backend takes it."""
+        key = (q.shape[-1], q.dtype, q.device, seq_k, key_padding)
+        tiles = self._tiles.get(key)
+        if tiles is None:
+            try:
+                tiles = registry.tiles(q, seq_k, backend=self.runtime.backend, key_padding=key_padding)
+            except registry.BackendUnavailable:
+                tiles = self._tiles.get("last") or registry.get("reference").tiles(q.shape[-1])
+            self._tiles[key] = tiles
+        return tiles
+
+    def _dense_total(self, call: AttentionCall) -> int:
+        q, k = call.q, call.k
+        tiles = self._tiles_of(q, k.shape[1], call.key_mask is not None)
+        batch, seq_q, heads = q.shape[0], q.shape[1], q.shape[2]
+        return batch * heads * -(-seq_q // tiles.block_m) * -(-k.shape[1] // tiles.block_n)
+
+    def _refusal(self, call: AttentionCall) -> str | None:
+        q, k, v = call.q, call.k, call.v
+        if call.problem:
+            return call.problem
+        if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
             return f"key/value shapes {tuple(k.shape)}/{tuple(v.shape)} do not match query {tuple(q.shape)}"
-        if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
-            return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (supported: float16, bfloat16, float32)"
-        if q.device.type not in ("cpu", "cuda") or not (q.device == k.device == v.device):
-            return f"device {q.device}"
-        refused = registry.refusal(q.transpose(1, 2), k.shape[-2], backend=self.runtime.backend)
-        if refused:
-            return refused
+        if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+            return f"query/key/value on {q.dtype}/{k.dtype}/{v.dtype}, {q.device}/{k.device}/{v.device}"
+        key = ("refusal", tuple(q.shape), q.dtype, q.device, k.shape[1], call.key_mask is not None)
+        if key not in self._tiles:
+            refused = registry.refusal(q, k.shape[1], backend=self.runtime.backend,
+                                       key_padding=call.key_mask is not None)
+            # the call as it is, then the registry's sentence (backend facts live there)
+            self._tiles[key] = refused and f"dtype {q.dtype}, head_dim {q.shape[-1]}, {q.device.type}: {refused}"
+        if self._tiles[key]:
+            return self._tiles[key]
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return "autograd is recording (the LiteAttention kernel has no backward)"
         return None
 
-    def make_plan(self) -> Plan:
-        """Decides the coming call from the tracker (eager code, before the top-level forward runs)."""
+    def make_plan(self, call_index: int = 0) -> Plan:
+        """Decides the coming call from the tracker (eager code, before the top-level forward runs).
+
+        ``call_index`` > 0: a further attention call of the layer in one forward (a processor that loops over
+        batch rows, as Mochi's does): it gets a state of its own.
+        """
         tracker, recipe = self.runtime.tracker, self.runtime.recipe
         step, branch = max(tracker.step, 0), tracker.branch
+        if call_index:
+            branch = (branch, call_index)
         if step < recipe.warmup_steps:
             return Plan(step, branch, tracker.generation, None, "warm-up", None)
         threshold = recipe.threshold_for(self.name, step)
@@ -248,81 +269,82 @@ class LayerPatch:
             reason=reason or plan.dense_reason, kept=kept, total=total,
         )
 
-    def attend(
-        self, args: tuple, kwargs: dict, hidden_tokens: int | None, encoder_tokens: int | None, shards: int = 1
-    ):
-        """Handles one intercepted SDPA call: LiteAttention, or the original SDPA when it cannot.
-
-        ``shards`` > 1 (diffusers' Ulysses): the sequence is that many rank shards laid end to end, each with its own
-        text tokens, and ``hidden_tokens``/``encoder_tokens`` count one shard's; the must-compute ranges repeat per
-        shard.
-
-        Reads only ``self.plan`` (decided in eager code by the root pre-hook), so under torch.compile
-        the step counter never becomes a guard; the call is recorded by a store to ``self.last_call``.
-        """
+    def _current_plan(self) -> Plan:
         plan = self.plan
-        if plan is None or self.last_call is not None:  # called outside a patched root's forward
+        if plan is None:  # called outside a patched root's forward
             self.flush()
             plan = self.make_plan()
-        call = _parse_sdpa(args, kwargs)
-        reason = self._unsupported(call)
-        q, k, v = call["query"], call["key"], call["value"]
+        elif self.last_call is not None:  # a further call in one forward: its own state
+            self.flush()
+            self.call_index += 1
+            plan = self.make_plan(self.call_index)
+        self.reached = True
+        return plan
+
+    def attend_problem(self, reason: str) -> None:
+        """Records and warns about a call the adapter cannot even describe; the adapter runs the original."""
+        plan = self._current_plan()
+        self._warn(reason)
+        self.last_call = (plan, reason, 0)
+        return None
+
+    def attend_unsupported(self, sdpa_call: dict) -> None:
+        return self.attend_problem("query/key/value are not [batch, heads, seq, head_dim] tensors")
+
+    def attend(self, call: AttentionCall) -> torch.Tensor | None:
+        """One attention call: LiteAttention's ``[B, S, H, D]`` output, or ``None`` (run the original attention).
+
+        ``call.shards`` > 1 (diffusers' Ulysses): the sequence is that many rank shards laid end to end, each with
+        its own text tokens, and the token counts are one shard's; the must-compute ranges repeat per shard.
+
+        Reads only ``self.plan`` (decided in eager code by the root pre-hook), so under torch.compile the step
+        counter never becomes a guard; the call is recorded by a store to ``self.last_call``.
+        """
+        plan = self._current_plan()
+        q, k = call.q, call.k
+        reason = self._refusal(call)
         must = []
         if reason is None:
-            seq = q.shape[-2]
-            local = seq // shards if seq % shards == 0 else 0
-            if encoder_tokens and hidden_tokens and local == hidden_tokens + encoder_tokens:
-                must = _sharded(_text_ranges(self.layout, encoder_tokens, local), local, shards)
-            elif self.info.kind == "joint":
-                # the root's text length; with shards it is this length or 1/shards of it per shard (depending on
-                # whether the parallel plan splits the text): protecting the longer one is right in both cases
-                text = self.runtime.text_tokens if self.info.single_stream else None
-                if text and text < local:
-                    must = _sharded(_text_ranges(self.layout, text, local), local, shards)
-                else:
-                    reason = "joint attention whose text length is unknown"
+            seq_q, seq_k, shards = q.shape[1], k.shape[1], call.shards
+            local_q = seq_q // shards if seq_q % shards == 0 else seq_q
+            local_k = seq_k // shards if seq_k % shards == 0 else seq_k
+            runtime = self.runtime
+            kind = call_kind(self.info, local_q, local_k, call.hidden_tokens, call.encoder_tokens,
+                             runtime.stream_text_tokens or runtime.text_tokens)
+            if kind.kind == "joint" and kind.text_ranges and call.encoder_tokens and call.hidden_tokens:
+                # single-stream layers after it hold these text tokens (AuraFlow adds register tokens to them)
+                runtime.stream_text_tokens = local_q - call.hidden_tokens
+            if kind.kind == "cross":
+                reason = f"{kind.why}: cross-attention stays dense"
+            elif kind.kind == "joint" and not kind.text_ranges:
+                reason = kind.why
+            else:
+                must = _sharded(kind.text_ranges, local_q, shards)
         if reason is not None:
             self._warn(reason)
-            self.last_call = (plan, reason, _dense_tiles(q, k, self.runtime.backend) if _is_4d(q, k) else 0)
-            return _SDPA(*args, **kwargs)
+            self.last_call = (plan, reason, self._dense_total(call) if q.dim() == 4 and k.dim() == 4 else 0)
+            return None
         if plan.state is None:
-            self.last_call = (plan, plan.dense_reason, _dense_tiles(q, k, self.runtime.backend))
-            return _SDPA(*args, **kwargs)
+            self.last_call = (plan, plan.dense_reason, self._dense_total(call))
+            return None
         out = lite_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            plan.state,
+            q, k, call.v, plan.state,
             threshold=plan.threshold,
-            softmax_scale=call["scale"],
+            softmax_scale=call.scale,
             order=self.runtime.recipe.order,
             must_compute_queries=must or None,
             must_compute_keys=must or None,
+            key_mask=call.key_mask,
             backend=self.runtime.backend,
         )
+        self._tiles["last"] = plan.state.tiles
         self.last_call = (plan, "", 0)
-        return out.transpose(1, 2)
+        return out
 
 
 def _sharded(ranges: list[tuple[int, int]], local: int, shards: int) -> list[tuple[int, int]]:
     """``ranges`` of one shard of ``local`` tokens, repeated for ``shards`` shards laid end to end."""
     return [(start + r * local, end + r * local) for r in range(shards) for start, end in ranges]
-
-
-def _is_4d(q, k) -> bool:
-    return isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a layer does in the coming call: dense (``state is None``, with a reason) or sparse."""
-
-    step: int
-    branch: object
-    generation: int
-    threshold: float | None
-    dense_reason: str
-    state: SkipState | None
 
 
 class RootPatch:
@@ -333,8 +355,9 @@ class RootPatch:
         self.handle = handle
         self.reader = CallReader.for_forward(module.forward)
         self.hook = None
-        self.previous_cache_context = module.__dict__.get("cache_context", _MISSING)
         self.checked_parallel_config = None
+        self._attachment: Attachment | None = None
+        self._hook_entries: list = []
 
     def check_parallelism(self, module: torch.nn.Module) -> None:
         """Warns once per diffusers parallel config under which every patched layer stays dense (ring CP, ...)."""
@@ -346,20 +369,44 @@ class RootPatch:
         if reason is not None:
             warnings.warn(f"litepatch: {reason}", UserWarning, stacklevel=3)
 
+    def check_reach(self) -> None:
+        """Warns once per layer that ran while none of its attention calls reached litepatch."""
+        for layer in self.runtime.layers.values():
+            if layer.installed is not None and "replaced" not in layer.warned and not layer.installed():
+                layer.warned.add("replaced")
+                warnings.warn(
+                    f"litepatch: {layer.name}'s attention processor was replaced after litepatch.apply "
+                    "(set_processor / set_attn_processor); the layer runs dense. Set processors before apply, or "
+                    "call handle.remove() and litepatch.apply(model) again",
+                    UserWarning, stacklevel=4,
+                )
+            if layer.entered and not layer.reached and "unreached" not in layer.warned:
+                layer.warned.add("unreached")
+                warnings.warn(
+                    f"litepatch: {layer.name} ran but none of its attention calls reached litepatch "
+                    f"(interception: {layer.interception}); it runs dense. Its attention is computed outside the "
+                    "call site litepatch routes (a changed processor, a fused path); see litepatch.inspect(model)",
+                    UserWarning, stacklevel=4,
+                )
+            layer.entered = layer.reached = False
+
     def _pre_hook(self, module, args, kwargs):
         self.check_parallelism(module)
-        timestep, text_tokens = self.reader.read(args, kwargs)
+        timestep, text_tokens, inputs = self.reader.read(args, kwargs)
         runtime = self.runtime
         runtime.flush()
-        if runtime.tracker.observe(timestep, runtime.context_name):
+        self.check_reach()
+        if runtime.tracker.observe(timestep, runtime.context_name, inputs):
             runtime.reset_states()
-        runtime.text_tokens = text_tokens
+        runtime.text_tokens, runtime.stream_text_tokens = text_tokens, None
         for layer in runtime.layers.values():
             layer.plan = layer.make_plan()
+            layer.call_index = 0
         return None
 
     def install(self, module: torch.nn.Module) -> None:
         self.check_parallelism(module)
+        attachment = Attachment(module)
         self.hook = module.register_forward_pre_hook(torch._dynamo.disable(self._pre_hook), with_kwargs=True)
         original = getattr(module, "cache_context", None)
         if callable(original):
@@ -375,15 +422,30 @@ class RootPatch:
                     runtime.context_name = None
 
             functools.update_wrapper(cache_context, original)
-            module.cache_context = cache_context
-        module._litepatch = self
+            module.__dict__["cache_context"] = cache_context
+        module.__dict__["_litepatch"] = self
+        attachment.record(module)
+        self._attachment = attachment
 
     def uninstall(self, module: torch.nn.Module) -> None:
         if self.hook is not None:
             self.hook.remove()
             self.hook = None
-        if self.previous_cache_context is _MISSING:
-            module.__dict__.pop("cache_context", None)
-        else:
-            module.cache_context = self.previous_cache_context
-        module.__dict__.pop("_litepatch", None)
+        self._attachment.take_off(module)
+
+    def take_off(self, module: torch.nn.Module) -> None:
+        self._attachment.take_off(module)
+        hook_id = self.hook.id if self.hook is not None else None
+        self._hook_entries = []
+        for hooks in (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs):
+            if hook_id in hooks:
+                self._hook_entries.append((hooks, dict(hooks)))
+                del hooks[hook_id]
+
+    def put_back(self, module: torch.nn.Module) -> None:
+        self._attachment.put_back(module)
+        for hooks, saved in self._hook_entries:
+            hooks.clear()
+            hooks.update(saved)
+        self._hook_entries = []
+

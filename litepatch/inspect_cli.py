@@ -2,6 +2,7 @@
 
 Examples:
     litepatch inspect --model my_package.models:build_dit
+    litepatch inspect --model my_package.models:build_dit --threshold -6 --warmup-steps 4 --save-recipe mine.yaml
     litepatch inspect --diffusers WanTransformer3DModel --config '{"num_layers": 2, "num_attention_heads": 2}'
     litepatch inspect --diffusers WanTransformer3DModel \
         --pretrained Wan-AI/Wan2.1-T2V-1.3B-Diffusers --subfolder transformer
@@ -30,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", metavar="REPO_OR_DIR", help="load --diffusers weights via from_pretrained")
     parser.add_argument("--subfolder", help="subfolder for --pretrained (e.g. transformer)")
     parser.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
+    recipe = parser.add_argument_group("saving the settings as a recipe (litepatch.apply + handle.to_recipe())")
+    recipe.add_argument("--save-recipe", metavar="PATH", help="write a recipe for this model (YAML) and exit")
+    recipe.add_argument("--recipe", help="start from this recipe (path, built-in name or Hub reference)")
+    recipe.add_argument("--threshold", type=float, help="skip threshold in log2 units (<= 0; -inf skips nothing)")
+    recipe.add_argument("--warmup-steps", type=int, help="dense steps at the start of each generation")
+    recipe.add_argument("--order", help="key-tile visiting order (anchor or alternate)")
+    recipe.add_argument("--name", help="the recipe's name (default: the base recipe's, or 'custom')")
 
 
 def _load_factory(spec: str):
@@ -95,8 +103,9 @@ def build_model(args: argparse.Namespace):
 def format_table(infos) -> str:
     """The table ``litepatch inspect`` prints."""
     headers = ("name", "kind", "sparse", "heads", "head_dim", "class", "reason")
-    rows = [(i.name or "<root>", i.kind, "yes" if i.sparse else "no", str(i.heads or "?"), str(i.head_dim or "?"),
-             i.module_class, i.reason) for i in infos]
+    rows = [(i.name or "<root>", i.kind, "yes" if i.sparse else "OUT OF REACH" if i.out_of_reach else "no",
+             str(i.heads or "?"), str(i.head_dim or "?"), i.module_class,
+             i.reason + (f" | out of reach: {i.out_of_reach}" if i.out_of_reach else "")) for i in infos]
     widths = [max(len(h), *(len(r[c]) for r in rows)) if rows else len(h) for c, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
@@ -105,12 +114,32 @@ def format_table(infos) -> str:
     return "\n".join(lines)
 
 
+def save_recipe(model, args: argparse.Namespace) -> int:
+    """``--save-recipe``: patch ``model`` with the given settings and write ``handle.to_recipe()``."""
+    import litepatch
+    from litepatch import recipes
+
+    handle = litepatch.apply(model, recipe=args.recipe, threshold=args.threshold, warmup_steps=args.warmup_steps,
+                             order=args.order)
+    try:
+        path = recipes.save(handle.to_recipe(args.name, measured=False), args.save_recipe)
+    finally:
+        handle.remove()
+    print(f"recipe written to {path} ({len(handle.layers)} layers, threshold {handle.recipe.threshold})")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     import litepatch
 
-    infos = litepatch.inspect(build_model(args))
+    model = build_model(args)
+    if args.save_recipe:
+        return save_recipe(model, args)
+    if any(v is not None for v in (args.recipe, args.threshold, args.warmup_steps, args.order, args.name)):
+        raise ValueError("--recipe/--threshold/--warmup-steps/--order/--name go with --save-recipe")
+    infos = litepatch.inspect(model)
     if args.json:
         print(json.dumps([dataclasses.asdict(i) for i in infos], indent=2))
     else:

@@ -53,3 +53,16 @@ def test_inspect_user_errors_are_one_clear_value_error(argv, match, capsys):
         pytest.importorskip("diffusers")
     with pytest.raises(ValueError, match=match):
         _run(argv, capsys)
+
+
+def test_inspect_shows_layers_out_of_reach_with_the_fix(capsys):
+    code, out = _run(["--model", "tiny_models:timm_unfused"], capsys)
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("blocks.1.attn"))
+    assert "OUT OF REACH" in row and "fused_attn = True" in row
+    assert out.splitlines()[-1] == "2 attention layers, 1 made sparse by litepatch"
+
+
+def test_inspect_settings_without_save_recipe_are_refused(capsys):
+    with pytest.raises(ValueError, match="go with --save-recipe"):
+        _run(["--model", "tiny_models:wan_style", "--threshold", "-4"], capsys)

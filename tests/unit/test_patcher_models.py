@@ -27,6 +27,37 @@ EXPECTED = {
     "ltx_video": {"transformer_blocks.0.attn1": "self", "transformer_blocks.0.attn2": "cross"},
     "flux": {"transformer_blocks.0.attn": "joint", "single_transformer_blocks.0.attn": "joint"},
     "sd3": {"transformer_blocks.0.attn": "joint", "transformer_blocks.1.attn": "joint"},
+    "mochi": {"time_embed.pooler": "cross", "transformer_blocks.0.attn1": "joint"},
+    "qwen_image": {"transformer_blocks.0.attn": "joint"},
+    "lumina2": {"noise_refiner.0.attn": "self", "context_refiner.0.attn": "self", "layers.0.attn": "joint"},
+    "pixart": {"transformer_blocks.0.attn1": "self", "transformer_blocks.0.attn2": "cross"},
+    "chroma": {"transformer_blocks.0.attn": "joint", "single_transformer_blocks.0.attn": "joint"},
+    "flux2": {"transformer_blocks.0.attn": "joint", "single_transformer_blocks.0.attn": "joint"},
+    "skyreels_v2": {"blocks.0.attn1": "self", "blocks.0.attn2": "cross"},
+    "auraflow": {"joint_transformer_blocks.0.attn": "joint", "single_transformer_blocks.0.attn": "joint"},
+    "cogview4": {"transformer_blocks.0.attn1": "joint"},
+    "allegro": {"transformer_blocks.0.attn1": "self", "transformer_blocks.0.attn2": "cross"},
+    "wan_vace": {f"{p}.{i}.{a}": k for p, n in (("blocks", 2), ("vace_blocks", 1)) for i in range(n)
+                 for a, k in (("attn1", "self"), ("attn2", "cross"))},
+    "latte": {"transformer_blocks.0.attn1": "self", "transformer_blocks.0.attn2": "cross",
+              "temporal_transformer_blocks.0.attn1": "self"},
+    "hidream": {"double_stream_blocks.0.block.attn1": "joint", "single_stream_blocks.0.block.attn1": "joint"},
+}
+# joint layer -> the text tokens it must protect (must-compute ranges of its skip state)
+TEXT_RANGES = {
+    "mochi": {"transformer_blocks.0.attn1": ((384, 393),)},  # 9 valid text tokens after 384 video tokens
+    "qwen_image": {"transformer_blocks.0.attn": ((0, 10),)},  # text first, 10 tokens
+    "lumina2": {"layers.0.attn": ((0, 10),)},  # caption first in the unified layers
+    "flux": {"transformer_blocks.0.attn": ((0, 12),), "single_transformer_blocks.0.attn": ((0, 12),)},
+    "hunyuan_video": {"transformer_blocks.0.attn": ((384, 394),), "single_transformer_blocks.0.attn": ((384, 394),)},
+    "chroma": {"transformer_blocks.0.attn": ((0, 12),), "single_transformer_blocks.0.attn": ((0, 12),)},
+    "flux2": {"transformer_blocks.0.attn": ((0, 12),), "single_transformer_blocks.0.attn": ((0, 12),)},
+    # 8 register tokens + 12 text tokens, in the double- and in the single-stream layer
+    "auraflow": {"joint_transformer_blocks.0.attn": ((0, 20),), "single_transformer_blocks.0.attn": ((0, 20),)},
+    "cogview4": {"transformer_blocks.0.attn1": ((0, 12),)},
+    # 1024 image tokens (patchified to max_resolution), then t5 (8) + llama (6) + this block's llama layer (6)
+    "hidream": {"double_stream_blocks.0.block.attn1": ((1024, 1044),),
+                "single_stream_blocks.0.block.attn1": ((1024, 1044),)},
 }
 FACTORIES = {"wan_style": tm.wan_style, **tm.DIFFUSERS_FACTORIES}
 TIMESTEPS = (999, 900, 800, 700)
@@ -44,7 +75,7 @@ def _smooth(t: torch.Tensor) -> torch.Tensor:
 
 def _inputs_at(name: str, inputs: dict, t: int) -> dict:
     inputs = dict(inputs)
-    key = "t" if "t" in inputs else "timestep"
+    key = next(k for k in ("t", "timesteps", "timestep") if k in inputs)
     inputs[key] = torch.tensor([t / 1000 if name == "flux" else float(t)])
     return inputs
 
@@ -59,8 +90,8 @@ def _snapshot(model):
     return (
         [(n, type(m)) for n, m in model.named_modules()],
         list(model.state_dict().keys()),
-        {n: sorted(k for k in vars(m) if k in ("forward", "cache_context", "_litepatch"))
-         for n, m in model.named_modules()},
+        {n: sorted(vars(m)) for n, m in model.named_modules()},  # every instance attribute
+        {n: id(m.__dict__.get("processor")) for n, m in model.named_modules()},  # the very processor objects
         {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()},
     )
 
@@ -81,7 +112,7 @@ def test_every_attention_layer_found_and_classified(built):
     assert {i.name: i.kind for i in infos} == EXPECTED[name]
     for info in infos:
         assert info.sparse == (info.kind != "cross")
-        assert info.heads == 2 and info.head_dim in (16, 32), info
+        assert info.kind == "cross" or (info.heads == 2 and info.head_dim in (16, 32)), info
         assert info.reason
     fp = litepatch.fingerprint(model)
     assert fp.layer_names == [n for n, k in EXPECTED[name].items() if k != "cross"]
@@ -100,9 +131,9 @@ def test_threshold_minus_inf_equals_unpatched_and_remove_restores(built):
     torch.testing.assert_close(patched, reference, rtol=1e-5, atol=1e-5)
     records = handle.stats().records
     assert {r["layer"] for r in records} == set(handle.layers)
-    if name != "hunyuan_video":  # Hunyuan passes masks everywhere: every call falls back
-        assert not any(r["dense"] for r in records)
-        assert all(r["kept_fraction"] == 1.0 for r in records)
+    for r in records:  # Hunyuan's text refiner passes a per-query mask: it alone falls back
+        assert r["dense"] == r["layer"].startswith("context_embedder"), r
+        assert r["kept_fraction"] == 1.0
     handle.remove()
     assert _snapshot(model) == before
     assert torch.equal(_run(model, inputs), reference)
@@ -122,25 +153,40 @@ def test_aggressive_threshold_skips_tiles_without_nan(built):
     per_step = stats.per_step()
     assert sorted(per_step) == [0, 1, 2, 3]
     assert per_step[0] == 1.0  # the first call computes every tile
-    if name == "hunyuan_video":
-        assert all(r["dense"] and "attention mask" in r["reason"] for r in stats.records)
-    else:
-        assert stats.kept_fraction() < 1.0, stats.table()
-        assert per_step[3] <= per_step[2] <= per_step[1] < 1.0  # skip lists shrink monotonically
+    assert stats.kept_fraction() < 1.0, stats.table()
+    assert per_step[3] <= per_step[2] <= per_step[1] and per_step[3] < 1.0  # skip lists shrink monotonically
 
 
-def test_hunyuan_masked_calls_fall_back_once_per_layer_and_stay_exact():
+def test_hunyuan_text_key_padding_mask_is_sparse_and_per_query_masks_fall_back_once():
+    """HunyuanVideo passes its text mask on every call: as a boolean key-padding mask it goes to the kernel
+    (masked keys never computed); the token refiner's per-query mask falls back, with one warning."""
     model, inputs = tm.hunyuan_video(masked=True)
     reference = _run(model, inputs)
-    handle = litepatch.apply(model, threshold=0.0)
+    handle = litepatch.apply(model, threshold=float("-inf"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outs = [_run(model, _inputs_at("hunyuan_video", inputs, t)) for t in (999, 999, 900)]
+    records = handle.stats().records
     handle.remove()
     messages = [str(w.message) for w in caught if "litepatch" in str(w.message)]
-    assert len(messages) == len(handle.layers) == 3  # one per layer, not one per call
-    assert all("attention mask" in m for m in messages)
-    assert torch.equal(outs[0], reference) and torch.equal(outs[1], reference)
+    assert len(messages) == 1 and "context_embedder" in messages[0] and "not a key-padding mask" in messages[0]
+    sparse = [r for r in records if not r["layer"].startswith("context_embedder")]
+    assert sparse and not any(r["dense"] for r in sparse)
+    torch.testing.assert_close(outs[0], reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1], reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_RANGES))
+def test_joint_layers_protect_their_text_tokens(name):
+    model, inputs = FACTORIES[name]()
+    handle = litepatch.apply(model, threshold=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _run(model, inputs)
+    states = handle.skip_states()
+    handle.remove()
+    for layer, ranges in TEXT_RANGES[name].items():
+        assert states[layer][0].must_compute_keys == ranges and states[layer][0].must_compute_queries == ranges
 
 
 def test_joint_text_tokens_are_never_skipped():
@@ -184,3 +230,22 @@ def test_timm_style_attention_found_and_exact():
     assert len(handle.stats().records) == 2
     handle.remove()
     assert torch.equal(_run(model, {"x": x}), reference)
+
+
+def test_mochi_batch_rows_attend_one_by_one_each_with_its_own_state():
+    """Mochi's processor loops over batch rows (each drops its own padded text): one state per row."""
+    model, inputs = tm.mochi()
+    inputs = dict(inputs)
+    for key in ("hidden_states", "encoder_hidden_states"):
+        inputs[key] = torch.cat([inputs[key], torch.randn_like(inputs[key])])
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, 9:] = False
+    mask[1, 5:] = False
+    inputs["encoder_attention_mask"] = mask
+    reference = _run(model, inputs)
+    handle = litepatch.apply(model, threshold=float("-inf"))
+    torch.testing.assert_close(_run(model, inputs), reference, rtol=1e-5, atol=1e-5)
+    states = handle.skip_states()["transformer_blocks.0.attn1"]
+    assert set(states) == {0, (0, 1)}
+    assert states[0].must_compute_keys == ((384, 393),) and states[(0, 1)].must_compute_keys == ((384, 389),)
+    handle.remove()

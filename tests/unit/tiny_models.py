@@ -187,7 +187,7 @@ def hunyuan_video(seed: int = 0, masked: bool = True):
     if masked:
         mask[:, 7:] = False
     inputs = {
-        "hidden_states": torch.randn(1, 4, 3, 16, 16),  # 3 x 8 x 8 = 192 tokens
+        "hidden_states": torch.randn(1, 4, 6, 16, 16),  # 6 x 8 x 8 = 384 tokens
         "timestep": torch.tensor([999]),
         "encoder_hidden_states": torch.randn(1, 10, 16),
         "encoder_attention_mask": mask,
@@ -269,3 +269,331 @@ DIFFUSERS_FACTORIES = {
     "flux": flux,
     "sd3": sd3,
 }
+
+
+def mochi(seed: int = 0):
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=1, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=16, time_embed_dim=16, max_sequence_length=12,
+    ).eval()
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    mask[:, 9:] = False  # 9 valid text tokens: the processor drops the 3 padded ones
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 6, 16, 16),  # 6 x 8 x 8 = 384 tokens
+        "encoder_hidden_states": torch.randn(1, 12, 16),
+        "timestep": torch.tensor([999]),
+        "encoder_attention_mask": mask,
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def qwen_image(seed: int = 0):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    mask[:, 8:] = False
+    inputs = {
+        "hidden_states": torch.randn(1, 384, 16),  # 384 packed image tokens (frame 1, 16 x 24)
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "encoder_hidden_states_mask": mask,
+        "timestep": torch.tensor([1.0]),
+        "img_shapes": [(1, 16, 24)],
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def lumina2(seed: int = 0):
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = Lumina2Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, hidden_size=32, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=2, multiple_of=16, cap_feat_dim=16, axes_dim_rope=(4, 6, 6),
+        axes_lens=(64, 64, 64),
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 32, 40),  # 16 x 20 = 320 image tokens
+        "timestep": torch.tensor([1.0]),
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "encoder_attention_mask": torch.ones(1, 10, dtype=torch.bool),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+DIFFUSERS_FACTORIES.update({"mochi": mochi, "qwen_image": qwen_image, "lumina2": lumina2})
+
+
+# ------------------------------------------------------------------- nn.MultiheadAttention models
+class MHABlock(nn.Module):
+    """A DiT block on ``nn.MultiheadAttention``: self-attention, then cross-attention to the text."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+
+    def forward(self, x, context, key_padding_mask=None):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False, key_padding_mask=key_padding_mask)[0]
+        return x + self.cross_attn(self.norm2(x), context, context, need_weights=False)[0]
+
+
+class MHADiT(nn.Module):
+    def __init__(self, dim: int = 64, num_heads: int = 2, depth: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(MHABlock(dim, num_heads) for _ in range(depth))
+
+    def forward(self, x, t, context, key_padding_mask=None):
+        for block in self.blocks:
+            x = block(x, context, key_padding_mask)
+        return x
+
+
+def mha_dit(seq: int = 320, seed: int = 0):
+    torch.manual_seed(seed)
+    model = MHADiT().eval()
+    base = torch.randn(1, seq // 20 + 2, 64)
+    x = 3 * F.interpolate(base.transpose(1, 2), size=seq, mode="linear", align_corners=True).transpose(1, 2)
+    return model, {"x": x.contiguous(), "t": torch.tensor([999.0]), "context": torch.randn(1, 12, 64)}
+
+
+class HandWrittenJointAttention(nn.Module):
+    """Joint text+video attention written by hand: ``cat([context, x])`` then one SDPA call."""
+
+    def __init__(self, dim: int = 64, num_heads: int = 2, text_layout: str | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        if text_layout is not None:
+            self.text_layout = text_layout
+
+    def forward(self, x, context):
+        b, s, d = x.shape
+        tokens = torch.cat([context, x], dim=1)
+        qkv = self.qkv(tokens).view(b, tokens.shape[1], 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, tokens.shape[1], d)
+        return self.o(out[:, context.shape[1]:])
+
+
+def _grid_ids(height: int, width: int) -> torch.Tensor:
+    return torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(height)), torch.arange(float(width)),
+                                      indexing="ij"), -1).reshape(-1, 3)
+
+
+def pixart(seed: int = 0):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1,
+        cross_attention_dim=32, sample_size=32, patch_size=2, caption_channels=16, norm_num_groups=4,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 32, 40),  # 16 x 20 = 320 tokens
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "timestep": torch.tensor([999]),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def chroma(seed: int = 0):
+    from diffusers import ChromaTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = ChromaTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6), approximator_num_channels=16, approximator_hidden_dim=32,
+        approximator_layers=1,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 320, 4),
+        "encoder_hidden_states": torch.randn(1, 12, 16),
+        "timestep": torch.tensor([1.0]),
+        "img_ids": _grid_ids(16, 20),
+        "txt_ids": torch.zeros(12, 3),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def flux2(seed: int = 0):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    ).eval()
+    grid = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(16.0), torch.arange(20.0), torch.zeros(1),
+                                      indexing="ij"), -1).reshape(1, -1, 4)
+    inputs = {
+        "hidden_states": torch.randn(1, 320, 4),
+        "encoder_hidden_states": torch.randn(1, 12, 16),
+        "timestep": torch.tensor([1.0]),
+        "img_ids": grid,
+        "txt_ids": torch.zeros(1, 12, 4),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def skyreels_v2(seed: int = 0):
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(seed)
+    model = SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 5, 8, 16),  # 160 tokens
+        "timestep": torch.tensor([999]),
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def auraflow(seed: int = 0):
+    from diffusers import AuraFlowTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = AuraFlowTransformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=32,
+        out_channels=4, pos_embed_max_size=400,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 32, 40),  # 320 tokens
+        "encoder_hidden_states": torch.randn(1, 12, 16),
+        "timestep": torch.tensor([999]),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def cogview4(seed: int = 0):
+    from diffusers import CogView4Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        text_embed_dim=16, time_embed_dim=16, condition_dim=8, pos_embed_max_size=32, sample_size=32,
+        rope_axes_dim=(16, 16),
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 32, 40),  # 320 tokens
+        "encoder_hidden_states": torch.randn(1, 12, 16),
+        "timestep": torch.tensor([999]),
+        "original_size": torch.tensor([[32.0, 40.0]]),
+        "target_size": torch.tensor([[32.0, 40.0]]),
+        "crop_coords": torch.tensor([[0.0, 0.0]]),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def allegro(seed: int = 0):
+    from diffusers import AllegroTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = AllegroTransformer3DModel(
+        patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        num_layers=1, cross_attention_dim=32, sample_height=16, sample_width=16, sample_frames=5, caption_channels=16,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 5, 16, 16),  # 5 x 8 x 8 = 320 tokens
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "timestep": torch.tensor([999]),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+DIFFUSERS_FACTORIES.update({"pixart": pixart, "chroma": chroma, "flux2": flux2, "skyreels_v2": skyreels_v2,
+                            "auraflow": auraflow, "cogview4": cogview4, "allegro": allegro})
+
+
+def wan_vace(seed: int = 0):
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, vace_layers=[0],
+        vace_in_channels=8,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 5, 8, 16),  # 160 tokens
+        "timestep": torch.tensor([999]),
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "control_hidden_states": torch.randn(1, 8, 5, 8, 16),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def latte(seed: int = 0):
+    from diffusers import LatteTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1, sample_size=16,
+        patch_size=2, video_length=4, caption_channels=16, cross_attention_dim=32, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 4, 32, 32),  # 4 frames of 16 x 16 = 256 spatial tokens each
+        "timestep": torch.tensor([999]),
+        "encoder_hidden_states": torch.randn(1, 10, 16),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+DIFFUSERS_FACTORIES.update({"wan_vace": wan_vace, "latte": latte})
+
+
+def hidream(seed: int = 0):
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, caption_channels=[16, 16], text_emb_dim=16, num_routed_experts=2,
+        num_activated_experts=1, axes_dims_rope=(4, 6, 6), max_resolution=(64, 64), llama_layers=[0, 1],
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 32, 40),  # 16 x 20 = 320 image tokens
+        "timesteps": torch.tensor([999]),
+        "encoder_hidden_states_t5": torch.randn(1, 8, 16),
+        "encoder_hidden_states_llama3": torch.randn(2, 1, 6, 16),
+        "pooled_embeds": torch.randn(1, 16),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+DIFFUSERS_FACTORIES["hidream"] = hidream
+
+
+def timm_unfused():
+    """A timm-style ViT whose second block computes its softmax by hand (``fused_attn=False``)."""
+    model = TimmStyleViT()
+    model.blocks[1]["attn"].fused_attn = False
+    return model
