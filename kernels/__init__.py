@@ -15,7 +15,7 @@ if __name__ != "litepatch.kernels":
     # op against an empty backend registry, so hand out the one real package instead.
     _sys.modules[__name__] = _importlib.import_module("litepatch.kernels")
 else:
-    from .dense import dense_attention
+    from .dense import dense_attention, dense_kernel_name
     from .interface import available_backends, check_threshold, key_mask_from, lite_attention
     from .reference import reference_forward
     from .registry import Backend, BackendUnavailable, Constraints, register_backend
@@ -35,6 +35,7 @@ else:
         "available_backends",
         "check_threshold",
         "dense_attention",
+        "dense_kernel_name",
         "lite_attention",
         "pack_bits",
         "reference_forward",

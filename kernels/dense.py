@@ -31,6 +31,15 @@ def _flash_attn_4(q: torch.Tensor) -> object | None:
     return cute.forward.dense  # type: ignore[attr-defined]
 
 
+def dense_kernel_name(q: torch.Tensor) -> str:
+    """Which kernel :func:`dense_attention` runs for inputs like ``q``: ``"flash-attn-4"`` or ``"sdpa"``.
+
+    A caller that would otherwise run SDPA itself (the patcher, for calls that skip nothing) only gains by
+    calling :func:`dense_attention` when this says ``"flash-attn-4"``.
+    """
+    return "flash-attn-4" if _flash_attn_4(q) is not None else "sdpa"
+
+
 def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,

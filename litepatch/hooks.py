@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import torch
 from .adapters.base import AttentionCall, AttentionLayerInfo, call_kind
 from .context import CallReader, StepTracker
 from .diffusers_cp import dense_reason
-from .kernels import SkipState, lite_attention, registry
+from .kernels import SkipState, dense_attention, dense_kernel_name, lite_attention, registry
 from .stats import CallLog
 
 _MISSING = object()
@@ -324,9 +325,11 @@ class LayerPatch:
             self._warn(reason)
             self.last_call = (plan, reason, self._dense_total(call) if q.dim() == 4 and k.dim() == 4 else 0)
             return None
-        if plan.state is None:
-            self.last_call = (plan, plan.dense_reason, self._dense_total(call))
-            return None
+        if plan.state is None or plan.threshold == -math.inf:
+            out = _fast_dense(call)
+            if out is not None or plan.state is None:
+                self.last_call = (plan, plan.dense_reason or "threshold -inf skips nothing", self._dense_total(call))
+                return out
         out = lite_attention(
             q, k, call.v, plan.state,
             threshold=plan.threshold,
@@ -340,6 +343,15 @@ class LayerPatch:
         self._tiles["last"] = plan.state.tiles
         self.last_call = (plan, "", 0)
         return out
+
+
+def _fast_dense(call: AttentionCall) -> torch.Tensor | None:
+    """A call that skips nothing on flash-attn-4's dense forward where it runs (Hopper with the ``cuda`` extra:
+    1.07-1.35x SDPA's cuDNN backend, ``benchmarks/backends.py``), so dense steps of a patched model are never
+    slower than stock; ``None`` elsewhere and while compiling (the model's own attention is then as fast)."""
+    if torch.compiler.is_compiling() or dense_kernel_name(call.q) != "flash-attn-4":
+        return None
+    return dense_attention(call.q, call.k, call.v, softmax_scale=call.scale, key_mask=call.key_mask)
 
 
 def _sharded(ranges: list[tuple[int, int]], local: int, shards: int) -> list[tuple[int, int]]:
