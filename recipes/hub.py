@@ -246,10 +246,20 @@ def _commit_of(path: Path, parsed: HubRef) -> str | None:
     return None
 
 
-def load_pulled(path: str | os.PathLike, parsed: HubRef) -> Recipe:
-    """Loads a pulled recipe and records the commit it came from in ``provenance.hub_revision``."""
+def repo_cache_folder(parsed: HubRef, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The huggingface_hub cache folder of the recipe's repository (``.../models--org--repo``)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    base = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    return base.expanduser() / repo_folder_name(repo_id=parsed.repo_id, repo_type="model")
+
+
+def load_pulled(path: str | os.PathLike, parsed: HubRef, cache_dir: str | os.PathLike | None = None) -> Recipe:
+    """Loads a pulled recipe (no link out of its repository's cache folder) and records the commit it came
+    from in ``provenance.hub_revision``."""
     path = Path(path)
-    recipe = load(path)
+    recipe = load(path, root=repo_cache_folder(parsed, cache_dir))
     recipe.provenance.hub_revision = _commit_of(path, parsed)
     return recipe
 
