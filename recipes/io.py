@@ -467,6 +467,7 @@ def resolve(
     token: str | bool | None = None,
     recipes_repo: str | None = None,
     fingerprint: ModelFingerprint | None = None,
+    timeout: float | None = None,
 ) -> Recipe:
     """Turns what a user passes as ``recipe=`` into a validated :class:`Recipe`.
 
@@ -483,6 +484,12 @@ def resolve(
         fingerprint (`ModelFingerprint`, *optional*): the model's; picks among the targets of an alias
             such as ``"wan-480p"`` (14B or 1.3B). It does not check the recipe: call
             :func:`check_fingerprint` for that.
+        timeout (`float`, *optional*): seconds a Hub download may take in all (default
+            ``$LITEPATCH_HUB_TIMEOUT`` or 10).
+
+    A short name that is close to a built-in one (``"wan-72Op"``, ``"wan2.1-14b-720"``) is refused at
+    once with the built-in names it resembles, without a Hub request; write ``org/repo/name`` to look
+    such a name up on the Hub.
 
     Example:
         >>> resolve("wan-720p").context.resolution
@@ -511,11 +518,12 @@ def resolve(
             )
         return load_builtin(ref, fingerprint=fingerprint)
 
+    _refuse_near_builtin(ref)
     from . import hub
 
     parsed = hub.parse_ref(ref, revision=revision, recipes_repo=default_recipes_repo(recipes_repo))
     try:
-        path = hub.pull(parsed, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        path = hub.pull(parsed, cache_dir=cache_dir, local_files_only=local_files_only, token=token, timeout=timeout)
     except RecipeNotFoundError as err:
         if parsed.short:
             raise RecipeNotFoundError(
@@ -525,6 +533,28 @@ def resolve(
             ) from None
         raise
     return hub.load_pulled(path, parsed, cache_dir)
+
+
+def _refuse_near_builtin(ref: str) -> None:
+    """A short name that resembles a built-in one is a typo, not a Hub lookup: refused at once, naming the
+    built-in names it is close to."""
+    import difflib
+
+    name = ref.partition("@")[0]
+    if "/" in name:
+        return
+    names = builtin_names()
+    if name in names:
+        raise RecipeNotFoundError(f"{name!r} is a built-in recipe, not a Hub one: use it as it is (no download)")
+    lowered = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.75)
+    if close:
+        suggestions = " or ".join(repr(lowered[c]) for c in close)
+        raise RecipeNotFoundError(
+            f"unknown recipe {ref!r}: did you mean {suggestions}? (not looked up on the Hub; for a Hub recipe of "
+            f"that name write 'org/repo/{name}')",
+            known=names,
+        )
 
 
 # -------------------------------------------------------------------------------------- fingerprint

@@ -280,7 +280,7 @@ def test_resolve_hub_refs_and_default_repository(tmp_path, monkeypatch):
     assert recipe.name == "mine" and recipe.provenance.hub_revision == "a" * 40
     parsed, kwargs = seen[-1]
     assert (parsed.repo_id, parsed.name, parsed.revision) == ("org/repo", "mine", "v2")
-    assert kwargs == {"cache_dir": cache, "local_files_only": None, "token": "t"}
+    assert kwargs == {"cache_dir": cache, "local_files_only": None, "token": "t", "timeout": None}
     recipes.resolve("shared", revision="main", cache_dir=cache)
     assert (seen[-1][0].repo_id, seen[-1][0].revision) == (recipes.DEFAULT_RECIPES_REPO, "main")
     monkeypatch.setenv(recipes.RECIPES_REPO_ENV, "team/recipes")
@@ -300,9 +300,9 @@ def test_resolve_unknown_short_name_lists_builtins(monkeypatch):
 
     monkeypatch.setattr(hub, "pull", not_found)
     with pytest.raises(RecipeNotFoundError) as info:
-        recipes.resolve("wan-1080p")
+        recipes.resolve("team-recipe")
     message = str(info.value)
-    assert "'wan-1080p' is neither a local file, a built-in recipe nor in the default Hub repository" in message
+    assert "'team-recipe' is neither a local file, a built-in recipe nor in the default Hub repository" in message
     assert "known built-in recipes: " in message and "wan-480p, wan-720p, wan2.1-1.3b-480p" in message
     assert "wan-720p" in info.value.known
 
