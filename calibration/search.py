@@ -436,7 +436,8 @@ def _rdb_storage(url: str):
         except SQLAlchemyError as err:
             detail = " ".join(str(getattr(err, "orig", None) or err).split())[:200]
             # two new workers may create the schema of one new database at the same moment
-            if sqlite and attempt < 4 and any(m in detail for m in ("already exists", "locked", "UNIQUE constraint")):
+            races = ("already exists", "duplicate key", "UNIQUE constraint", *(("locked",) if sqlite else ()))
+            if attempt < 4 and any(m in detail for m in races):
                 time.sleep(0.2 * (attempt + 1))
                 continue
             raise CalibrationError(

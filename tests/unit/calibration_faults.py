@@ -9,6 +9,7 @@ process after arming one fault from the environment:
   is written just before the kill, and a process that finds it kills nothing.
 * ``LITEPATCH_TEST_FAIL=<kind>:<n>[,<kind>:<n>...]`` makes the ``n``-th patched generation inside a
   trial raise an out-of-memory ``RuntimeError`` (``oom``) or return NaN (``nan``).
+* ``LITEPATCH_TEST_HOST=<name>`` makes this process's trials claim to run on another machine.
 
 Example:
     $ LITEPATCH_TEST_KILL=generation PYTHONPATH=tests/unit python -m calibration_faults job.yaml --no-progress
@@ -16,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -54,8 +56,11 @@ def _planned_failures() -> dict[int, str]:
     return plan
 
 
-def make_job(seq: int = 256, gains=(1.0, 0.05, 1.0, 0.05)):
-    """Job entry ``(model, run, samples, held_out)``: the toy model, two calibration samples, one held out."""
+def make_job(seq: int = 256, gains=(1.0, 0.05, 1.0, 0.05), delay: float = 0.0):
+    """Job entry ``(model, run, samples, held_out)``: the toy model, two calibration samples, one held out;
+    ``delay`` seconds of sleep per generation stretch the job (random kills then land in every phase)."""
+    import time
+
     from test_calibration_toy import ToyModel, run
 
     model = ToyModel(gains, seq=seq).eval()
@@ -63,6 +68,8 @@ def make_job(seq: int = 256, gains=(1.0, 0.05, 1.0, 0.05)):
     trial_generations = Counter()
 
     def faulty_run(m, sample):
+        if delay:
+            time.sleep(delay)
         if _phase["in_trial"]:
             trial_generations["n"] += 1
             _kill_at("generation")
@@ -120,10 +127,22 @@ def arm() -> None:
     _wrap(report.CalibrationReport, "save", before="report")
 
 
+def _pretend_another_host(workers) -> None:
+    """``LITEPATCH_TEST_HOST=name``: this process's trials say they run on machine ``name``, so that only
+    the storage's heartbeat (not a look at this machine's processes) can tell that they died."""
+    host = os.environ.get("LITEPATCH_TEST_HOST")
+    if host and workers is not None:
+        me = workers.Owner.me
+        workers.Owner.me = classmethod(lambda cls: dataclasses.replace(me(), host=host))
+
+
 def main(argv: list[str] | None = None) -> int:
+    import importlib
+
     from litepatch.cli import main as cli_main
 
     arm()
+    _pretend_another_host(importlib.import_module("litepatch.calibration.workers"))
     return cli_main(["calibrate", *(sys.argv[1:] if argv is None else argv)])
 
 
