@@ -11,7 +11,9 @@ The rules, for one process or many on one Optuna storage (SQLite, a journal file
 * **Dead trials are failed, not waited for.** Every trial records its owner (host, boot, pid and
   the process's start time). A RUNNING trial whose owner is a dead process of this machine is
   failed at once; one of another machine is failed by Optuna's heartbeat after its grace period;
-  one that died before recording its owner is failed when it is older than that grace period.
+  one that died before recording its owner is failed when it is older than that grace period. On
+  storages without heartbeats (journal files) each trial writes the time into ``litepatch.beat``
+  every few seconds, and one silent for :data:`BEAT_GRACE_PERIOD` seconds is failed.
   Failed-by-kill trials are not "evaluated": their parameters are proposed again.
 * **No parameters twice, no trial too many.** After its parameters are written, a trial looks at the
   study: when another evaluated or running trial has the same parameters, or when the finished and
@@ -43,6 +45,10 @@ YIELD_ATTR = "litepatch.yielded"
 ORIGIN_ATTR = "origin"
 HEARTBEAT_INTERVAL = 5
 GRACE_PERIOD = 15
+BEAT_ATTR = "litepatch.beat"
+BEAT_GRACE_PERIOD = 60
+"""Seconds without a ``litepatch.beat`` after which a trial of another machine counts as dead, on
+storages without heartbeats of their own (journal files; wall clocks of machines differ a little)."""
 MAX_EARLY_ERRORS = 3
 MAX_PROPOSALS = 20
 MAX_STEP_BACKS = 50
@@ -172,14 +178,19 @@ def fail_dead_trials(study, storage, *, grace_period: float = GRACE_PERIOD) -> i
 
     if storage is None:
         return 0
-    if hasattr(storage, "get_heartbeat_interval") and storage.get_heartbeat_interval():
+    native = _native_heartbeat(storage)
+    if native:
         optuna.storages.fail_stale_trials(study)
     now = datetime.datetime.now()
     failed = 0
     for frozen in study.get_trials(deepcopy=False, states=(_state("RUNNING"),)):
         owner = Owner.from_attr(frozen.user_attrs.get(OWNER_ATTR))
+        silent = 0.0 if native else _seconds_silent(frozen, now)
         if owner is not None and owner.is_dead():
             _fail(storage, frozen, f"worker {owner} died")
+            failed += 1
+        elif owner is not None and silent > BEAT_GRACE_PERIOD:
+            _fail(storage, frozen, f"worker {owner} sent no heartbeat for {silent:.0f} s")
             failed += 1
         elif owner is None and frozen.datetime_start and (now - frozen.datetime_start).total_seconds() > grace_period:
             _fail(storage, frozen, "its worker died before it started")
@@ -187,19 +198,38 @@ def fail_dead_trials(study, storage, *, grace_period: float = GRACE_PERIOD) -> i
     return failed
 
 
+def _seconds_silent(frozen, now: datetime.datetime) -> float:
+    """Seconds since the trial's last ``litepatch.beat`` (or its start, when it never beat)."""
+    last = frozen.user_attrs.get(BEAT_ATTR)
+    if isinstance(last, (int, float)):
+        return time.time() - last
+    return (now - frozen.datetime_start).total_seconds() if frozen.datetime_start else 0.0
+
+
+def _native_heartbeat(storage) -> bool:
+    return hasattr(storage, "record_heartbeat") and bool(storage.get_heartbeat_interval())
+
+
 @contextmanager
 def heartbeat(storage, trial_id: int, interval: float = HEARTBEAT_INTERVAL):
-    """Records the trial's heartbeat now and every ``interval`` seconds while the block runs (RDB storage)."""
-    if storage is None or not hasattr(storage, "record_heartbeat") or not storage.get_heartbeat_interval():
+    """Records the trial's heartbeat now and every ``interval`` seconds while the block runs: the storage's
+    own (RDB), else the wall-clock time in the trial's ``litepatch.beat`` attribute (journal files)."""
+    if storage is None:
         yield
         return
+    if _native_heartbeat(storage):
+        def record() -> None:
+            storage.record_heartbeat(trial_id)
+    else:
+        def record() -> None:
+            storage.set_trial_user_attr(trial_id, BEAT_ATTR, time.time())
     stop = threading.Event()
-    storage.record_heartbeat(trial_id)
+    record()
 
     def beat() -> None:
         while not stop.wait(interval):
             try:
-                storage.record_heartbeat(trial_id)
+                record()
             except Exception:  # noqa: BLE001 - a missed beat only makes the trial look stale later
                 pass
 

@@ -418,3 +418,30 @@ def test_threads_as_workers_on_one_storage_share_the_trials(tmp_path):
     assert len(complete) == 6
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 6
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
+
+
+def test_journal_trial_of_a_silent_worker_on_another_machine_is_failed(tmp_path, monkeypatch):
+    """Journal files have no heartbeat of their own: without litepatch's, a worker that died on another
+    machine left its trial RUNNING forever and the others waited for it without end."""
+    import dataclasses
+
+    import optuna
+
+    from litepatch.calibration import workers
+    from litepatch.calibration.search import make_storage
+
+    storage = make_storage(str(tmp_path / "study.log"))
+    study = optuna.create_study(study_name="j", storage=storage)
+    elsewhere = dataclasses.replace(workers.Owner.me(), host="another-machine").to_attr()
+    silent, beating = study.ask(), study.ask()
+    for trial in (silent, beating):
+        trial.set_user_attr(workers.OWNER_ATTR, elsewhere)
+    with workers.heartbeat(storage, beating._trial_id, interval=0.05):
+        time.sleep(0.2)
+        assert workers.fail_dead_trials(study, storage) == 0  # both are young
+        monkeypatch.setattr(workers, "BEAT_GRACE_PERIOD", 0.15)
+        time.sleep(0.2)  # the silent one never beat and is older than the grace period now
+        assert workers.fail_dead_trials(study, storage) == 1
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states == {silent.number: "FAIL", beating.number: "RUNNING"}
+    assert "sent no heartbeat" in study.get_trials()[silent.number].user_attrs["litepatch.interrupted"]
