@@ -42,6 +42,7 @@ from typing import Any
 from .errors import RecipeError, RecipeHubError, RecipeNotFoundError, RecipeValidationError
 from .io import check_name, default_recipes_repo, dumps, load, validate
 from .schema import Recipe
+from .untrusted import MAX_RECIPE_BYTES
 
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -353,14 +354,38 @@ def _download(parsed: HubRef, cache_dir, local_files_only: bool, token, deadline
 
 def _download_online(parsed: HubRef, cache_dir, token, deadline: _Deadline) -> str:
     """The download within the deadline; on a network failure or timeout, the cached copy if any."""
+    def fetch() -> str:
+        _refuse_announced_size(parsed, cache_dir, token, deadline)
+        return _download(parsed, cache_dir, False, token, deadline)
+
     try:
         _probe(deadline, parsed, "download")
-        return _within(deadline, lambda: _download(parsed, cache_dir, False, token, deadline), parsed, "download")
+        return _within(deadline, fetch, parsed, "download")
     except RecipeHubError:
         cached = _cached(parsed, cache_dir)
         if cached is None:
             raise
         return cached
+
+
+def _refuse_announced_size(parsed: HubRef, cache_dir, token, deadline: _Deadline) -> None:
+    """Refuses, before downloading, a file that the Hub says is larger than a recipe may be (the size limit
+    of the reader would otherwise apply only after the whole file is in the cache). Any failure to get the
+    size is left to the download, which reports it (or falls back to the cache) as usual."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    if parsed.revision and _COMMIT.match(parsed.revision) and _cached(parsed, cache_dir):
+        return  # a pinned, cached commit: no network at all
+    try:
+        url = hf_hub_url(parsed.repo_id, parsed.filename, revision=parsed.revision, endpoint=_endpoint())
+        size = get_hf_file_metadata(url, token=token, timeout=max(0.05, deadline.left())).size
+    except Exception:  # noqa: BLE001 - see the docstring
+        return
+    if isinstance(size, int) and size > MAX_RECIPE_BYTES:
+        raise RecipeValidationError(
+            f"{parsed.filename} of {parsed!s}: the Hub announces {size} bytes, larger than the {MAX_RECIPE_BYTES}-byte "
+            "limit for recipes; not downloaded (check the reference)"
+        )
 
 
 def _cached(parsed: HubRef, cache_dir) -> str | None:

@@ -265,3 +265,14 @@ def test_poisoned_cache_link_to_a_secret_is_refused(hub, tmp_path, monkeypatch):
     with pytest.raises(RecipeValidationError) as info:
         recipes.resolve("me/recipes/tiny", cache_dir=cache)
     assert "outside" in str(info.value) and SECRET not in str(info.value)
+
+
+def test_a_huge_file_is_refused_before_it_is_downloaded(hub, tmp_path):
+    hub.state.put("evil/recipes", {"tiny.yaml": b"#" * (64 * 1024 * 1024)})
+    cache = tmp_path / "c"
+    info, seconds = _timed(recipes.resolve, "evil/recipes/tiny", cache_dir=cache, timeout=5)
+    assert info.type is RecipeValidationError
+    assert "the Hub announces 67108864 bytes, larger than the 262144-byte limit" in str(info.value)
+    assert seconds < 5
+    assert sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) < 1024 * 1024  # nothing large cached
+    assert [m for m, _ in hub.state.requests].count("GET") == 0
