@@ -26,6 +26,7 @@ complete trials, none evaluated twice, and with a seed the same recipe however o
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -595,10 +596,29 @@ def _constraints_after_trial(study, trial, state, values) -> None:  # optuna 4: 
 
 
 def _storage_label(storage) -> str:
+    """What the report and messages call the storage (an RDB URL without its password)."""
     if storage is None:
         return "in-memory"
     url = getattr(storage, "url", None)
-    return str(url) if url else type(storage).__name__
+    return _redact(str(url)) if url else type(storage).__name__
+
+
+@contextlib.contextmanager
+def _storage_failures(storage):
+    """A database error in the middle of the trials (a lock held past the timeout, a lost connection)
+    becomes one line naming the storage; the finished trials are in it, and a rerun continues."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (SQLAlchemyError, StorageInternalError) as err:
+        cause = err.__cause__ if isinstance(err, StorageInternalError) and err.__cause__ is not None else err
+        detail = " ".join(str(getattr(cause, "orig", None) or cause).split())[:200]
+        raise CalibrationError(
+            f"storage {_storage_label(storage)} failed during the trials ({type(err).__name__}: {detail}); the "
+            f"finished trials are kept in it: run the job again to continue (locks wait {STORAGE_TIMEOUT_ENV} s)"
+        ) from None
 
 
 def _default_study_name(model, budget: Budget, samples: Sequence, objective: str) -> str:
@@ -760,7 +780,8 @@ def calibrate(
             distributions=distributions, wanted=trials, worker=str(owner),
         )
         progress_bar.start(_finished(study))
-        tally = run_trials(study, storage_obj, evaluate, trials, timeout=timeout, on_trial=progress_bar.update)
+        with _storage_failures(storage_obj):
+            tally = run_trials(study, storage_obj, evaluate, trials, timeout=timeout, on_trial=progress_bar.update)
         progress_bar.close()
         _check_errors(tally, study_name, trials)
         if not finish:

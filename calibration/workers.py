@@ -54,6 +54,9 @@ MAX_PROPOSALS = 20
 MAX_STEP_BACKS = 50
 POLL_SECONDS = 1.0
 
+_IN_PROGRESS: set[int] = set()
+"""Ids of the trials that this process is running now (any thread); its other RUNNING trials are stale."""
+
 
 class TrialStepBack(Exception):
     """The trial was not evaluated: another trial holds its parameters, or enough trials exist."""
@@ -189,6 +192,9 @@ def fail_dead_trials(study, storage, *, grace_period: float = GRACE_PERIOD) -> i
         if owner is not None and owner.is_dead():
             _fail(storage, frozen, f"worker {owner} died")
             failed += 1
+        elif owner == Owner.me() and frozen._trial_id not in _IN_PROGRESS:
+            _fail(storage, frozen, "its run in this process ended without a result (a storage error)")
+            failed += 1
         elif owner is not None and silent > BEAT_GRACE_PERIOD:
             _fail(storage, frozen, f"worker {owner} sent no heartbeat for {silent:.0f} s")
             failed += 1
@@ -280,6 +286,7 @@ def make_proposer(
             self.origins: dict[int, str] = {}
 
         def before_trial(self, study, trial) -> None:
+            _IN_PROGRESS.add(trial._trial_id)
             study._storage.set_trial_user_attr(trial._trial_id, OWNER_ATTR, owner.to_attr())
 
         def infer_relative_search_space(self, study, trial) -> dict:
@@ -442,6 +449,13 @@ def _run_trials(study, storage, objective, wanted: int, timeout, on_trial, poll:
 def run_one(study, storage, objective: Callable[[Any], float]) -> str:
     """Asks for one trial, evaluates it under a heartbeat and tells the result; returns what happened."""
     trial = study.ask()
+    try:
+        return _evaluate(study, storage, objective, trial)
+    finally:
+        _IN_PROGRESS.discard(trial._trial_id)
+
+
+def _evaluate(study, storage, objective: Callable[[Any], float], trial) -> str:
     outcome = "complete"
     with heartbeat(storage, trial._trial_id):
         try:

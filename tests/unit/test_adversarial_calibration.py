@@ -445,3 +445,42 @@ def test_journal_trial_of_a_silent_worker_on_another_machine_is_failed(tmp_path,
     states = {t.number: t.state.name for t in study.get_trials()}
     assert states == {silent.number: "FAIL", beating.number: "RUNNING"}
     assert "sent no heartbeat" in study.get_trials()[silent.number].user_attrs["litepatch.interrupted"]
+
+
+def test_storage_locked_in_the_middle_of_the_trials_is_one_line_and_a_rerun_continues(tmp_path, monkeypatch):
+    from litepatch.calibration import CalibrationError, search
+
+    db = tmp_path / "study.db"
+    monkeypatch.setenv("LITEPATCH_STORAGE_TIMEOUT", "0.3")
+    original = search._TrialEvaluator._sample
+    holder = {}
+
+    def sample_then_lock(self, trial, recipe, index):
+        result = original(self, trial, recipe, index)
+        if trial.number == 2 and "connection" not in holder:  # another process takes the database
+            holder["connection"] = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+            holder["connection"].execute("BEGIN EXCLUSIVE")
+        return result
+
+    monkeypatch.setattr(search._TrialEvaluator, "_sample", sample_then_lock)
+    model, run, samples, _ = _toy()
+    with pytest.raises(CalibrationError) as info:
+        _calibrate(run, model, samples, storage=str(db))
+    message = str(info.value)
+    assert str(db) in message and "locked" in message and "run the job again to continue" in message
+    assert "\n" not in message
+    holder["connection"].execute("ROLLBACK")
+    holder["connection"].close()
+    monkeypatch.setattr(search._TrialEvaluator, "_sample", original)
+    _, report = _calibrate(run, model, samples, storage=str(db))
+    states = [r["state"] for r in report.trials]
+    assert states.count("COMPLETE") == TRIALS and [r["number"] for r in report.trials][:2] == [0, 1]
+
+
+def test_the_report_never_shows_a_storage_password():
+    from litepatch.calibration.search import _storage_label
+
+    class Storage:
+        url = "postgresql+psycopg://calib:hunter2@db.example/litepatch"
+
+    assert _storage_label(Storage()) == "postgresql+psycopg://calib:***@db.example/litepatch"
