@@ -224,6 +224,33 @@ def _within(deadline: _Deadline, call: Callable[[], Any], ref: HubRef, action: s
     return value
 
 
+def _within_again_if_closed(deadline: _Deadline, call: Callable[[], Any], ref: HubRef, action: str) -> Any:
+    """:func:`_within`, tried again (while time is left) when the Hub client's shared connection pool was
+    closed under the call: a call cut off at an earlier deadline still runs in its thread, and when it
+    fails to connect huggingface_hub closes the client that every thread shares."""
+    for _ in range(3):
+        try:
+            return _within(deadline, call, ref, action)
+        except Exception as err:  # noqa: BLE001 - re-raised unless it is that case
+            if not (_closed_under_us(err) and deadline.left() > 0.1):
+                raise
+    return _within(deadline, call, ref, action)
+
+
+def _closed_under_us(err: BaseException) -> bool:
+    import errno
+
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno == errno.EBADF:
+            return True
+        text = str(err)
+        if "Bad file descriptor" in text or "client has been closed" in text:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
 def _hub_errors():
     """The huggingface_hub error classes (``huggingface_hub.errors`` since 0.24, ``utils`` before)."""
     try:
@@ -360,7 +387,7 @@ def _download_online(parsed: HubRef, cache_dir, token, deadline: _Deadline) -> s
 
     try:
         _probe(deadline, parsed, "download")
-        return _within(deadline, fetch, parsed, "download")
+        return _within_again_if_closed(deadline, fetch, parsed, "download")
     except RecipeHubError:
         cached = _cached(parsed, cache_dir)
         if cached is None:

@@ -276,3 +276,18 @@ def test_a_huge_file_is_refused_before_it_is_downloaded(hub, tmp_path):
     assert seconds < 5
     assert sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) < 1024 * 1024  # nothing large cached
     assert [m for m, _ in hub.state.requests].count("GET") == 0
+
+
+def test_a_shared_client_closed_by_an_abandoned_download_does_not_fail_the_next_one(hub, tmp_path):
+    """huggingface_hub closes its shared HTTP client when a connection fails; a download cut off at an
+    earlier deadline (still running in its thread) can do that in the middle of a later one."""
+    import threading
+
+    from huggingface_hub.utils import _http
+
+    hub.state.put("me/recipes", {"tiny.yaml": GOOD + b"#" * 100})
+    hub.state.drip = 0.01  # the body takes over a second: the client is closed while it is read
+    closer = threading.Timer(0.6, _http.close_session)
+    closer.start()
+    assert recipes.resolve("me/recipes/tiny", cache_dir=tmp_path / "c", timeout=8).name == "tiny"
+    closer.join()
