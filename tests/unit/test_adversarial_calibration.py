@@ -61,7 +61,11 @@ def _trials(folder: Path) -> list:
 
 
 def _complete(folder: Path) -> dict:
-    return {t.number: (t.params, t.value) for t in _trials(folder) if t.state.name == "COMPLETE"}
+    try:
+        trials = _trials(folder)
+    except KeyError:  # killed after the storage was made, before the study was
+        return {}
+    return {t.number: (t.params, t.value) for t in trials if t.state.name == "COMPLETE"}
 
 
 def _settings(folder: Path) -> dict:
