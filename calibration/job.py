@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,7 @@ def run_job(job: JobConfig, *, worker: bool = False, progress: bool = True,
     """
     from litepatch.recipes import save
 
+    from .report import NO_PLOTS, plots_available
     from .search import calibrate
 
     if job.pipeline is not None:
@@ -262,6 +264,9 @@ def run_job(job: JobConfig, *, worker: bool = False, progress: bool = True,
         raise ValueError("the job has no calibration samples: set 'samples' in the job file or return them from entry")
     out_dir = output_dir(job)
     out_dir.mkdir(parents=True, exist_ok=True)
+    plots = worker or plots_available()  # checked before the first trial: a missing optional never fails the job
+    if not plots:
+        log(f"warning: {NO_PLOTS}")
     recipe, report = calibrate(
         setup["run"], samples, job.budget, model=setup["model"], trials=job.trials, storage=storage_url(job),
         study_name=job.study_name or f"litepatch-{job.name}", held_out=held_out, objective=job.objective,
@@ -273,7 +278,9 @@ def run_job(job: JobConfig, *, worker: bool = False, progress: bool = True,
         log(f"worker finished: study {job.study_name or f'litepatch-{job.name}'} in {storage_url(job)}")
         return None, None
     recipe_path = save(recipe, out_dir / "recipe.yaml")
-    paths = report.save(out_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the missing plots were announced above
+        paths = report.save(out_dir, plots=plots)
     log(f"recipe: {recipe_path}")
     log(f"report: {', '.join(str(p) for p in paths)}")
     log(

@@ -20,12 +20,14 @@ from typing import Any
 
 
 def trial_rows(study) -> list[dict]:
-    """One plain dict per trial of the study: parameters, quality, sparsity, time, feasibility."""
+    """One plain dict per finished trial of the study: parameters, quality, sparsity, time, feasibility,
+    and why a failed trial failed. Trials that stepped back (never evaluated) are left out."""
     from .search import is_feasible
+    from .workers import ERROR_ATTR, ORIGIN_ATTR, YIELD_ATTR
 
     rows = []
     for t in study.get_trials(deepcopy=False):
-        if not t.state.is_finished():
+        if not t.state.is_finished() or YIELD_ATTR in t.user_attrs:
             continue
         rows.append({
             "number": t.number,
@@ -37,11 +39,39 @@ def trial_rows(study) -> list[dict]:
             "kept_fraction": t.user_attrs.get("kept_fraction"),
             "seconds": t.user_attrs.get("seconds"),
             "samples_run": t.user_attrs.get("samples_run", 0),
-            "origin": "seed" if t.user_attrs.get("seeded") else "bisect" if t.user_attrs.get("bisect") else "sampler",
+            "origin": t.user_attrs.get(ORIGIN_ATTR) or _legacy_origin(t.user_attrs),
             "worker": t.user_attrs.get("worker"),
+            "error": t.user_attrs.get(ERROR_ATTR) or t.user_attrs.get("litepatch.interrupted"),
             "value": t.value,
         })
     return rows
+
+
+def _legacy_origin(attrs: dict) -> str:
+    """Origin of a trial of a study made before trials recorded it."""
+    return "seed" if attrs.get("seeded") else "bisect" if attrs.get("bisect") else "sampler"
+
+
+def _verdict(row: dict) -> str:
+    """The 'within budget' cell: yes, no, or why the trial did not finish."""
+    if row["state"] == "COMPLETE":
+        return "yes" if row["feasible"] else "no"
+    error = row.get("error")
+    return f"{row['state'].lower()}: {error}" if error else row["state"].lower()
+
+
+def plots_available() -> bool:
+    """Whether matplotlib can be imported (the PNG plots need it; ``pip install 'litepatch[plot]'``)."""
+    import importlib
+
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        return False
+    return True
+
+
+NO_PLOTS = "matplotlib is not installed: the report is written without its PNG plots (pip install 'litepatch[plot]')"
 
 
 def _fmt(value: Any, spec: str = ".3g") -> str:
@@ -162,7 +192,7 @@ class CalibrationReport:
                 f"| {r['number']}{mark} | {r['origin']} | {params} | "
                 + " | ".join(_fmt(r["metrics"].get(m)) for m in metric_names)
                 + f" | {_fmt(r['kept_fraction'], '.1%')} | {_fmt(r['seconds'])} | {r['samples_run']} | "
-                f"{'yes' if r['feasible'] else 'no' if r['state'] == 'COMPLETE' else r['state'].lower()} |"
+                f"{_verdict(r)} |"
             )
         return "\n".join(lines) + "\n"
 
@@ -173,13 +203,20 @@ class CalibrationReport:
         return data
 
     def save(self, directory: str | Path, *, plots: bool = True) -> list[Path]:
-        """Writes ``report.md``, ``report.json`` and (with matplotlib) the PNG plots; returns the paths."""
+        """Writes ``report.md``, ``report.json`` and (with matplotlib) the PNG plots; returns the paths.
+
+        Without matplotlib the plots are skipped with a warning: a finished calibration never fails on them.
+        """
+        import warnings
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = [directory / "report.md", directory / "report.json"]
         paths[0].write_text(self.to_markdown(), encoding="utf-8")
         paths[1].write_text(json.dumps(self.to_dict(), indent=1, default=repr), encoding="utf-8")
-        if plots:
+        if plots and not plots_available():
+            warnings.warn(NO_PLOTS, RuntimeWarning, stacklevel=2)
+        elif plots:
             paths += self.plot(directory)
         return paths
 

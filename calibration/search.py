@@ -17,20 +17,22 @@ Quality is an Optuna constraint (``trial.set_constraint``, or ``constraints_func
 one value per budget clause, worst over samples; a trial stops at the first sample that breaks
 the budget (its constraint then says by how much) so bad trials cost one generation. The objective
 is the measured wall time of the patched generation, or the kept fraction of attention tiles
-(``objective="sparsity"``, hardware independent). Seeds are enqueued (``enqueue_trial``), and after
-each trial a bisection step on ``level`` around the best feasible trial is enqueued every other
-trial, so the dominant dimension converges geometrically while TPE explores the rest.
+(``objective="sparsity"``, hardware independent). Seed trials come first, then a bisection step
+on ``level`` around the best feasible trial every other trial, so the dominant dimension converges
+geometrically while TPE explores the rest. Which trial evaluates what, across kills, restarts and
+workers on one storage, is the business of :mod:`.workers`: a study ends with exactly ``trials``
+complete trials, none evaluated twice, and with a seed the same recipe however often it was killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import math
 import os
 import platform
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -180,6 +182,12 @@ def _timed_run(run: RunFn, model, sample) -> tuple[torch.Tensor, float]:
     if not torch.isfinite(out).all():
         raise CalibrationError(f"run(model, {sample!r}) returned NaN or inf values")
     return out.detach(), elapsed
+
+
+def _sample_label(sample) -> str:
+    """The sample as the user wrote it, cut at 60 characters, for messages."""
+    text = repr(sample)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def sample_key(sample) -> str:
@@ -354,9 +362,23 @@ def _offsets(groups, errors, kept, layers) -> list[float]:
 # ---------------------------------------------------------------------------------------- storage
 
 
+STORAGE_TIMEOUT_ENV = "LITEPATCH_STORAGE_TIMEOUT"
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 def make_storage(storage):
     """``None`` (in memory), an Optuna storage, an RDB URL (``sqlite:///study.db``), a ``*.db`` path,
-    or a journal file (``*.log`` / ``*.journal``, for many machines on a shared file system)."""
+    or a journal file (``*.log`` / ``*.journal``, for many machines on a shared file system).
+
+    RDB storages record heartbeats, so that trials of a killed worker on another machine are failed
+    (and their parameters proposed again) after :data:`~litepatch.calibration.workers.GRACE_PERIOD`
+    seconds; SQLite waits up to ``$LITEPATCH_STORAGE_TIMEOUT`` seconds (default 120) for a lock that
+    another worker holds.
+
+    Raises:
+        CalibrationError: the file is not a database of that kind (corrupt or another file), or the
+            storage cannot be opened; one line naming the file and what to do.
+    """
     import optuna
 
     if storage is None or isinstance(storage, optuna.storages.BaseStorage):
@@ -365,30 +387,89 @@ def make_storage(storage):
         raise TypeError(f"storage must be a URL, a path or an optuna storage, got {type(storage).__name__}")
     text = os.fspath(storage)
     if text.endswith((".log", ".journal")) and "://" not in text:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        Path(text).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(text))
+        return _journal_storage(text)
     if "://" not in text:
         Path(text).parent.mkdir(parents=True, exist_ok=True)
         text = f"sqlite:///{Path(text).resolve()}"
-    engine_kwargs = {"connect_args": {"timeout": 120}} if text.startswith("sqlite") else {}
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    if text.startswith("sqlite:///"):
+        _check_sqlite_file(text[len("sqlite:///"):])
+    return _rdb_storage(text)
 
-    # Heartbeats let a restarted job (or another worker) mark trials of a killed process as failed,
-    # and the retry callback re-enqueues their parameters, so no seed is lost.
+
+def _storage_timeout() -> float:
+    value = os.environ.get(STORAGE_TIMEOUT_ENV, "120")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise CalibrationError(f"{STORAGE_TIMEOUT_ENV} must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def _check_sqlite_file(path: str) -> None:
+    """Refuses an existing file that is not an SQLite database before SQLAlchemy retries on it."""
+    file = Path(path)
+    if not file.is_file() or file.stat().st_size == 0:
+        return
+    with open(file, "rb") as f:
+        header = f.read(len(SQLITE_HEADER))
+    if header != SQLITE_HEADER:
+        raise CalibrationError(
+            f"storage file {file} is not an SQLite database (corrupt, or another kind of file); "
+            "move it away to start a new study, or name the right file with storage="
+        )
+
+
+def _rdb_storage(url: str):
+    from optuna.storages import RDBStorage
     from sqlalchemy.exc import SQLAlchemyError
 
-    for attempt in range(10):
+    from .workers import GRACE_PERIOD, HEARTBEAT_INTERVAL, quiet_optuna
+
+    sqlite = url.startswith("sqlite")
+    engine_kwargs = {"connect_args": {"timeout": _storage_timeout()}} if sqlite else {"pool_pre_ping": True}
+    for attempt in range(5):
         try:
-            return RDBStorage(
-                text, engine_kwargs=engine_kwargs, heartbeat_interval=5, grace_period=15,
-                failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
-            )
-        except SQLAlchemyError:  # another worker is creating the schema of the same new database
-            if attempt == 9:
-                raise
-            time.sleep(0.5 + 0.5 * attempt)
+            with quiet_optuna():
+                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                  grace_period=GRACE_PERIOD)
+        except SQLAlchemyError as err:
+            detail = " ".join(str(getattr(err, "orig", None) or err).split())[:200]
+            # two new workers may create the schema of one new database at the same moment
+            races = ("already exists", "duplicate key", "UNIQUE constraint", *(("locked",) if sqlite else ()))
+            if attempt < 4 and any(m in detail for m in races):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise CalibrationError(
+                f"storage {_redact(url)} cannot be opened ({type(err).__name__}: {detail}); check that it is an "
+                "Optuna database that this user can reach, or move a corrupt file away to start a new study"
+            ) from None
+
+
+def _redact(url: str) -> str:
+    """The URL without its password (``postgresql://user:***@host/db``)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
+
+
+def _journal_storage(path: str):
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        storage = JournalStorage(JournalFileBackend(path))
+        storage.get_all_studies()  # replays the file: a corrupt journal fails here, not mid-job
+    except Exception as err:  # noqa: BLE001 - one line naming the file
+        raise CalibrationError(
+            f"journal storage file {path} cannot be read ({type(err).__name__}: {str(err)[:200]}); it is corrupt "
+            "or not an Optuna journal: move it away to start a new study"
+        ) from None
+    return storage
 
 
 def _constraints_supported() -> bool:
@@ -448,6 +529,8 @@ def _seed_params(plan: Plan, space: SearchSpace) -> list[dict]:
             p["dense"] = 0
         if space.schedule:
             p["late"] = 0.0
+        if len(space.orders) > 1:  # seeds take the orders in turn, so that each order is tried early
+            p["order"] = space.orders[len(seeds) % len(space.orders)]
         seeds.append(p)
     return seeds
 
@@ -458,19 +541,19 @@ def _same_value(a, b) -> bool:
     return abs(float(a) - float(b)) < 1e-6
 
 
-def _bisect_next(study, space: SearchSpace) -> dict | None:
-    """Midpoint in ``level`` between the best feasible trial and the nearest failing trial above it
-    that shares its other parameters (or the top of the range when none failed)."""
-    best = best_feasible(study)
-    if best is None:
+def _bisect_next(evaluated: Sequence, space: SearchSpace) -> dict | None:
+    """Midpoint in ``level`` between the best feasible evaluated trial and the nearest failing trial above
+    it that shares its other parameters (or the top of the range when none failed)."""
+    feasible = [t for t in evaluated if is_feasible(t)]
+    if not feasible:
         return None
+    best = min(feasible, key=lambda t: (t.value, t.number))
     others = {k: v for k, v in best.params.items() if k != "level"}
     level = best.params["level"]
     above = [space.level[1]]
-    for t in study.get_trials(deepcopy=False):
-        if t.state.is_finished() and "level" in t.params and t.params["level"] > level + 1e-9:
-            same = all(_same_value(t.params.get(k, v), v) for k, v in others.items())
-            if same and not is_feasible(t):
+    for t in evaluated:
+        if "level" in t.params and t.params["level"] > level + 1e-9 and not is_feasible(t):
+            if all(_same_value(t.params.get(k, v), v) for k, v in others.items()):
                 above.append(t.params["level"])
     target = (level + min(above)) / 2
     if target - level < 0.05:
@@ -478,11 +561,64 @@ def _bisect_next(study, space: SearchSpace) -> dict | None:
     return {"level": round(target, 4), **others}
 
 
+def _distributions(space: SearchSpace, plan: Plan, n_layers: int) -> dict:
+    """The Optuna distribution of every parameter a trial sets (see the module docstring)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {
+        "level": FloatDistribution(*space.level),
+        "spread": FloatDistribution(*space.spread),
+        "warmup": IntDistribution(*plan.warmup),
+    }
+    if space.max_dense_layers:
+        out["dense"] = IntDistribution(0, min(space.max_dense_layers, n_layers))
+    if space.schedule:
+        out["late"] = FloatDistribution(*space.late_range)
+    if len(space.orders) > 1:
+        out["order"] = CategoricalDistribution(list(space.orders))
+    return out
+
+
+def _suggest(trial, name: str, distribution) -> Any:
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    if isinstance(distribution, FloatDistribution):
+        return trial.suggest_float(name, distribution.low, distribution.high)
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high)
+    return trial.suggest_categorical(name, list(distribution.choices))
+
+
+def _constraints_after_trial(study, trial, state, values) -> None:  # optuna 4: what TPE's constraints_func did
+    from optuna.samplers._base import _process_constraints_after_trial
+
+    _process_constraints_after_trial(_constraints_func, study, trial, state)
+
+
 def _storage_label(storage) -> str:
+    """What the report and messages call the storage (an RDB URL without its password)."""
     if storage is None:
         return "in-memory"
     url = getattr(storage, "url", None)
-    return str(url) if url else type(storage).__name__
+    return _redact(str(url)) if url else type(storage).__name__
+
+
+@contextlib.contextmanager
+def _storage_failures(storage):
+    """A database error in the middle of the trials (a lock held past the timeout, a lost connection)
+    becomes one line naming the storage; the finished trials are in it, and a rerun continues."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (SQLAlchemyError, StorageInternalError) as err:
+        cause = err.__cause__ if isinstance(err, StorageInternalError) and err.__cause__ is not None else err
+        detail = " ".join(str(getattr(cause, "orig", None) or cause).split())[:200]
+        raise CalibrationError(
+            f"storage {_storage_label(storage)} failed during the trials ({type(err).__name__}: {detail}); the "
+            f"finished trials are kept in it: run the job again to continue (locks wait {STORAGE_TIMEOUT_ENV} s)"
+        ) from None
 
 
 def _default_study_name(model, budget: Budget, samples: Sequence, objective: str) -> str:
@@ -618,8 +754,10 @@ def calibrate(
     dense = DenseCache(run, model, cache_dir)
     dense_outputs = [dense.get(s) for s in samples]  # before patching: exactly what the user sees
 
+    from .workers import Owner, make_proposer, run_trials
+
     handle = _apply(model, None)
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    owner = Owner.me()
     progress_bar = _Progress(trials, progress)
     try:
         layers = list(handle.layers)
@@ -628,87 +766,29 @@ def calibrate(
             sampler=make_sampler(sampler, seed, n_startup=3),
         )
         plan = _load_or_make_plan(study, handle, run, model, samples[0], dense_outputs[0][0], layers, space, order)
-        if plan.layers != layers:
-            raise CalibrationError(
-                f"study {study_name!r} was made for layers {plan.layers[:3]}... but the model has {layers[:3]}...; "
-                "use another study_name"
-            )
-        keys = [sample_key(s) for s in samples]
-        if study.user_attrs.get("litepatch.sample_keys") not in (None, keys):
-            raise CalibrationError(
-                f"study {study_name!r} was run on other calibration samples; use the same samples to resume it, "
-                "or another study_name"
-            )
-        if "litepatch.sample_keys" not in study.user_attrs:
-            study.set_user_attr("litepatch.sample_keys", keys)
-        study.sampler = make_sampler(sampler, seed, n_startup=len(_seed_params(plan, space)))
-        if sampler != "random":
-            for params in _seed_params(plan, space):
-                study.enqueue_trial(params, user_attrs={"seeded": True}, skip_if_exists=True)
-        constraints_native = _constraints_supported()
-
-        def objective_fn(trial) -> float:
-            lo, hi = space.level
-            params = {
-                "level": trial.suggest_float("level", lo, hi),
-                "spread": trial.suggest_float("spread", *space.spread),
-                "warmup": trial.suggest_int("warmup", *plan.warmup),
-            }
-            if space.max_dense_layers:
-                params["dense"] = trial.suggest_int("dense", 0, min(space.max_dense_layers, len(layers)))
-            if space.schedule:
-                params["late"] = trial.suggest_float("late", *space.late_range)
-            if len(space.orders) > 1:
-                params["order"] = trial.suggest_categorical("order", list(space.orders))
-            recipe = recipe_from_params(params, plan, name=name, order=order)
-            results: list[SampleResult] = []
-            for index in _sample_order(study, len(samples)):
-                out, elapsed, stats = _run_patched(handle, recipe, run, model, samples[index])
-                values = _measure(out, dense_outputs[index][0], metric_names)
-                ok = budget.holds(values)
-                results.append(SampleResult(sample_key(samples[index]), values, elapsed, stats.kept_fraction(), ok))
-                if not ok:
-                    break  # prune: one sample breaking the budget settles the trial
-            per_sample = [r.metrics for r in results]
-            violations = [max(v) for v in zip(*(budget.violations(m) for m in per_sample))]
-            kept = sum(r.kept for r in results) / len(results)
-            seconds = sum(r.seconds for r in results) / len(results)
-            trial.set_user_attr("quality", budget.worst(per_sample))
-            trial.set_user_attr("metrics", {m: _worst(m, [p[m] for p in per_sample]) for m in metric_names})
-            trial.set_user_attr("kept_fraction", kept)
-            trial.set_user_attr("seconds", seconds)
-            trial.set_user_attr("samples_run", len(results))
-            trial.set_user_attr("complete_eval", len(results) == len(samples))
-            trial.set_user_attr("failed_on", [r.key for r in results if not r.ok])
-            trial.set_user_attr("worker", worker)
-            trial.set_user_attr("constraints", violations)
-            if constraints_native:
-                for clause, value in zip(budget.clauses, violations):
-                    trial.set_constraint(str(clause), value)
-            return kept if objective == "sparsity" else seconds
-
-        def after_trial(study, frozen) -> None:
-            progress_bar.update(study)
-            if bisect and sampler != "random" and frozen.number % 2 == 1 and _finished(study) < trials:
-                nxt = _bisect_next(study, space)
-                if nxt is not None:
-                    study.enqueue_trial(nxt, user_attrs={"bisect": True}, skip_if_exists=True)
-
-        done = _finished(study)
-        progress_bar.start(done)
-        if done < trials:
-            from optuna.study import MaxTrialsCallback
-
-            study.optimize(
-                objective_fn, n_trials=trials - done, timeout=timeout, gc_after_trial=False,
-                callbacks=[MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,)), after_trial],
-            )
+        _check_resumable(study, plan, layers, samples)
+        distributions = _distributions(space, plan, len(layers))
+        seeds = _seed_params(plan, space) if sampler != "random" else []
+        study.sampler = make_proposer(
+            distributions, seeds, lambda s: make_sampler(sampler, s, n_startup=len(seeds)), seed=seed,
+            bisect=(lambda done: _bisect_next(done, space)) if bisect and sampler != "random" else None,
+            owner=owner, after_trial=None if _constraints_supported() else _constraints_after_trial,
+        )
+        evaluate = _TrialEvaluator(
+            study=study, handle=handle, run=run, model=model, samples=samples, dense_outputs=dense_outputs,
+            budget=budget, metric_names=metric_names, plan=plan, name=name, order=order, objective=objective,
+            distributions=distributions, wanted=trials, worker=str(owner),
+        )
+        progress_bar.start(_finished(study))
+        with _storage_failures(storage_obj):
+            tally = run_trials(study, storage_obj, evaluate, trials, timeout=timeout, on_trial=progress_bar.update)
         progress_bar.close()
+        _check_errors(tally, study_name, trials)
         if not finish:
             return None, None
         best = best_feasible(study)
         if best is None:
-            reached = [t.user_attrs.get("quality") for t in study.get_trials(deepcopy=False) if t.user_attrs]
+            reached = [t.user_attrs.get("quality") for t in study.get_trials(deepcopy=False) if "quality" in t.user_attrs]
             raise CalibrationError(
                 f"no trial of study {study_name!r} met the budget '{budget}' on every sample in "
                 f"{len(study.trials)} trials (quality reached: {reached[:3]}...); loosen the budget, widen "
@@ -751,6 +831,113 @@ def calibrate(
     return recipe, report
 
 
+def _check_resumable(study, plan: Plan, layers: list[str], samples: Sequence) -> None:
+    """Refuses to continue a study made for other layers or samples; records the samples of a new one."""
+    if plan.layers != layers:
+        raise CalibrationError(
+            f"study {study.study_name!r} was made for layers {plan.layers[:3]}... but the model has {layers[:3]}...; "
+            "use another study_name"
+        )
+    keys = [sample_key(s) for s in samples]
+    if study.user_attrs.get("litepatch.sample_keys") not in (None, keys):
+        raise CalibrationError(
+            f"study {study.study_name!r} was run on other calibration samples; use the same samples to resume it, "
+            "or another study_name"
+        )
+    if "litepatch.sample_keys" not in study.user_attrs:
+        study.set_user_attr("litepatch.sample_keys", keys)
+
+
+def _check_errors(tally, study_name: str, trials: int) -> None:
+    """Fails the job when generation errors left no complete trial; warns when they cut it short."""
+    import warnings
+
+    if not tally.errors or tally.complete >= trials:
+        return
+    summary = f"{len(tally.errors)} trial(s) failed (last: {tally.errors[-1]})"
+    if tally.complete == 0:
+        raise CalibrationError(
+            f"no trial of study {study_name!r} finished: {summary}; fix the cause and run again to continue the study"
+        )
+    warnings.warn(f"calibration stopped with {tally.complete} of {trials} trials: {summary}", RuntimeWarning,
+                  stacklevel=3)
+
+
+@dataclass
+class _TrialEvaluator:
+    """The objective of one trial: its parameters, the claim on them, the generations and the constraints."""
+
+    study: Any
+    handle: Any
+    run: RunFn
+    model: Any
+    samples: list
+    dense_outputs: list
+    budget: Budget
+    metric_names: list[str]
+    plan: Plan
+    name: str
+    order: str
+    objective: str
+    distributions: dict
+    wanted: int
+    worker: str
+
+    def __call__(self, trial) -> float:
+        from .workers import ORIGIN_ATTR, TrialStepBack, step_back_reason
+
+        params = {name: _suggest(trial, name, dist) for name, dist in self.distributions.items()}
+        reason = step_back_reason(self.study, trial, self.wanted)
+        if reason is not None:
+            raise TrialStepBack(reason)
+        trial.set_user_attr("worker", self.worker)
+        trial.set_user_attr(ORIGIN_ATTR, getattr(self.study.sampler, "origins", {}).get(trial.number, "sampler"))
+        recipe = recipe_from_params(params, self.plan, name=self.name, order=self.order)
+        results: list[SampleResult] = []
+        for index in _sample_order(self.study, len(self.samples)):
+            results.append(self._sample(trial, recipe, index))
+            if not results[-1].ok:
+                break  # prune: one sample breaking the budget settles the trial
+        return self._record(trial, results)
+
+    def _sample(self, trial, recipe, index: int) -> SampleResult:
+        """One generation; an exception or a non-finite output fails the trial (recorded), not the job."""
+        import warnings
+
+        from .workers import ERROR_ATTR, GenerationFailed
+
+        sample = self.samples[index]
+        try:
+            out, elapsed, stats = _run_patched(self.handle, recipe, self.run, self.model, sample)
+            values = _measure(out, self.dense_outputs[index][0], self.metric_names)
+        except Exception as err:  # noqa: BLE001 - an OOM or a NaN in one generation fails this trial only
+            detail = " ".join(str(err).split())[:300] or type(err).__name__
+            message = f"sample {_sample_label(sample)}: {type(err).__name__}: {detail}"
+            trial.set_user_attr(ERROR_ATTR, message)
+            warnings.warn(f"calibration trial #{trial.number} failed ({message}); the calibration goes on",
+                          RuntimeWarning, stacklevel=2)
+            raise GenerationFailed(message) from err
+        return SampleResult(sample_key(sample), values, elapsed, stats.kept_fraction(), self.budget.holds(values))
+
+    def _record(self, trial, results: list[SampleResult]) -> float:
+        per_sample = [r.metrics for r in results]
+        violations = [max(v) for v in zip(*(self.budget.violations(m) for m in per_sample))]
+        kept = sum(r.kept for r in results) / len(results)
+        seconds = sum(r.seconds for r in results) / len(results)
+        trial.set_user_attr("quality", self.budget.worst(per_sample))
+        trial.set_user_attr("metrics", {m: _worst(m, [p[m] for p in per_sample]) for m in self.metric_names})
+        trial.set_user_attr("kept_fraction", kept)
+        trial.set_user_attr("seconds", seconds)
+        trial.set_user_attr("samples_run", len(results))
+        trial.set_user_attr("complete_eval", len(results) == len(self.samples))
+        trial.set_user_attr("failed_on", [r.key for r in results if not r.ok])
+        trial.set_user_attr("constraints", violations)
+        if _constraints_supported():
+            for clause, value in zip(self.budget.clauses, violations):
+                trial.set_constraint(str(clause), value)
+        return kept if self.objective == "sparsity" else seconds
+
+
 def _worst(metric: str, values: list[float]) -> float:
     return min(values) if get_metric(metric).higher_is_better else max(values)
 
@@ -765,8 +952,10 @@ def _sample_order(study, n: int) -> list[int]:
     """Samples that broke the budget most often first, so failing trials stop after one generation."""
     if n == 1:
         return [0]
+    from .workers import evaluated_trials
+
     fails: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
+    for t in evaluated_trials(study):
         for key in t.user_attrs.get("failed_on", []):
             fails[key] = fails.get(key, 0) + 1
     keys = study.user_attrs.get("litepatch.sample_keys") or []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 
 # Key-tile visiting orders: the previous call's best tile first then ascending, or alternating direction.
 ORDERS = ("anchor", "alternate")
@@ -22,11 +23,27 @@ DEFAULT_THRESHOLD = -10.0
 
 
 def describe_value(value: object) -> str:
-    """``repr`` (cut at 60 characters) and type name of a bad value, for error messages: ``'abc' (str)``."""
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(value).__name__})"
+    """The type and size of a bad value for error messages, never its content: ``a string of 5 characters``.
+
+    Recipes come from files and the Hub; a path that points at a secret file by mistake must not put
+    the secret into a log, so messages name types and lengths only (numbers are named by type).
+
+    Example:
+        >>> describe_value("hf_abc"), describe_value([1, 2]), describe_value(1.5), describe_value(None)
+        ('a string of 6 characters', 'a list of 2 items', 'a float', 'null')
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, str):
+        return f"a string of {len(value)} character{'s' if len(value) != 1 else ''}"
+    if isinstance(value, Mapping):
+        return f"a mapping of {len(value)} key{'s' if len(value) != 1 else ''}"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} item{'s' if len(value) != 1 else ''}"
+    name = type(value).__name__
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
 
 
 def threshold_problem(value: object, path: str = "threshold") -> str | None:

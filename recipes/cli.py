@@ -15,6 +15,8 @@ REF_HELP = "a path to a .yaml file, a built-in name (see `litepatch recipes list
 def _hub_options(parser: argparse.ArgumentParser, *, download: bool = True) -> None:
     parser.add_argument("--revision", help="Hub branch, tag or commit (same as REF@revision)")
     parser.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the one saved by `hf auth login`)")
+    parser.add_argument("--timeout", type=float,
+                        help="seconds the Hub may take in all (default: $LITEPATCH_HUB_TIMEOUT or 10)")
     if download:
         parser.add_argument("--cache-dir", help="huggingface_hub cache directory (default: HF_HUB_CACHE)")
         parser.add_argument(
@@ -96,7 +98,8 @@ def _show(args: argparse.Namespace) -> int:
     from . import dumps, resolve
 
     recipe = resolve(args.ref, revision=args.revision, cache_dir=args.cache_dir,
-                     local_files_only=True if args.offline else None, token=args.token, recipes_repo=args.recipes_repo)
+                     local_files_only=True if args.offline else None, token=args.token, recipes_repo=args.recipes_repo,
+                     timeout=args.timeout)
     if recipe.provenance.hub_revision:
         print(f"# {args.ref} at commit {recipe.provenance.hub_revision}")
     print(dumps(recipe), end="")
@@ -104,12 +107,14 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from .hub import _commit_of, parse_ref, pull
-    from .io import default_recipes_repo, load
+    from .hub import _commit_of, load_pulled, parse_ref, pull
+    from .io import _refuse_near_builtin, default_recipes_repo
 
+    _refuse_near_builtin(args.ref)
     parsed = parse_ref(args.ref, revision=args.revision, recipes_repo=default_recipes_repo(args.recipes_repo))
-    path = pull(parsed, cache_dir=args.cache_dir, local_files_only=True if args.offline else None, token=args.token)
-    recipe = load(path)  # validate what was downloaded before reporting success
+    path = pull(parsed, cache_dir=args.cache_dir, local_files_only=True if args.offline else None, token=args.token,
+                timeout=args.timeout)
+    recipe = load_pulled(path, parsed, args.cache_dir)  # validate what was downloaded before reporting success
     commit = _commit_of(path, parsed)
     print(f"{path}")
     print(f"# {recipe.name}: {parsed.repo_id} at commit {commit}; pin it with {parsed.repo_id}/{parsed.name}@{commit}")
@@ -121,7 +126,7 @@ def _push(args: argparse.Namespace) -> int:
 
     recipe = resolve(args.file)
     info = push(recipe, args.repo_id, name=args.name, token=args.token, revision=args.revision,
-                private=args.private, commit_message=args.message)
+                private=args.private, commit_message=args.message, timeout=args.timeout)
     name = args.name or recipe.name
     print(f"pushed {name} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
     print(f"use it with recipe=\"{args.repo_id}/{name}\" (pinned: \"{args.repo_id}/{name}@{info.oid}\")")

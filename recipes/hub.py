@@ -8,8 +8,14 @@ Everything goes through the real ``huggingface_hub`` client, so its conventions 
 directory (``HF_HUB_CACHE``/``HF_HOME``, or ``cache_dir=``), ``HF_HUB_OFFLINE=1`` (or
 ``local_files_only=True``) to use only what is cached, ``HF_ENDPOINT`` for mirrors, the token from
 ``hf auth login``/``HF_TOKEN`` or ``token=``. A pulled file is read with the same limits as a local
-one (:func:`litepatch.recipes.loads`) and the resolved commit goes into
-``recipe.provenance.hub_revision``.
+one (:mod:`litepatch.recipes.untrusted`), inside the repository's cache folder (a link out of it is
+refused), and the resolved commit goes into ``recipe.provenance.hub_revision``.
+
+Every network step has a deadline: ``timeout=`` seconds in all, else ``$LITEPATCH_HUB_TIMEOUT``, else
+:data:`DEFAULT_HUB_TIMEOUT` (10 s). The client's own retries (up to minutes against an endpoint
+that accepts connections and never answers) are cut at the deadline; a refused or unresolvable
+endpoint fails at once. A recipe already in the cache is used when the Hub cannot be reached in time,
+as huggingface_hub itself does.
 
 Example:
     >>> from litepatch.recipes import push, pull, resolve
@@ -23,7 +29,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import queue
 import re
+import socket
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +42,16 @@ from typing import Any
 from .errors import RecipeError, RecipeHubError, RecipeNotFoundError, RecipeValidationError
 from .io import check_name, default_recipes_repo, dumps, load, validate
 from .schema import Recipe
+from .untrusted import MAX_RECIPE_BYTES
 
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 README_NAME = "README.md"
+
+HUB_TIMEOUT_ENV = "LITEPATCH_HUB_TIMEOUT"
+DEFAULT_HUB_TIMEOUT = 10.0
+"""Seconds that one pull or push may take in all (env ``LITEPATCH_HUB_TIMEOUT``, argument ``timeout=``)."""
+_PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,118 @@ def parse_ref(ref: str | HubRef, *, revision: str | None = None, recipes_repo: s
     return base
 
 
+def hub_timeout(timeout: float | None = None) -> float:
+    """The deadline of one Hub operation in seconds: ``timeout``, else ``$LITEPATCH_HUB_TIMEOUT``, else 10.
+
+    Raises:
+        RecipeValidationError: a value that is not a positive finite number (named with its source).
+    """
+    source, value = ("timeout", timeout) if timeout is not None else (HUB_TIMEOUT_ENV, os.environ.get(HUB_TIMEOUT_ENV))
+    if value is None or value == "":
+        return DEFAULT_HUB_TIMEOUT
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not (math.isfinite(seconds) and seconds > 0):
+        raise RecipeValidationError(f"{source} must be a positive number of seconds, e.g. 10; got an invalid value")
+    return seconds
+
+
+class _Deadline:
+    """Seconds left of one Hub operation."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+
+def _probe(deadline: _Deadline, ref: HubRef, action: str) -> None:
+    """Fails at once when the endpoint refuses connections or its host does not resolve (no proxy set);
+    the Hub client would retry those for ~20 s before giving up."""
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(name) for name in _PROXY_ENV):
+        return  # the connection goes through the proxy: nothing to learn from the endpoint itself
+    url = urlsplit(_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=max(0.05, deadline.left())):
+            return
+    except socket.timeout:
+        raise _timed_out(deadline, ref, action) from None
+    except OSError as err:
+        reason = "the endpoint refused the connection" if isinstance(err, ConnectionRefusedError) else (
+            f"{type(err).__name__}: {err.strerror or err}")
+        cached = " and it is not cached" if action == "download" else ""
+        raise RecipeHubError(
+            f"could not reach the Hub at {_endpoint()} to {action} {ref!s} ({reason}){cached}: "
+            "check your connection, proxy and HF_ENDPOINT, then retry"
+        ) from None
+
+
+def _timed_out(deadline: _Deadline, ref: HubRef, action: str) -> RecipeHubError:
+    cached = ", and it is not cached" if action == "download" else ""
+    return RecipeHubError(
+        f"no answer from the Hub at {_endpoint()} within {deadline.seconds:g} s to {action} {ref!s}{cached}: check "
+        f"your connection, proxy and HF_ENDPOINT, or allow more time with timeout= or {HUB_TIMEOUT_ENV}"
+    )
+
+
+def _within(deadline: _Deadline, call: Callable[[], Any], ref: HubRef, action: str) -> Any:
+    """``call()`` in a daemon thread; raises :func:`_timed_out` when it has not returned by the deadline.
+
+    A call cut off keeps running in its thread until the client's own timeouts end it; huggingface_hub
+    writes the cache atomically (``*.incomplete``, then a rename), so it leaves nothing half written.
+    """
+    answers: queue.Queue = queue.Queue(maxsize=1)
+
+    def target() -> None:
+        try:
+            answers.put((True, call()))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            answers.put((False, err))
+
+    threading.Thread(target=target, name=f"litepatch-hub-{action}", daemon=True).start()
+    try:
+        ok, value = answers.get(timeout=deadline.left())
+    except queue.Empty:
+        raise _timed_out(deadline, ref, action) from None
+    if not ok:
+        raise value
+    return value
+
+
+def _within_again_if_closed(deadline: _Deadline, call: Callable[[], Any], ref: HubRef, action: str) -> Any:
+    """:func:`_within`, tried again (while time is left) when the Hub client's shared connection pool was
+    closed under the call: a call cut off at an earlier deadline still runs in its thread, and when it
+    fails to connect huggingface_hub closes the client that every thread shares."""
+    for _ in range(3):
+        try:
+            return _within(deadline, call, ref, action)
+        except Exception as err:  # noqa: BLE001 - re-raised unless it is that case
+            if not (_closed_under_us(err) and deadline.left() > 0.1):
+                raise
+    return _within(deadline, call, ref, action)
+
+
+def _closed_under_us(err: BaseException) -> bool:
+    import errno
+
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno == errno.EBADF:
+            return True
+        text = str(err)
+        if "Bad file descriptor" in text or "client has been closed" in text:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
 def _hub_errors():
     """The huggingface_hub error classes (``huggingface_hub.errors`` since 0.24, ``utils`` before)."""
     try:
@@ -207,34 +336,112 @@ def pull(
     local_files_only: bool | None = None,
     token: str | bool | None = None,
     recipes_repo: str | None = None,
+    timeout: float | None = None,
 ) -> Path:
     """Downloads ``name.yaml`` into the huggingface_hub cache (or finds it there) and returns its path.
 
     Offline afterwards: with ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` the cached copy is used
-    (for a pinned commit it is used without any network call in any case).
+    (for a pinned commit it is used without any network call in any case). The whole download takes at
+    most ``timeout`` seconds (default ``$LITEPATCH_HUB_TIMEOUT`` or 10); when the Hub cannot be reached
+    in time, a cached copy is used if there is one.
 
     Raises:
         RecipeNotFoundError: repository, revision or file not found, or offline with nothing cached.
-        RecipeHubError: network or server errors, authentication.
+        RecipeHubError: network or server errors, authentication, no answer within the deadline.
+        RecipeValidationError: the cached file lies outside the repository's cache folder.
 
     Example:
-        >>> path = pull("org/repo/wan2.1-14b-720p@main")  # doctest: +SKIP
+        >>> path = pull("org/repo/wan2.1-14b-720p@main", timeout=5)  # doctest: +SKIP
     """
-    from huggingface_hub import hf_hub_download
+    import huggingface_hub.file_download  # noqa: F401 - imported before the clock starts (seconds on a cold start)
 
     parsed = parse_ref(ref, revision=revision, recipes_repo=recipes_repo)
+    deadline = _Deadline(hub_timeout(timeout))
+    offline = _is_offline(local_files_only)
     try:
-        path = hf_hub_download(
-            parsed.repo_id,
-            parsed.filename,
-            revision=parsed.revision,
-            cache_dir=cache_dir,
-            local_files_only=bool(local_files_only),
-            token=token,
-        )
+        if offline:
+            path = _download(parsed, cache_dir, True, token, deadline)
+        else:
+            path = _download_online(parsed, cache_dir, token, deadline)
+    except RecipeError:
+        raise
     except Exception as err:  # noqa: BLE001 - translated into one clear message per case
         raise _translate(err, parsed, action="download", local_files_only=local_files_only) from err
-    return Path(path)
+    return _inside_cache(Path(path), parsed, cache_dir)
+
+
+def _download(parsed: HubRef, cache_dir, local_files_only: bool, token, deadline: _Deadline) -> str:
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(
+        parsed.repo_id, parsed.filename, revision=parsed.revision, cache_dir=cache_dir,
+        local_files_only=local_files_only, token=token, etag_timeout=max(0.05, deadline.left()),
+    )
+
+
+def _download_online(parsed: HubRef, cache_dir, token, deadline: _Deadline) -> str:
+    """The download within the deadline; on a network failure or timeout, the cached copy if any."""
+    def fetch() -> str:
+        _refuse_announced_size(parsed, cache_dir, token, deadline)
+        return _download(parsed, cache_dir, False, token, deadline)
+
+    try:
+        _probe(deadline, parsed, "download")
+        return _within_again_if_closed(deadline, fetch, parsed, "download")
+    except RecipeHubError:
+        cached = _cached(parsed, cache_dir)
+        if cached is None:
+            raise
+        return cached
+
+
+def _refuse_announced_size(parsed: HubRef, cache_dir, token, deadline: _Deadline) -> None:
+    """Refuses, before downloading, a file that the Hub says is larger than a recipe may be (the size limit
+    of the reader would otherwise apply only after the whole file is in the cache). Any failure to get the
+    size is left to the download, which reports it (or falls back to the cache) as usual."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    if parsed.revision and _COMMIT.match(parsed.revision) and _cached(parsed, cache_dir):
+        return  # a pinned, cached commit: no network at all
+    try:
+        url = hf_hub_url(parsed.repo_id, parsed.filename, revision=parsed.revision, endpoint=_endpoint())
+        size = get_hf_file_metadata(url, token=token, timeout=max(0.05, deadline.left())).size
+    except Exception:  # noqa: BLE001 - see the docstring
+        return
+    if isinstance(size, int) and size > MAX_RECIPE_BYTES:
+        raise RecipeValidationError(
+            f"{parsed.filename} of {parsed!s}: the Hub announces {size} bytes, larger than the {MAX_RECIPE_BYTES}-byte "
+            "limit for recipes; not downloaded (check the reference)"
+        )
+
+
+def _cached(parsed: HubRef, cache_dir) -> str | None:
+    """The cached file of ``parsed`` (a file-system lookup only, no lock, no network), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(parsed.repo_id, parsed.filename, cache_dir=cache_dir, revision=parsed.revision)
+    return found if isinstance(found, str) else None
+
+
+def repo_cache_folder(parsed: HubRef, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The huggingface_hub cache folder of the recipe's repository (``.../models--org--repo``)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    base = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    return base.expanduser() / repo_folder_name(repo_id=parsed.repo_id, repo_type="model")
+
+
+def _inside_cache(path: Path, parsed: HubRef, cache_dir) -> Path:
+    """Refuses a downloaded path (or its link target) outside the repository's cache folder."""
+    root = os.path.realpath(repo_cache_folder(parsed, cache_dir))
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, root]) != root:
+        raise RecipeValidationError(
+            f"the cached file of {parsed!s} lies outside its cache folder {root!r}; refusing to read it "
+            "(clear that cache folder and pull again)"
+        )
+    return path
 
 
 def _commit_of(path: Path, parsed: HubRef) -> str | None:
@@ -246,10 +453,11 @@ def _commit_of(path: Path, parsed: HubRef) -> str | None:
     return None
 
 
-def load_pulled(path: str | os.PathLike, parsed: HubRef) -> Recipe:
-    """Loads a pulled recipe and records the commit it came from in ``provenance.hub_revision``."""
+def load_pulled(path: str | os.PathLike, parsed: HubRef, cache_dir: str | os.PathLike | None = None) -> Recipe:
+    """Loads a pulled recipe (no link out of its repository's cache folder) and records the commit it came
+    from in ``provenance.hub_revision``."""
     path = Path(path)
-    recipe = load(path)
+    recipe = load(path, root=repo_cache_folder(parsed, cache_dir))
     recipe.provenance.hub_revision = _commit_of(path, parsed)
     return recipe
 
@@ -375,11 +583,13 @@ def push(
     revision: str | None = None,
     private: bool | None = None,
     commit_message: str | None = None,
+    timeout: float | None = None,
 ) -> Any:
     """Uploads ``recipe`` as ``<name>.yaml`` plus its section of the README model card, in one commit.
 
     Creates the repository when missing (``private`` applies then). The README keeps the sections of
-    the other recipes in the repository. Returns huggingface_hub's ``CommitInfo`` (``.oid`` is the
+    the other recipes in the repository. The upload takes at most ``timeout`` seconds in all (default
+    ``$LITEPATCH_HUB_TIMEOUT`` or 10). Returns huggingface_hub's ``CommitInfo`` (``.oid`` is the
     commit to pin: ``org/repo/name@<oid>``).
 
     Raises:
@@ -404,8 +614,10 @@ def push(
     validate(to_upload)
     text = dumps(to_upload)
     ref = HubRef(repo_id, name, revision)
+    deadline = _Deadline(hub_timeout(timeout))
     api = HfApi(token=token)
-    try:
+
+    def upload() -> Any:
         api.create_repo(repo_id, private=private, exist_ok=True, token=token)
         readme = merge_readme(_existing_readme(api, repo_id, revision, token), model_card(to_upload, repo_id), name)
         operations = [
@@ -419,6 +631,10 @@ def push(
             revision=revision,
             token=token,
         )
+
+    try:
+        _probe(deadline, ref, "upload")
+        return _within(deadline, upload, ref, "upload")
     except RecipeError:
         raise
     except Exception as err:  # noqa: BLE001 - translated into one clear message per case

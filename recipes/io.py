@@ -41,8 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-import yaml
-
 from .errors import FingerprintMismatchError, RecipeNotFoundError, RecipeValidationError
 from .schema import (
     FORMAT_VERSION,
@@ -56,9 +54,7 @@ from .schema import (
     describe_value,
     threshold_problem,
 )
-
-MAX_RECIPE_BYTES = 256 * 1024
-"""Recipe files larger than this are refused before they are parsed."""
+from .untrusted import MAX_RECIPE_BYTES, parse_yaml, read_untrusted_file
 
 DEFAULT_RECIPES_REPO = "litepatch/recipes"
 """Hub repository searched for short names that are not built in (env ``LITEPATCH_RECIPES_REPO``)."""
@@ -84,46 +80,21 @@ SOURCES = ("calibration", "published-defaults", "manual")
 def check_name(name: object, what: str = "recipe name") -> str:
     """Returns ``name`` if it is a safe file name (letters, digits, ``.``, ``_``, ``-``; no path parts)."""
     if not isinstance(name, str):
-        raise RecipeValidationError(f"{what} must be a string, got {type(name).__name__} {name!r}")
+        raise RecipeValidationError(f"{what} must be a string, got {describe_value(name)}")
     if "/" in name or "\\" in name or ".." in name or os.path.isabs(name):
         raise RecipeValidationError(
-            f"{what} {name!r} contains a path ('/', '\\', '..' or an absolute path); "
+            f"{what} ({describe_value(name)}) contains a path ('/', '\\', '..' or an absolute path); "
             "use a plain name such as 'wan2.1-14b-720p'"
         )
     if not NAME_PATTERN.match(name):
         raise RecipeValidationError(
-            f"{what} {name!r} is not a valid name; use 1-128 letters, digits, '.', '_' or '-', "
+            f"{what} ({describe_value(name)}) is not a valid name; use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name
 
 
 # ------------------------------------------------------------------------------------------ parsing
-
-
-class _SafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also refuses aliases (no exponential expansion) and duplicate keys."""
-
-    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 (PyYAML signature)
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise RecipeValidationError(
-                f"YAML alias '*{event.anchor}' at line {event.start_mark.line + 1}: recipes do not use "
-                "anchors or aliases; write the values out"
-            )
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise RecipeValidationError(
-                    f"duplicate key {key!r} at line {key_node.start_mark.line + 1}; keep only one"
-                )
-            if isinstance(key, (str, int, float, bool)):
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -144,6 +115,17 @@ def _type_name(tp: Any) -> str:
     return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+def _unknown_key(key: object, allowed: Mapping[str, Any], path: str) -> str:
+    """The message for a key that the schema does not have; the key itself is described, never quoted
+    (a recipe path may be a secret file by mistake), with the allowed key it most resembles."""
+    import difflib
+
+    where = f"in {path}" if path != "<recipe>" else "at the top level"
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6) if isinstance(key, str) else []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {where}: {describe_value(key)}{hint}; allowed keys: {', '.join(allowed)}"
+
+
 def _check_value(value: Any, tp: Any, path: str) -> None:
     """Strict structural check of YAML data against a schema type; raises naming the path."""
     origin = typing.get_origin(tp)
@@ -157,7 +139,7 @@ def _check_value(value: Any, tp: Any, path: str) -> None:
     wrong = RecipeValidationError(f"{path}: expected {_type_name(tp)}, got {describe_value(value)}")
     if isinstance(value, str) and "${" in value:
         raise RecipeValidationError(
-            f"{path}: {value!r} contains an interpolation '${{...}}'; recipes are data only, write the value itself"
+            f"{path}: contains an interpolation '${{...}}'; recipes are data only, write the value itself"
         )
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
@@ -165,10 +147,7 @@ def _check_value(value: Any, tp: Any, path: str) -> None:
         hints = _field_types(tp)
         for key, item in value.items():
             if key not in hints:
-                where = f"in {path}" if path != "<recipe>" else "at the top level"
-                raise RecipeValidationError(
-                    f"unknown key {key!r} {where}; allowed keys: {', '.join(hints)}"
-                )
+                raise RecipeValidationError(_unknown_key(key, hints, path))
             _check_value(item, hints[key], key if path == "<recipe>" else f"{path}.{key}")
     elif origin is list:
         if not isinstance(value, list):
@@ -184,7 +163,7 @@ def _check_value(value: Any, tp: Any, path: str) -> None:
             if not isinstance(key, str):
                 raise RecipeValidationError(f"{path}: keys must be strings, got {describe_value(key)}")
             if "${" in key:
-                raise RecipeValidationError(f"{path}: key {key!r} contains an interpolation '${{...}}'")
+                raise RecipeValidationError(f"{path}: a key contains an interpolation '${{...}}'")
             _check_value(item, inner, f"{path}.{key}")
     elif tp is bool:
         if not isinstance(value, bool):
@@ -220,21 +199,7 @@ def loads(text: str | bytes, *, source: str = "<string>") -> Recipe:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeValidationError(
-            f"{source}: {len(raw)} bytes is larger than the {MAX_RECIPE_BYTES}-byte limit for recipes; "
-            "a recipe is a small YAML file, check that this is the right file"
-        )
-    try:
-        data = yaml.load(raw.decode("utf-8"), Loader=_SafeLoader)  # noqa: S506 (a SafeLoader subclass)
-    except RecipeValidationError as err:
-        raise RecipeValidationError(f"{source}: {err}") from None
-    except UnicodeDecodeError as err:
-        raise RecipeValidationError(f"{source}: not UTF-8 text ({err}); a recipe is a YAML text file") from None
-    except yaml.YAMLError as err:
-        detail = " ".join(str(err).split())
-        raise RecipeValidationError(f"{source}: not a valid recipe YAML file (safe YAML only): {detail}") from None
+    data = parse_yaml(text, source)
     if not isinstance(data, Mapping):
         raise RecipeValidationError(
             f"{source}: a recipe is a YAML mapping (key: value lines), got {describe_value(data)}"
@@ -269,29 +234,23 @@ def _check_format_version(version: int, source: str) -> None:
         raise RecipeValidationError(f"{source}: format_version must be >= 1, got {version}")
 
 
-def load(path: str | os.PathLike) -> Recipe:
-    """Reads and validates a recipe YAML file.
+def load(path: str | os.PathLike, *, root: str | os.PathLike | None = None) -> Recipe:
+    """Reads and validates a recipe YAML file (through :func:`~litepatch.recipes.untrusted.read_untrusted_file`).
+
+    Args:
+        path: the recipe file.
+        root (*optional*): the folder the file (and any symbolic link to it) must stay in; defaults to
+            the folder that ``path`` names. A link out of it, a FIFO, a device or a directory is refused.
 
     Raises:
         RecipeNotFoundError: no such file.
-        RecipeValidationError: see :func:`loads`.
+        RecipeValidationError: see :func:`loads`, and links out of ``root`` or special files.
 
     Example:
         >>> recipe = load("my-recipe.yaml")  # doctest: +SKIP
     """
     path = Path(path).expanduser()
-    if not path.exists():
-        raise RecipeNotFoundError(f"recipe file {str(path)!r} does not exist; check the path")
-    if not path.is_file():
-        raise RecipeNotFoundError(f"recipe path {str(path)!r} is not a file; pass the .yaml file itself")
-    size = path.stat().st_size
-    if size > MAX_RECIPE_BYTES:
-        raise RecipeValidationError(
-            f"{path}: {size} bytes is larger than the {MAX_RECIPE_BYTES}-byte limit for recipes; "
-            "a recipe is a small YAML file, check that this is the right file"
-        )
-    with open(path, "rb") as f:
-        raw = f.read(MAX_RECIPE_BYTES + 1)
+    raw = read_untrusted_file(path, root=root)
     return loads(raw, source=str(path))
 
 
@@ -373,7 +332,7 @@ def validate(recipe: Recipe, *, source: str | None = None) -> Recipe:
     if recipe.warmup_steps < 0:
         raise fail(f"warmup_steps must be >= 0 (dense steps at the start of each generation), got {recipe.warmup_steps}")
     if recipe.order not in ORDERS:
-        raise fail(f"order must be one of {', '.join(ORDERS)}, got {recipe.order!r}")
+        raise fail(f"order must be one of {', '.join(ORDERS)}, got {describe_value(recipe.order)}")
     for pattern, setting in recipe.layers.items():
         if not pattern:
             raise fail("layers: empty pattern; use a module name or an fnmatch pattern such as 'blocks.0.*'")
@@ -384,9 +343,9 @@ def validate(recipe: Recipe, *, source: str | None = None) -> Recipe:
         if value is not None and value < 1:
             raise fail(f"context.{key} must be >= 1 or null, got {value}")
     if context.cfg_mode is not None and context.cfg_mode not in CFG_MODES:
-        raise fail(f"context.cfg_mode must be one of {', '.join(CFG_MODES)} or null, got {context.cfg_mode!r}")
+        raise fail(f"context.cfg_mode must be one of {', '.join(CFG_MODES)} or null, got {describe_value(context.cfg_mode)}")
     if recipe.provenance.source not in SOURCES:
-        raise fail(f"provenance.source must be one of {', '.join(SOURCES)}, got {recipe.provenance.source!r}")
+        raise fail(f"provenance.source must be one of {', '.join(SOURCES)}, got {describe_value(recipe.provenance.source)}")
     measured = recipe.measured
     if measured.kept_fraction is not None and not 0.0 <= measured.kept_fraction <= 1.0:
         raise fail(f"measured.kept_fraction must be in [0, 1], got {measured.kept_fraction}")
@@ -508,6 +467,7 @@ def resolve(
     token: str | bool | None = None,
     recipes_repo: str | None = None,
     fingerprint: ModelFingerprint | None = None,
+    timeout: float | None = None,
 ) -> Recipe:
     """Turns what a user passes as ``recipe=`` into a validated :class:`Recipe`.
 
@@ -524,6 +484,12 @@ def resolve(
         fingerprint (`ModelFingerprint`, *optional*): the model's; picks among the targets of an alias
             such as ``"wan-480p"`` (14B or 1.3B). It does not check the recipe: call
             :func:`check_fingerprint` for that.
+        timeout (`float`, *optional*): seconds a Hub download may take in all (default
+            ``$LITEPATCH_HUB_TIMEOUT`` or 10).
+
+    A short name that is close to a built-in one (``"wan-72Op"``, ``"wan2.1-14b-720"``) is refused at
+    once with the built-in names it resembles, without a Hub request; write ``org/repo/name`` to look
+    such a name up on the Hub.
 
     Example:
         >>> resolve("wan-720p").context.resolution
@@ -552,11 +518,12 @@ def resolve(
             )
         return load_builtin(ref, fingerprint=fingerprint)
 
+    _refuse_near_builtin(ref)
     from . import hub
 
     parsed = hub.parse_ref(ref, revision=revision, recipes_repo=default_recipes_repo(recipes_repo))
     try:
-        path = hub.pull(parsed, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        path = hub.pull(parsed, cache_dir=cache_dir, local_files_only=local_files_only, token=token, timeout=timeout)
     except RecipeNotFoundError as err:
         if parsed.short:
             raise RecipeNotFoundError(
@@ -565,7 +532,29 @@ def resolve(
                 known=builtin_names(),
             ) from None
         raise
-    return hub.load_pulled(path, parsed)
+    return hub.load_pulled(path, parsed, cache_dir)
+
+
+def _refuse_near_builtin(ref: str) -> None:
+    """A short name that resembles a built-in one is a typo, not a Hub lookup: refused at once, naming the
+    built-in names it is close to."""
+    import difflib
+
+    name = ref.partition("@")[0]
+    if "/" in name:
+        return
+    names = builtin_names()
+    if name in names:
+        raise RecipeNotFoundError(f"{name!r} is a built-in recipe, not a Hub one: use it as it is (no download)")
+    lowered = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.75)
+    if close:
+        suggestions = " or ".join(repr(lowered[c]) for c in close)
+        raise RecipeNotFoundError(
+            f"unknown recipe {ref!r}: did you mean {suggestions}? (not looked up on the Hub; for a Hub recipe of "
+            f"that name write 'org/repo/{name}')",
+            known=names,
+        )
 
 
 # -------------------------------------------------------------------------------------- fingerprint

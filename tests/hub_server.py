@@ -52,6 +52,12 @@ class HubState:
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for assertions
         self.token: str | None = None
         self.fail_status: int | None = None  # answer every request with this status (server errors)
+        # hostile behaviours for the adversarial tests
+        self.delay: float = 0.0  # seconds before answering each request
+        self.drip: float = 0.0  # seconds between the bytes of a file body
+        self.commit_header: str | None = None  # replaces X-Repo-Commit of file answers
+        self.drop_etag: bool = False  # file answers without an ETag
+        self.truncate: bool = False  # file bodies announce their length, send half of it and close
 
     def create(self, repo_id: str, private: bool = False) -> Repo:
         repo = Repo(private=private)
@@ -70,6 +76,17 @@ class HubState:
         if revision in repo.commits:
             return revision
         return None
+
+    def put(self, repo_id: str, files: dict[str, bytes]) -> str:
+        """Commits ``files`` (raw bytes, unchecked: hostile content is the point) to main; returns the sha."""
+        with self.lock:
+            repo = self.repos.get(repo_id) or self.create(repo_id)
+            parent = repo.branches["main"]
+            sha = hashlib.sha1(f"{parent} put {time.time_ns()}".encode()).hexdigest()
+            repo.commits[sha] = {**repo.commits[parent], **files}
+            repo.messages[sha] = "put"
+            repo.branches["main"] = sha
+            return sha
 
     def tag(self, repo_id: str, tag: str, revision: str = "main") -> str:
         repo = self.repos[repo_id]
@@ -103,13 +120,27 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False) -> None:
+        if self.state.delay:
+            time.sleep(self.state.delay)
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if not head and body:
-            self.wfile.write(body)
+        if head or not body:
+            return
+        if self.state.truncate and status == 200:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        if self.state.drip and status == 200:
+            for i in range(len(body)):
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+                time.sleep(self.state.drip)
+            return
+        self.wfile.write(body)
 
     def _json(self, status: int, obj: object, headers: dict | None = None, head: bool = False) -> None:
         self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})}, head)
@@ -266,7 +297,9 @@ class _Handler(BaseHTTPRequestHandler):
         content = repo.commits[sha].get(filename)
         if content is None:
             return self._error(404, "EntryNotFound", f"{filename} does not exist", head, {"X-Repo-Commit": sha})
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{_git_oid(content)}"', "Content-Type": "text/plain"}
+        headers = {"X-Repo-Commit": self.state.commit_header or sha, "Content-Type": "text/plain"}
+        if not self.state.drop_etag:
+            headers["ETag"] = f'"{_git_oid(content)}"'
         return self._send(200, content, headers, head)
 
 

@@ -81,15 +81,15 @@ def test_builtin_with_a_revision_is_refused():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("foo: 1\n", "unknown key 'foo' at the top level; allowed keys: format_version, name,"),
-        (HEADER + "context: {fps: 16}\n", "unknown key 'fps' in context; allowed keys: resolution, frames, steps"),
-        (HEADER + "layers: {'blocks.*': {thresh: -3}}\n", "unknown key 'thresh' in layers.blocks.*; allowed keys:"),
-        (HEADER + "warmup_steps: '5'\n", "warmup_steps: expected integer, got '5' (str)"),
-        (HEADER + "warmup_steps: true\n", "warmup_steps: expected integer, got True (bool)"),
-        (HEADER + "threshold: abc\n", "threshold: expected number, got 'abc' (str)"),
-        (HEADER + "layers: {x: {schedule: [-1, a]}}\n", "layers.x.schedule[1]: expected number, got 'a'"),
-        (HEADER + "fingerprint: {heads: 1.5}\n", "fingerprint.heads: expected integer, got 1.5 (float)"),
-        (HEADER + "schedule: -3\n", "schedule: expected list of number, got -3 (int)"),
+        ("foo: 1\n", "unknown key at the top level: a string of 3 characters; allowed keys: format_version, name,"),
+        (HEADER + "context: {fps: 16}\n", "unknown key in context: a string of 3 characters; allowed keys: resolution, frames, steps"),
+        (HEADER + "layers: {'blocks.*': {thresh: -3}}\n", "unknown key in layers.blocks.*: a string of 6 characters (did you mean 'threshold'?); allowed keys:"),
+        (HEADER + "warmup_steps: '5'\n", "warmup_steps: expected integer, got a string of 1 character"),
+        (HEADER + "warmup_steps: true\n", "warmup_steps: expected integer, got true/false"),
+        (HEADER + "threshold: abc\n", "threshold: expected number, got a string of 3 characters"),
+        (HEADER + "layers: {x: {schedule: [-1, a]}}\n", "layers.x.schedule[1]: expected number, got a string of 1 character"),
+        (HEADER + "fingerprint: {heads: 1.5}\n", "fingerprint.heads: expected integer, got a float"),
+        (HEADER + "schedule: -3\n", "schedule: expected list of number, got an int"),
         ("name: x\n", "missing 'format_version'; add 'format_version: 1'"),
         ("format_version: 2\n", "format_version 2 is newer than this litepatch reads (1); upgrade litepatch"),
         ("format_version: 0\n", "format_version must be >= 1, got 0"),
@@ -99,12 +99,12 @@ def test_builtin_with_a_revision_is_refused():
         (HEADER + "schedule: [-8, 1]\n", "schedule[1] must be <= 0"),
         (HEADER + "layers: {'blocks.0.*': {threshold: 2}}\n", "layers.blocks.0.*.threshold must be <= 0"),
         (HEADER + "warmup_steps: -1\n", "warmup_steps must be >= 0"),
-        (HEADER + "order: descending\n", "order must be one of anchor, alternate, got 'descending'"),
+        (HEADER + "order: descending\n", "order must be one of anchor, alternate, got a string of 10 characters"),
         (HEADER + "context: {cfg_mode: parallel}\n", "context.cfg_mode must be one of sequential, batched, none"),
         (HEADER + "context: {steps: 0}\n", "context.steps must be >= 1"),
         (HEADER + "provenance: {source: magic}\n", "provenance.source must be one of calibration"),
         (HEADER + "measured: {kept_fraction: 1.5}\n", "measured.kept_fraction must be in [0, 1]"),
-        (HEADER + "name: ../evil\n", "recipe name '../evil' contains a path"),
+        (HEADER + "name: ../evil\n", "recipe name (a string of 7 characters) contains a path"),
         (HEADER + "name: 'a\\\\b'\n", "contains a path"),
         (HEADER + "name: /etc/passwd\n", "contains a path"),
         (HEADER + "name: 'bad name'\n", "is not a valid name"),
@@ -112,13 +112,13 @@ def test_builtin_with_a_revision_is_refused():
         (HEADER + "fingerprint: {layer_names: [a, a]}\n", "layer_names lists a more than once"),
         (HEADER + "fingerprint: {layer_names: [blocks.0.attn1]}\nlayers: {'tb.*': {dense: true}}\n",
          "layers pattern(s) 'tb.*' match no layer of the fingerprint"),
-        ("!!python/object/apply:os.system ['true']\n", "not a valid recipe YAML file (safe YAML only)"),
-        (HEADER + "name: !!python/name:os.system\n", "could not determine a constructor"),
-        (HEADER + "name: ${oc.env:HOME}\n", "name: '${oc.env:HOME}' contains an interpolation"),
+        ("!!python/object/apply:os.system ['true']\n", "line 1: YAML tag: recipes hold plain values only"),
+        (HEADER + "name: !!python/name:os.system\n", "line 2: YAML tag"),
+        (HEADER + "name: ${oc.env:HOME}\n", "name: contains an interpolation"),
         (HEADER + "description: 'x ${now:}'\n", "contains an interpolation"),
-        (HEADER + "layers: {'${x}': {dense: true}}\n", "key '${x}' contains an interpolation"),
-        (HEADER + "description: &a hello\nname: *a\n", "YAML alias '*a' at line 3"),
-        (HEADER + "name: a\nname: b\n", "duplicate key 'name' at line 3"),
+        (HEADER + "layers: {'${x}': {dense: true}}\n", "a key contains an interpolation"),
+        (HEADER + "description: &a hello\nname: *a\n", "line 2: YAML anchor: recipes do not use anchors or aliases"),
+        (HEADER + "name: a\nname: b\n", "line 3: duplicate key; keep only one"),
         ("- 1\n- 2\n", "a recipe is a YAML mapping"),
         ("format_version: [\n", "not a valid recipe YAML file"),
         (b"format_version: 1\nname: \xff\n", "not UTF-8 text"),
@@ -164,7 +164,7 @@ def test_validate_checks_recipe_objects():
         recipes.validate(Recipe(threshold=float("nan")))
     with pytest.raises(RecipeValidationError, match="contains a path"):
         recipes.validate(Recipe(name="a/b"))
-    with pytest.raises(RecipeValidationError, match="layers.x.dense: expected true/false, got 'yes'"):
+    with pytest.raises(RecipeValidationError, match="layers.x.dense: expected true/false, got a string of 3 characters"):
         recipes.validate(Recipe(layers={"x": LayerSetting(dense="yes")}))
     with pytest.raises(RecipeValidationError, match="expected a litepatch Recipe, got dict"):
         recipes.validate({"name": "x"})
@@ -193,7 +193,7 @@ def test_save_refuses_an_invalid_recipe_and_writes_nothing(tmp_path):
 def test_load_errors(tmp_path):
     with pytest.raises(RecipeNotFoundError, match="recipe file '.*missing.yaml' does not exist; check the path"):
         recipes.load(tmp_path / "missing.yaml")
-    with pytest.raises(RecipeNotFoundError, match="is not a file; pass the .yaml file itself"):
+    with pytest.raises(RecipeNotFoundError, match="is a directory, not a regular file; pass the .yaml file itself"):
         recipes.load(tmp_path)
     big = tmp_path / "big.yaml"
     big.write_bytes(b"#" * (recipes.MAX_RECIPE_BYTES + 1))
@@ -201,7 +201,7 @@ def test_load_errors(tmp_path):
         recipes.load(big)
     bad = tmp_path / "bad.yaml"
     bad.write_text(HEADER + "treshold: -3\n")
-    with pytest.raises(RecipeValidationError, match=r"bad.yaml: unknown key 'treshold' at the top level"):
+    with pytest.raises(RecipeValidationError, match=r"bad.yaml: unknown key at the top level: a string of 8 characters \(did you mean 'threshold'\?\)"):
         recipes.load(bad)
 
 
@@ -248,7 +248,7 @@ def test_resolve_path_like_refs_never_go_to_the_hub(ref, no_hub):
         ("org/repo/x@", "revision '' is not a valid branch"),
         ("org/repo/x@a b", "is not a valid branch"),
         ("org/re po/x", "is not of the form 'org/repo'"),
-        ("org/repo/bad name", "recipe name in the Hub reference 'bad name' is not a valid name"),
+        ("org/repo/bad name", "recipe name in the Hub reference (a string of 8 characters) is not a valid name"),
         (12, "recipe must be a Recipe, a path, a built-in name or 'org/repo/name[@revision]', got int"),
     ],
 )
@@ -265,7 +265,8 @@ def _fake_pull(monkeypatch, tmp_path):
 
     def fake_pull(parsed, **kwargs):
         seen.append((parsed, kwargs))
-        return recipes.save(Recipe(name=parsed.name), tmp_path / "snapshots" / ("a" * 40) / parsed.filename)
+        folder = hub.repo_cache_folder(parsed, kwargs["cache_dir"])
+        return recipes.save(Recipe(name=parsed.name), folder / "snapshots" / ("a" * 40) / parsed.filename)
 
     monkeypatch.setattr(hub, "pull", fake_pull)
     return seen
@@ -274,17 +275,18 @@ def _fake_pull(monkeypatch, tmp_path):
 def test_resolve_hub_refs_and_default_repository(tmp_path, monkeypatch):
     seen = _fake_pull(monkeypatch, tmp_path)
     monkeypatch.delenv(recipes.RECIPES_REPO_ENV, raising=False)
-    recipe = recipes.resolve("org/repo/mine@v2", cache_dir="/c", token="t")
+    cache = str(tmp_path / "c")
+    recipe = recipes.resolve("org/repo/mine@v2", cache_dir=cache, token="t")
     assert recipe.name == "mine" and recipe.provenance.hub_revision == "a" * 40
     parsed, kwargs = seen[-1]
     assert (parsed.repo_id, parsed.name, parsed.revision) == ("org/repo", "mine", "v2")
-    assert kwargs == {"cache_dir": "/c", "local_files_only": None, "token": "t"}
-    recipes.resolve("shared", revision="main")
+    assert kwargs == {"cache_dir": cache, "local_files_only": None, "token": "t", "timeout": None}
+    recipes.resolve("shared", revision="main", cache_dir=cache)
     assert (seen[-1][0].repo_id, seen[-1][0].revision) == (recipes.DEFAULT_RECIPES_REPO, "main")
     monkeypatch.setenv(recipes.RECIPES_REPO_ENV, "team/recipes")
-    recipes.resolve("shared")
+    recipes.resolve("shared", cache_dir=cache)
     assert seen[-1][0].repo_id == "team/recipes"
-    recipes.resolve("shared", recipes_repo="other/place")
+    recipes.resolve("shared", recipes_repo="other/place", cache_dir=cache)
     assert seen[-1][0].repo_id == "other/place"
     with pytest.raises(RecipeValidationError, match="pins revision 'v1' but revision='v2' was passed"):
         recipes.resolve("org/repo/mine@v1", revision="v2")
@@ -298,9 +300,9 @@ def test_resolve_unknown_short_name_lists_builtins(monkeypatch):
 
     monkeypatch.setattr(hub, "pull", not_found)
     with pytest.raises(RecipeNotFoundError) as info:
-        recipes.resolve("wan-1080p")
+        recipes.resolve("team-recipe")
     message = str(info.value)
-    assert "'wan-1080p' is neither a local file, a built-in recipe nor in the default Hub repository" in message
+    assert "'team-recipe' is neither a local file, a built-in recipe nor in the default Hub repository" in message
     assert "known built-in recipes: " in message and "wan-480p, wan-720p, wan2.1-1.3b-480p" in message
     assert "wan-720p" in info.value.known
 

@@ -1,0 +1,23 @@
+"""A short run of benchmarks/calibration_fault_injection.py: random SIGKILLs of a calibration job, then
+the final study is checked against an uninterrupted run (the benchmark runs it with 20 kills)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "calibration_fault_injection.py"
+
+
+@pytest.mark.slow
+def test_random_kills_leave_the_requested_trials_and_the_uninterrupted_recipe(tmp_path):
+    spec = importlib.util.spec_from_file_location("calibration_fault_injection", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines: list[str] = []
+    result = module.run_fault_injection(tmp_path, kills=3, trials=4, seed=1, delay=0.02, log=lines.append)
+    assert result["kills"] == 3 and len(result["landed"]) == 3
+    assert result["ok"], (result["checks"], lines)
+    assert all(result["checks"].values()) and len(result["checks"]) == 6
