@@ -12,14 +12,15 @@ One launch measures everything, so the ratios come from one run:
   :func:`ring_lite_attention` (one state per query shard x K/V chunk).
 * ``diffusers-ulysses``: what users run. A copy of the model with diffusers' own context parallelism
   (``enable_parallelism(config=ContextParallelConfig(ulysses_degree=P))``, ``native`` attention backend), unpatched
-  (``sdpa``) or patched by ``litepatch.apply(model, threshold=-inf, warmup_steps=0)``; the lite fractions are forced
+  (``sdpa``) or patched by ``litepatch.apply(model, threshold=-1e30, warmup_steps=0)``; the lite fractions are forced
   on the live states of ``handle.skip_states()``. Calls run under ``cache_context("cond")`` so every call reuses
   the one branch's states (same-timestep calls would otherwise count as new CFG branches). Attention runs inside
   diffusers' processors, so its time per rank is not measured (``-``).
 
 Cross-attention stays dense (local queries, full text keys). ``lite f`` forces the kept fraction: after one dense
 call, every q-tile's read list holds ``round(f * k_tiles)`` key tiles (at least 1) chosen at random (seed 0), and
-``threshold=-inf`` keeps the lists fixed, so every step computes the same fraction. The step time is the slowest
+``threshold=-inf`` (hand-sharded modes; ``-1e30`` under ``litepatch.apply``, whose ``-inf`` calls run dense and keep no
+lists) keeps the lists fixed, so every step computes the same fraction. The step time is the slowest
 rank's median over ``--iters`` forwards (batch 1, one denoising step, no CFG). ``rel err`` is the relative L2
 distance of the output to the single-device dense one: float noise for ``sdpa`` and ``lite f=1`` in every mode
 (the check that the sharding and the parallel attention are right), large for the forced random fractions.
@@ -347,7 +348,8 @@ def litepatched(model, fraction, backend):
     if fraction is None:
         yield list, False
         return
-    handle = litepatch.apply(model, threshold=-math.inf, warmup_steps=0, backend=backend)
+    # -1e30: every call votes and drops nothing, so the forced lists stay; -inf would run dense without lists
+    handle = litepatch.apply(model, threshold=-1e30, warmup_steps=0, backend=backend)
     try:
         yield (lambda: [s for branches in handle.skip_states().values() for s in branches.values()]), False
     finally:
