@@ -38,10 +38,7 @@ def _forward(model, latents, text, t):
 
 @torch.inference_mode()
 def test_apply_to_wan_on_cuda_runs_the_gpu_kernel_and_skips():
-    """``-inf`` equals dense (on Hopper with the cuda extra it runs flash-attn-4 dense and creates no lists);
-    threshold 0 then runs the GPU kernel, whose 128x128 tiles are the states' and the stats'."""
-    from litepatch.kernels import dense_kernel_name
-
+    """``-inf`` equals dense; threshold 0 then runs the GPU kernel, whose 128x128 tiles are the states'."""
     model, latents, text = _model_and_inputs()
     dense = [_forward(model, latents, text, t) for t in (999, 900, 800, 700)]
     handle = litepatch.apply(model, threshold=-math.inf, warmup_steps=0)
@@ -50,10 +47,6 @@ def test_apply_to_wan_on_cuda_runs_the_gpu_kernel_and_skips():
         for got, want in zip(exact, dense[:2]):
             rel = float((got.float() - want.float()).norm() / want.float().norm())
             assert rel < 2e-2, f"threshold -inf differs from dense SDPA by {rel:.3e}"
-        states = [st for branches in handle.skip_states().values() for st in branches.values()]
-        layer_q = torch.empty(1, 2880, 2, 64, device="cuda", dtype=torch.bfloat16)  # a self-attention call's q
-        fa4_dense = dense_kernel_name(layer_q) == "flash-attn-4"
-        assert all(not st.initialized for st in states) if fa4_dense else all(st.keep.is_cuda for st in states)
         handle.configure(threshold=0.0)
         sparse = [_forward(model, latents, text, t) for t in (999, 900, 800, 700)]
         states = [st for branches in handle.skip_states().values() for st in branches.values()]
