@@ -445,6 +445,15 @@ def _rdb_storage(url: str):
                 f"storage {_redact(url)} cannot be opened ({type(err).__name__}: {detail}); check that it is an "
                 "Optuna database that this user can reach, or move a corrupt file away to start a new study"
             ) from None
+        except ImportError as err:  # the URL names a database driver that is not installed
+            missing = err
+            while missing is not None and not getattr(missing, "name", None):
+                missing = missing.__cause__ or missing.__context__
+            package = getattr(missing, "name", None) or "driver"
+            hint = ' (pip install "litepatch[postgres]")' if url.startswith("postgresql") else ""
+            raise CalibrationError(
+                f"storage {_redact(url)} needs the Python package {package!r}, which is not installed{hint}"
+            ) from None
 
 
 def _redact(url: str) -> str:

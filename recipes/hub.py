@@ -406,7 +406,9 @@ def _refuse_announced_size(parsed: HubRef, cache_dir, token, deadline: _Deadline
     try:
         url = hf_hub_url(parsed.repo_id, parsed.filename, revision=parsed.revision, endpoint=_endpoint())
         size = get_hf_file_metadata(url, token=token, timeout=max(0.05, deadline.left())).size
-    except Exception:  # noqa: BLE001 - see the docstring
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        if _closed_under_us(err):
+            raise  # the shared client was closed by an abandoned call: the caller tries again
         return
     if isinstance(size, int) and size > MAX_RECIPE_BYTES:
         raise RecipeValidationError(

@@ -488,3 +488,22 @@ def test_the_report_never_shows_a_storage_password():
         url = "postgresql+psycopg://calib:hunter2@db.example/litepatch"
 
     assert _storage_label(Storage()) == "postgresql+psycopg://calib:***@db.example/litepatch"
+
+
+def test_storage_url_whose_driver_is_missing_names_the_package(monkeypatch):
+    import builtins
+
+    from litepatch.calibration import CalibrationError
+    from litepatch.calibration.search import make_storage
+
+    real_import = builtins.__import__
+
+    def no_psycopg(name, *args, **kwargs):
+        if name.split(".")[0] == "psycopg":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_psycopg)
+    with pytest.raises(CalibrationError, match=r"needs the Python package 'psycopg'.*litepatch\[postgres\]") as info:
+        make_storage("postgresql+psycopg://me:hunter2@127.0.0.1:1/nothing")
+    assert "hunter2" not in str(info.value)
