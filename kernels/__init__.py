@@ -16,7 +16,7 @@ if __name__ != "litepatch.kernels":
     _sys.modules[__name__] = _importlib.import_module("litepatch.kernels")
 else:
     from .dense import dense_attention, dense_kernel_name
-    from .interface import available_backends, check_threshold, key_mask_from, lite_attention
+    from .interface import available_backends, check_threshold, key_mask_from, key_padding_view, lite_attention
     from .reference import reference_forward
     from .registry import Backend, BackendUnavailable, Constraints, register_backend
     from .state import DEFAULT_TILES, ORDERS, SkipState, TileConfig, pack_bits, unpack_bits
@@ -29,6 +29,7 @@ else:
         "BackendUnavailable",
         "Constraints",
         "key_mask_from",
+        "key_padding_view",
         "ORDERS",
         "SkipState",
         "TileConfig",

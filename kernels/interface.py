@@ -78,17 +78,29 @@ def key_mask_from(
         return None
     if key_mask.dtype != torch.bool:
         raise TypeError(f"key_mask must be a bool tensor (True: the key takes part), got {key_mask.dtype}")
-    mask = key_mask
+    mask = key_padding_view(key_mask, batch, seq_k)
+    if mask is None:
+        raise ValueError(
+            f"key_mask of shape {tuple(key_mask.shape)} is not a per-key mask for {batch} batch rows and {seq_k} keys "
+            "([batch, seq_k] or [batch, 1, 1, seq_k])"
+        )
+    return mask.to(device)
+
+
+def key_padding_view(mask: torch.Tensor, batch: int, seq_k: int) -> torch.Tensor | None:
+    """``mask`` seen as ``[batch, seq_k]`` when it is per key (``[B, S_k]``, ``[S_k]``, or anything that broadcasts
+    from ``[B or 1, 1, 1, S_k]``, SDPA's layout); ``None`` when it varies over heads or queries.
+
+    >>> key_padding_view(torch.ones(2, 1, 1, 7, dtype=torch.bool), 2, 7).shape
+    torch.Size([2, 7])
+    """
     while mask.dim() > 2 and mask.shape[1] == 1:
         mask = mask.squeeze(1)
     if mask.dim() == 1:
         mask = mask[None]
     if mask.dim() != 2 or mask.shape[-1] != seq_k or mask.shape[0] not in (1, batch):
-        raise ValueError(
-            f"key_mask of shape {tuple(key_mask.shape)} is not a per-key mask for {batch} batch rows and {seq_k} keys "
-            "([batch, seq_k] or [batch, 1, 1, seq_k])"
-        )
-    return mask.to(device).expand(batch, seq_k)
+        return None
+    return mask.expand(batch, seq_k)
 
 
 def lite_attention(

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from litepatch.kernels import key_padding_view
+
 KINDS = ("self", "cross", "joint", "not applicable")
 SPARSE_KINDS = ("self", "joint")
 SDPA = F.scaled_dot_product_attention
@@ -168,15 +170,10 @@ def mask_problem(mask, batch: int, seq_k: int) -> tuple[torch.Tensor | None, str
     if mask.dtype != torch.bool:
         dtype = str(mask.dtype).replace("torch.", "")
         return None, f"an additive {dtype} attention mask (only boolean key-padding masks are sparse)"
-    shape = tuple(mask.shape)
-    squeezed = mask
-    while squeezed.dim() > 2 and squeezed.shape[1] == 1:
-        squeezed = squeezed.squeeze(1)
-    if squeezed.dim() == 1:
-        squeezed = squeezed[None]
-    if squeezed.dim() != 2 or squeezed.shape[-1] != seq_k or squeezed.shape[0] not in (1, batch):
-        return None, f"an attention mask of shape {shape} that is not a key-padding mask ([B, 1, 1, S_k])"
-    return squeezed.expand(batch, seq_k), None
+    view = key_padding_view(mask, batch, seq_k)
+    if view is None:
+        return None, f"an attention mask of shape {tuple(mask.shape)} that is not a key-padding mask ([B, 1, 1, S_k])"
+    return view, None
 
 
 def heads_and_dim(module: torch.nn.Module) -> tuple[int, int]:
