@@ -13,12 +13,7 @@ import tiny_models as tm
 import litepatch
 
 
-def _run(model, inputs, t=None):
-    inputs = dict(inputs)
-    if t is not None:
-        inputs["t"] = torch.tensor([float(t)])
-    with torch.no_grad():
-        return model(**inputs)
+_run = tm.run_at
 
 
 def _litepatch_attrs(model) -> dict:

@@ -24,12 +24,7 @@ def _smooth_wan_style(seq=300, batch=1):
     return model, inputs
 
 
-def _run(model, inputs, t=None):
-    inputs = dict(inputs)
-    if t is not None:
-        inputs["t"] = torch.tensor([float(t)])
-    with torch.no_grad():
-        return model(**inputs)
+_run = tm.run_at
 
 
 def _instance_attrs(model):
@@ -525,25 +520,7 @@ def test_pipeline_patches_transformer_and_transformer_2():
 def test_torch_compile_patched_model_without_graph_breaks():
     model, inputs = _smooth_wan_style()
     handle = litepatch.apply(model, threshold=0.0)
-    eager = [_run(model, inputs, t) for t in (999, 900, 800)]
-    eager_kept = [r["kept_tiles"] for r in handle.stats().records]
-    handle.reset()
-    handle.clear_stats()
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        explanation = torch._dynamo.explain(model)(**inputs)
-    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
-    handle.reset()
-    handle.clear_stats()
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    outs = [_run(compiled, inputs, t) for t in (999, 900, 800)]
-    for out, ref in zip(outs, eager):
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert [r["kept_tiles"] for r in handle.stats().records] == eager_kept
-    assert min(eager_kept) < max(eager_kept)
+    tm.assert_compiles_like_eager(model, handle, inputs, _run, (999, 900, 800), reason_chars=200)
     handle.remove()
     torch._dynamo.reset()
 

@@ -39,22 +39,6 @@ def test_patched_diffusers_model_compiles_fullgraph_and_matches_eager(name):
     handle = litepatch.apply(model, threshold=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        eager = [_run(model, inputs, t) for t in TIMESTEPS[name]]
-        eager_kept = [r["kept_tiles"] for r in handle.stats().records]
-        handle.reset()
-        handle.clear_stats()
-        torch._dynamo.reset()
-        with torch.no_grad():
-            explanation = torch._dynamo.explain(model)(**inputs)
-        assert explanation.graph_break_count == 0, [str(b.reason)[:300] for b in explanation.break_reasons]
-        handle.reset()
-        handle.clear_stats()
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        outs = [_run(compiled, inputs, t) for t in TIMESTEPS[name]]
-    for out, ref in zip(outs, eager):
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert [r["kept_tiles"] for r in handle.stats().records] == eager_kept
-    assert min(eager_kept) < max(eager_kept)  # the compiled model skips what the eager one skipped
+        tm.assert_compiles_like_eager(model, handle, inputs, _run, TIMESTEPS[name])
     handle.remove()
     torch._dynamo.reset()

@@ -597,3 +597,34 @@ def timm_unfused():
     model = TimmStyleViT()
     model.blocks[1]["attn"].fused_attn = False
     return model
+
+
+def run_at(model, inputs: dict, t=None):
+    """``model(**inputs)`` without grad; ``t`` (a timestep) replaces the hand-written models' ``t`` input."""
+    inputs = dict(inputs)
+    if t is not None:
+        inputs["t"] = torch.tensor([float(t)])
+    with torch.no_grad():
+        return model(**inputs)
+
+
+def assert_compiles_like_eager(model, handle, inputs: dict, run, timesteps, reason_chars: int = 300) -> None:
+    """The patched ``model`` has no graph break under ``torch._dynamo.explain``, and ``torch.compile(fullgraph=True)``
+    gives the eager outputs and kept tiles over ``run(model, inputs, t)`` for each timestep (the eager run first)."""
+    eager = [run(model, inputs, t) for t in timesteps]
+    eager_kept = [r["kept_tiles"] for r in handle.stats().records]
+    handle.reset()
+    handle.clear_stats()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(**inputs)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:reason_chars] for b in explanation.break_reasons]
+    handle.reset()
+    handle.clear_stats()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    outs = [run(compiled, inputs, t) for t in timesteps]
+    for out, ref in zip(outs, eager):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert [r["kept_tiles"] for r in handle.stats().records] == eager_kept
+    assert min(eager_kept) < max(eager_kept)  # the compiled model skips what the eager one skipped
