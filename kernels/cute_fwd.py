@@ -40,13 +40,13 @@ import triton
 import triton.language as tl
 from flash_attn.cute import interface as _fa4
 
-from .cute_sm90 import run_sm90
+from .cute_sm90 import TILE_M, TILE_N, run_sm90
 from .registry import Backend, Constraints, register_backend
 from .state import TileConfig
-from .triton_fwd import MAX_K_TILES, tile_valid, triton_forward
+from .triton_fwd import MAX_K_TILES, _bit_or, tile_valid, triton_forward
 
-TILES = TileConfig(128, 128)  # flash-attn-4's SM90 tile at head dims 64-128 when block sparsity is 128x128
-HEAD_DIMS = (64, 128)
+TILES = TileConfig(TILE_M, TILE_N)  # also the Triton kernel's, so that calls it takes over share the state layout
+HEAD_DIMS = (64, 128)  # verified on the H200; 96 compiles (mma_pv_is_rs off) but has not run there
 CONSTRAINTS = Constraints(
     device_types=("cuda",),
     dtypes=(torch.float16, torch.bfloat16),
@@ -54,11 +54,6 @@ CONSTRAINTS = Constraints(
     cuda_archs=(9,),  # verified on sm90 (H100/H200) only
     max_k_tiles=MAX_K_TILES,
 )
-
-
-@triton.jit
-def _bit_or(a, b):
-    return a | b
 
 
 @triton.jit

@@ -66,7 +66,6 @@ from flash_attn.cute.utils import AuxData
 from quack import layout_utils
 
 TILE_M = TILE_N = 128  # the block-sparse tile of flash-attn-4's SM90 forward at head dims 64-128
-HEAD_DIMS = (64, 96, 128)
 FIRST_PRIORITY = 65535  # visit priority of the first visited tile: above every other (<= 32767)
 
 
