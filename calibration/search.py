@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from litepatch.recipes.schema import ORDERS
+from litepatch.kernels import ORDERS
 
 from .budget import Budget
 from .metrics import available_metrics, get_metric
@@ -154,15 +154,15 @@ class Plan:
 
 
 def _apply(model, recipe):
-    import litepatch
+    from litepatch.api import apply
 
-    return litepatch.apply(model, recipe=recipe)
+    return apply(model, recipe=recipe)
 
 
 def _model_fingerprint(model):
-    import litepatch
+    from litepatch.api import fingerprint
 
-    return litepatch.fingerprint(model)
+    return fingerprint(model)
 
 
 def _sync() -> None:
@@ -1038,8 +1038,8 @@ def _cost(study, plan: Plan, n_samples: int) -> dict[str, int]:
 
 
 def _fill_recipe(recipe, report, budget: Budget, samples, held_out, model, context, study_name) -> None:
-    import litepatch
     from litepatch.recipes.schema import Context, Measured, Provenance
+    from litepatch.version import __version__
 
     rows = report.held_out
     worst = {m: _worst(m, [r[m] for r in rows]) for m in REPORT_METRICS if rows and m in rows[0]}
@@ -1051,7 +1051,7 @@ def _fill_recipe(recipe, report, budget: Budget, samples, held_out, model, conte
         psnr=_finite(worst.get("psnr")), ssim=worst.get("ssim"), rel_l2=worst.get("rel_l2"),
         kept_fraction=sum(r["kept_fraction"] for r in rows) / len(rows),
         speedup=report.dense_seconds / report.patched_seconds if report.patched_seconds else None,
-        hardware=report.hardware, litepatch_version=getattr(litepatch, "__version__", None),
+        hardware=report.hardware, litepatch_version=__version__,
     )
     prompts, seeds = [], []
     for s in samples:

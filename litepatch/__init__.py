@@ -5,22 +5,68 @@
 >>> video = pipe(prompt, num_inference_steps=50).frames
 >>> print(handle.stats().table())
 >>> handle.remove()
+
+This package is the top floor of the house (DESIGN §2): its names are attributes resolved on first use
+(PEP 562), so that importing a room below (``litepatch.kernels``, ``litepatch.recipes``) runs no code of
+the rooms above it. ``litepatch.apply`` imports the patcher, ``litepatch.calibrate`` the calibrator.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .api import DEFAULT_THRESHOLD, LiteHandle, apply, fingerprint, inspect, remove  # noqa: E402
-from .adapters import Adapter, AttentionLayerInfo, register_adapter  # noqa: E402
-from .recipes.schema import LayerSetting, ModelFingerprint, Recipe  # noqa: E402
-from .stats import LiteStats  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING
 
+from .version import __version__
+
+# public name -> the module that owns it
+_LAZY = {
+    "DEFAULT_THRESHOLD": "litepatch.kernels.vocabulary",
+    "LiteHandle": "litepatch.api",
+    "apply": "litepatch.api",
+    "fingerprint": "litepatch.api",
+    "inspect": "litepatch.api",
+    "remove": "litepatch.api",
+    "Adapter": "litepatch.adapters",
+    "AttentionLayerInfo": "litepatch.adapters",
+    "register_adapter": "litepatch.adapters",
+    "LayerSetting": "litepatch.recipes.schema",
+    "ModelFingerprint": "litepatch.recipes.schema",
+    "Recipe": "litepatch.recipes.schema",
+    "LiteStats": "litepatch.stats",
+}
+
+if TYPE_CHECKING:
+    from litepatch.adapters import Adapter, AttentionLayerInfo, register_adapter
+    from litepatch.api import LiteHandle, apply, fingerprint, inspect, remove
+    from litepatch.kernels.vocabulary import DEFAULT_THRESHOLD
+    from litepatch.recipes.schema import LayerSetting, ModelFingerprint, Recipe
+    from litepatch.stats import LiteStats
+
+
+def __getattr__(name: str):
+    """A public name from the module that owns it, or a submodule (``litepatch.recipes``) on first use."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    else:
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def calibrate(*args, **kwargs):
     """Front door to :func:`litepatch.calibration.calibrate` (imports optuna only when called)."""
-    from .calibration import calibrate as _calibrate
+    from litepatch import calibration
 
-    return _calibrate(*args, **kwargs)
+    return calibration.calibrate(*args, **kwargs)
 
 
 __all__ = [

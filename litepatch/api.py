@@ -18,15 +18,16 @@ from collections.abc import Mapping
 
 import torch
 
+from litepatch.kernels import DEFAULT_THRESHOLD
+from litepatch.recipes import check_fingerprint, validate
+from litepatch.recipes.io import unmatched_patterns
+from litepatch.recipes.schema import LayerSetting, ModelFingerprint, Recipe
+from litepatch.version import __version__
+
 from .adapters import Adapter, AttentionLayerInfo, find_attention_layers
 from .adapters.diffusers import pipeline_roots
 from .hooks import LayerPatch, RootPatch, Runtime
-from .recipes import check_fingerprint, validate
-from .recipes.io import unmatched_patterns
-from .recipes.schema import LayerSetting, ModelFingerprint, Recipe
 from .stats import LiteStats
-
-DEFAULT_THRESHOLD = -10.0
 
 
 def _roots(model) -> list[tuple[str, torch.nn.Module]]:
@@ -95,7 +96,7 @@ def _as_recipe(recipe, model=None) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, (str, os.PathLike)):
-        from .recipes import resolve
+        from litepatch.recipes import resolve
 
         # the fingerprint lets an alias such as "wan-480p" pick the recipe made for this model size
         return resolve(recipe, fingerprint=fingerprint(model) if model is not None else None)
@@ -270,8 +271,6 @@ class LiteHandle:
         if measured:
             stats = self.stats()
             kept = stats.kept_fraction() if stats.records else None
-        from . import __version__
-
         measured_values = dataclasses.replace(
             recipe.measured, kept_fraction=kept if kept is not None else recipe.measured.kept_fraction,
             litepatch_version=__version__,
@@ -379,7 +378,7 @@ def apply(
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    from .kernels import registry
+    from litepatch.kernels import registry
 
     if backend != "auto":
         registry.get(backend)  # raises, naming what is missing or the known names

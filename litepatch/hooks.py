@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from litepatch.kernels import SkipState, dense_attention, dense_kernel_name, lite_attention, registry
+
 from .adapters.base import AttentionCall, AttentionLayerInfo, call_kind
 from .context import CallReader, StepTracker
 from .diffusers_cp import dense_reason
-from .kernels import SkipState, dense_attention, dense_kernel_name, lite_attention, registry
 from .stats import CallLog
 
 _MISSING = object()

@@ -116,10 +116,10 @@ def format_table(infos) -> str:
 
 def save_recipe(model, args: argparse.Namespace) -> int:
     """``--save-recipe``: patch ``model`` with the given settings and write ``handle.to_recipe()``."""
-    import litepatch
     from litepatch import recipes
+    from litepatch.api import apply
 
-    handle = litepatch.apply(model, recipe=args.recipe, threshold=args.threshold, warmup_steps=args.warmup_steps,
+    handle = apply(model, recipe=args.recipe, threshold=args.threshold, warmup_steps=args.warmup_steps,
                              order=args.order)
     try:
         path = recipes.save(handle.to_recipe(args.name, measured=False), args.save_recipe)
@@ -132,14 +132,14 @@ def save_recipe(model, args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import litepatch
+    from litepatch.api import inspect
 
     model = build_model(args)
     if args.save_recipe:
         return save_recipe(model, args)
     if any(v is not None for v in (args.recipe, args.threshold, args.warmup_steps, args.order, args.name)):
         raise ValueError("--recipe/--threshold/--warmup-steps/--order/--name go with --save-recipe")
-    infos = litepatch.inspect(model)
+    infos = inspect(model)
     if args.json:
         print(json.dumps([dataclasses.asdict(i) for i in infos], indent=2))
     else:

@@ -52,8 +52,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .kernels import SkipState, lite_attention
-from .kernels.state import normalize_ranges
+from litepatch.kernels import DEFAULT_THRESHOLD, SkipState, lite_attention
+from litepatch.kernels.state import normalize_ranges
 
 Ranges = Sequence[tuple[int, int]] | None
 AttnFn = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
@@ -274,7 +274,7 @@ def ulysses_lite_attention(
     *,
     group: dist.ProcessGroup | None = None,
     head_order: torch.Tensor | Sequence[int] | None = None,
-    threshold: float = -10.0,
+    threshold: float = DEFAULT_THRESHOLD,
     softmax_scale: float | None = None,
     return_lse: bool = False,
     order: str = "anchor",
@@ -415,7 +415,7 @@ def ring_lite_attention(
     states: ChunkedSkipState,
     *,
     group: dist.ProcessGroup | None = None,
-    threshold: float = -10.0,
+    threshold: float = DEFAULT_THRESHOLD,
     softmax_scale: float | None = None,
     return_lse: bool = False,
     order: str = "anchor",
@@ -460,7 +460,7 @@ def chunked_lite_attention(
     states: ChunkedSkipState,
     *,
     n_chunks: int,
-    threshold: float = -10.0,
+    threshold: float = DEFAULT_THRESHOLD,
     softmax_scale: float | None = None,
     return_lse: bool = False,
     order: str = "anchor",

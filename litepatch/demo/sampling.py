@@ -77,7 +77,7 @@ def to_frames(latents: torch.Tensor) -> torch.Tensor:
 
 def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> float:
     """Peak signal-to-noise ratio in dB of ``x`` against ``ref`` (``inf`` when equal); latents span [-1, 1]."""
-    from ..calibration.metrics import psnr as _psnr
+    from litepatch.calibration.metrics import psnr as _psnr
 
     return _psnr(x, ref, data_range=data_range)
 
@@ -88,6 +88,6 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0, window: in
         raise ValueError(
             f"ssim needs two [B, C, F, H, W] tensors of one shape, got {tuple(x.shape)}, {tuple(ref.shape)}"
         )
-    from ..calibration.metrics import ssim as _ssim
+    from litepatch.calibration.metrics import ssim as _ssim
 
     return _ssim(x, ref, data_range=data_range, window=window)
