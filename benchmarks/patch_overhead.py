@@ -159,7 +159,7 @@ def per_layer_call_us(model, latents, rounds: int, null_sdpa) -> dict[str, float
             unpatched = timed(lambda: attn(hidden, None, None, rotary))
         handle = litepatch.apply(model, threshold=-4.0, backend=NULL_BACKEND)
         layer = attn._litepatch
-        root = model._litepatch
+        root = model._litepatch_root
         kwargs = dict(hidden_states=latents, timestep=torch.full((1,), 999.0), encoder_hidden_states=None)
         root._pre_hook(model, (), kwargs)
 

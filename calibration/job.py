@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import warnings
@@ -49,17 +50,10 @@ import numpy as np
 from .search import SearchSpace
 
 
-@dataclass
-class SearchConfig:
-    level: list[float] = field(default_factory=lambda: [-14.0, -0.5])
-    spread: list[float] = field(default_factory=lambda: [0.0, 3.0])
-    warmup: Optional[list[int]] = None
-    max_dense_layers: int = 0
-    schedule: bool = False
-    late_range: list[float] = field(default_factory=lambda: [-3.0, 3.0])
-    probe: Optional[float] = None
-    sensitivity_runs: int = 12
-    orders: list[str] = field(default_factory=lambda: ["anchor"])
+@dataclass(frozen=True)
+class JobSearch(SearchSpace):
+    """The job's ``search:`` section: the :class:`SearchSpace` fields, and ``bisect`` (:func:`calibrate`'s)."""
+
     bisect: bool = True
 
 
@@ -85,7 +79,7 @@ class JobConfig:
     sampler: str = "tpe"
     timeout: Optional[float] = None
     context: dict[str, Any] = field(default_factory=dict)
-    search: SearchConfig = field(default_factory=SearchConfig)
+    search: JobSearch = field(default_factory=JobSearch)
     base_dir: str = "."  # folder of the job file (set by load_job)
 
 
@@ -101,11 +95,13 @@ def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> Job
     try:
         loaded = OmegaConf.load(path)
         merged = OmegaConf.merge(schema, loaded, OmegaConf.from_dotlist(list(overrides or [])))
+        job: JobConfig = OmegaConf.to_object(merged)  # runs SearchSpace's own checks
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         where = f"key '{key}': " if key else ""
         raise ValueError(f"job file {path}: {where}{str(err).splitlines()[0]}") from None
-    job: JobConfig = OmegaConf.to_object(merged)
+    except ValueError as err:
+        raise ValueError(f"job file {path}: search: {err}") from None
     job.base_dir = str(path.resolve().parent)
     if (job.entry is None) == (job.pipeline is None):
         raise ValueError(f"job file {path}: give exactly one of 'entry' (module:function) or 'pipeline' (a folder)")
@@ -224,12 +220,8 @@ def _pipeline_context(pipe, call: dict) -> dict:
 
 
 def space_of(job: JobConfig) -> SearchSpace:
-    s = job.search
-    return SearchSpace(
-        level=tuple(s.level), spread=tuple(s.spread), warmup=tuple(s.warmup) if s.warmup is not None else None,
-        max_dense_layers=s.max_dense_layers, schedule=s.schedule, late_range=tuple(s.late_range),
-        probe=s.probe, sensitivity_runs=s.sensitivity_runs, orders=tuple(s.orders),
-    )
+    """The job's search space (its ``search:`` section without ``bisect``)."""
+    return SearchSpace(**{f.name: getattr(job.search, f.name) for f in dataclasses.fields(SearchSpace)})
 
 
 def _plain(value: Any) -> Any:

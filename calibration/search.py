@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -78,13 +78,14 @@ class SearchSpace:
             every trial and of the sensitivity pass.
     """
 
+    # Optional[...] rather than ``X | None``: calibration jobs read this class as their OmegaConf schema
     level: tuple[float, float] = (-14.0, -0.5)
     spread: tuple[float, float] = (0.0, 3.0)
-    warmup: tuple[int, int] | None = None
+    warmup: Optional[tuple[int, int]] = None
     max_dense_layers: int = 0
     schedule: bool = False
     late_range: tuple[float, float] = (-3.0, 3.0)
-    probe: float | None = None
+    probe: Optional[float] = None
     sensitivity_runs: int = 12
     orders: tuple[str, ...] = ("anchor",)
 

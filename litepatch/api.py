@@ -20,13 +20,12 @@ import torch
 
 from litepatch.kernels import DEFAULT_THRESHOLD
 from litepatch.recipes import check_fingerprint, validate
-from litepatch.recipes.io import unmatched_patterns
 from litepatch.recipes.schema import LayerSetting, ModelFingerprint, Recipe
 from litepatch.version import __version__
 
 from .adapters import Adapter, AttentionLayerInfo, find_attention_layers
 from .adapters.diffusers import pipeline_roots
-from .hooks import LayerPatch, RootPatch, Runtime
+from .hooks import LAYER_ATTR, ROOT_ATTR, LayerPatch, RootPatch, Runtime
 from .stats import LiteStats
 
 
@@ -150,15 +149,9 @@ def _effective_recipe(recipe, threshold, warmup_steps, order, layers, model=None
 
 
 def _check_against_model(recipe: Recipe, model, allow_mismatch: bool, adapter=None) -> None:
-    model_fp = fingerprint(model, adapter)
-    unmatched = unmatched_patterns(recipe, model_fp.layer_names)
-    if unmatched:
-        examples = ", ".join(model_fp.layer_names[:3]) or "none found"
-        raise ValueError(
-            f"layers pattern(s) {', '.join(map(repr, unmatched))} match no self/joint attention layer of "
-            f"{model_fp.model_class} (its layers look like {examples}; see litepatch.inspect(model))"
-        )
-    check_fingerprint(recipe, model_fp, allow_mismatch=allow_mismatch)
+    """Refuses (or, with ``allow_mismatch``, warns about) a recipe for another model, or whose ``layers`` patterns
+    match none of this model's self/joint attention layers: :func:`litepatch.recipes.check_fingerprint`."""
+    check_fingerprint(recipe, fingerprint(model, adapter), allow_mismatch=allow_mismatch)
 
 
 class LiteHandle:
@@ -171,12 +164,13 @@ class LiteHandle:
     """
 
     def __init__(self, model, runtime: Runtime, roots: list[torch.nn.Module], modules: dict[str, torch.nn.Module],
-                 adapter=None):
+                 adapter=None, allow_fingerprint_mismatch: bool = False):
         self.model = model
         self._runtime = runtime
         self._roots = roots
         self._modules = modules
         self._adapter = adapter
+        self._allow_mismatch = allow_fingerprint_mismatch  # what apply allowed, configure allows
         self._removed = False
 
     @property
@@ -208,7 +202,7 @@ class LiteHandle:
         if self._removed:
             return
         for root in self._roots:
-            attachment = root.__dict__.get("_litepatch")
+            attachment = root.__dict__.get(ROOT_ATTR)
             if isinstance(attachment, RootPatch) and attachment.handle is self:
                 attachment.uninstall(root)
         for name, module in self._modules.items():
@@ -237,7 +231,7 @@ class LiteHandle:
         base = self._runtime.recipe if recipe is None else recipe
         new = _effective_recipe(base, threshold, warmup_steps, order, layers, self.model)
         if new.layers:
-            _check_against_model(new, self.model, allow_mismatch=True, adapter=self._adapter)
+            _check_against_model(new, self.model, allow_mismatch=self._allow_mismatch, adapter=self._adapter)
         self._runtime.recipe = new
         self.reset()
         self.clear_stats()
@@ -306,7 +300,7 @@ class LiteHandle:
 
 
 def _attached(model) -> list[torch.nn.Module]:
-    return [root for _, root in _roots(model) if isinstance(root.__dict__.get("_litepatch"), RootPatch)]
+    return [root for _, root in _roots(model) if isinstance(root.__dict__.get(ROOT_ATTR), RootPatch)]
 
 
 def _patched_inside(model) -> list[tuple[str, object]]:
@@ -314,9 +308,10 @@ def _patched_inside(model) -> list[tuple[str, object]]:
     found = []
     for prefix, root in _roots(model):
         for name, module in root.named_modules():
-            patch = module.__dict__.get("_litepatch")
-            if patch is not None:
-                found.append((prefix + name, patch))
+            for attr in (ROOT_ATTR, LAYER_ATTR):
+                patch = module.__dict__.get(attr)
+                if patch is not None:
+                    found.append((prefix + name, patch))
     return found
 
 
@@ -406,7 +401,7 @@ def apply(
     for info, module, _, family in sparse:
         runtime.layers[info.name] = LayerPatch(info, module, family, runtime)
         modules[info.name] = module
-    handle = LiteHandle(model, runtime, [root for _, root in roots], modules, adapter)
+    handle = LiteHandle(model, runtime, [root for _, root in roots], modules, adapter, allow_fingerprint_mismatch)
     runtime.handle = handle
     for name, layer in runtime.layers.items():
         layer.install(modules[name])
@@ -441,7 +436,7 @@ def remove(model) -> bool:
     """
     handles = []
     for root in _attached(model):
-        handle = root.__dict__["_litepatch"].handle
+        handle = root.__dict__[ROOT_ATTR].handle
         if handle not in handles:
             handles.append(handle)
     for handle in handles:

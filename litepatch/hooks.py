@@ -38,6 +38,8 @@ from .diffusers_cp import dense_reason
 from .stats import CallLog
 
 _MISSING = object()
+LAYER_ATTR = "_litepatch"  # a patched attention module's LayerPatch
+ROOT_ATTR = "_litepatch_root"  # a patched root module's RootPatch (a module may be both)
 COPY_WARNING = ("litepatch: copy.deepcopy of a patched module gives an unpatched copy (the original stays "
                 "patched, the copy shares none of its state); call litepatch.apply on the copy to patch it")
 PICKLE_ERROR = ("{name} is patched by litepatch and cannot be pickled (its forward is a closure over live skip "
@@ -69,7 +71,7 @@ class Runtime:
 
 
 @dataclass(frozen=True)
-class Plan:
+class CallPlan:
     """What a layer does in the coming call: dense (``state is None``, with a reason) or sparse."""
 
     step: int
@@ -131,10 +133,11 @@ def detached(module: torch.nn.Module):
     """Takes litepatch off ``module`` and its submodules for the duration (states and handles are kept)."""
     patched = []
     for m in module.modules():
-        while "_litepatch" in m.__dict__:  # a root that is also a layer holds two patches
-            patch = m.__dict__["_litepatch"]
-            patch.take_off(m)
-            patched.append((m, patch))
+        for attr in (ROOT_ATTR, LAYER_ATTR):  # a root that is also a layer: the root's patch went on last
+            patch = m.__dict__.get(attr)
+            if patch is not None:
+                patch.take_off(m)
+                patched.append((m, patch))
     try:
         yield
     finally:
@@ -143,7 +146,7 @@ def detached(module: torch.nn.Module):
 
 
 class LayerPatch:
-    """The attachment of one attention module (``module._litepatch``)."""
+    """The attachment of one attention module (``module._litepatch``, :data:`LAYER_ATTR`)."""
 
     def __init__(self, info: AttentionLayerInfo, module: torch.nn.Module, adapter, runtime: Runtime):
         self.info = info
@@ -152,7 +155,7 @@ class LayerPatch:
         self.runtime = runtime
         self.states: dict = {}
         self.warned: set[str] = set()
-        self.plan: Plan | None = None
+        self.plan: CallPlan | None = None
         self.last_call: tuple | None = None
         self.interception = ""
         self.entered = False  # set by the adapter's wrapper when the layer runs
@@ -167,7 +170,7 @@ class LayerPatch:
     def install(self, module: torch.nn.Module) -> None:
         attachment = Attachment(module)
         self._undo = self.adapter.install(module, self)
-        module.__dict__["_litepatch"] = self
+        module.__dict__[LAYER_ATTR] = self
         attachment.record(module)
         self._attachment = attachment
 
@@ -228,7 +231,7 @@ class LayerPatch:
             return "autograd is recording (the LiteAttention kernel has no backward)"
         return None
 
-    def make_plan(self, call_index: int = 0) -> Plan:
+    def make_plan(self, call_index: int = 0) -> CallPlan:
         """Decides the coming call from the tracker (eager code, before the top-level forward runs).
 
         ``call_index`` > 0: a further attention call of the layer in one forward (a processor that loops over
@@ -239,10 +242,10 @@ class LayerPatch:
         if call_index:
             branch = (branch, call_index)
         if step < recipe.warmup_steps:
-            return Plan(step, branch, tracker.generation, None, "warm-up", None)
+            return CallPlan(step, branch, tracker.generation, None, "warm-up", None)
         threshold = recipe.threshold_for(self.name, step)
         if threshold is None:
-            return Plan(step, branch, tracker.generation, None, "dense layer", None)
+            return CallPlan(step, branch, tracker.generation, None, "dense layer", None)
         state = self.states.get(branch)
         if state is None:
             state = self.states[branch] = SkipState()
@@ -253,7 +256,7 @@ class LayerPatch:
         # recompile every call. Only "first call or not" and (for the alternating order) the parity matter.
         if state.calls > 1:
             state.calls = 1 if recipe.order == "anchor" else 2 + state.calls % 2
-        return Plan(step, branch, tracker.generation, float(threshold), "", state)
+        return CallPlan(step, branch, tracker.generation, float(threshold), "", state)
 
     def flush(self) -> None:
         """Turns the last call into a stats record (its kept count stays a device tensor)."""
@@ -271,7 +274,7 @@ class LayerPatch:
             reason=reason or plan.dense_reason, kept=kept, total=total,
         )
 
-    def _current_plan(self) -> Plan:
+    def _current_plan(self) -> CallPlan:
         plan = self.plan
         if plan is None:  # called outside a patched root's forward
             self.flush()
@@ -371,7 +374,8 @@ def _sharded(ranges: list[tuple[int, int]], local: int, shards: int) -> list[tup
 
 
 class RootPatch:
-    """The attachment of a patched root module: step tracking pre-hook and ``cache_context`` reader."""
+    """The attachment of a patched root module (``module._litepatch_root``, :data:`ROOT_ATTR`): step tracking
+    pre-hook and ``cache_context`` reader."""
 
     def __init__(self, module: torch.nn.Module, runtime: Runtime, handle: object):
         self.runtime = runtime
@@ -446,7 +450,7 @@ class RootPatch:
 
             functools.update_wrapper(cache_context, original)
             module.__dict__["cache_context"] = cache_context
-        module.__dict__["_litepatch"] = self
+        module.__dict__[ROOT_ATTR] = self
         attachment.record(module)
         self._attachment = attachment
 

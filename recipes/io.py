@@ -43,8 +43,10 @@ from typing import Any, Union
 
 from .errors import FingerprintMismatchError, RecipeNotFoundError, RecipeValidationError
 from .schema import (
+    CFG_MODES,
     FORMAT_VERSION,
     ORDERS,
+    SOURCES,
     Context,
     LayerSetting,
     Measured,
@@ -70,8 +72,6 @@ BUILTIN_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-CFG_MODES = ("sequential", "batched", "none")
-SOURCES = ("calibration", "published-defaults", "manual")
 
 
 # --------------------------------------------------------------------------------------------- names
@@ -364,13 +364,9 @@ def validate(recipe: Recipe, *, source: str | None = None) -> Recipe:
                 f"fingerprint.num_layers is {fp.num_layers} but layer_names lists {len(fp.layer_names)} layers; "
                 "make them agree"
             )
-        if fp.layer_names:
-            unmatched = unmatched_patterns(recipe, fp.layer_names)
-            if unmatched:
-                raise fail(
-                    f"layers pattern(s) {', '.join(map(repr, unmatched))} match no layer of the fingerprint "
-                    f"(layers look like {', '.join(fp.layer_names[:3])}); fix the pattern or remove it"
-                )
+        problem = pattern_problem(recipe, fp.layer_names, "layer of the fingerprint")
+        if problem:
+            raise fail(f"{problem}; fix the pattern or remove it")
     return recipe
 
 
@@ -390,6 +386,19 @@ def unmatched_patterns(recipe: Recipe, layer_names: list[str]) -> list[str]:
     import fnmatch
 
     return [p for p in recipe.layers if not any(fnmatch.fnmatchcase(n, p) for n in layer_names)]
+
+
+def pattern_problem(recipe: Recipe, layer_names: list[str], layers_of: str) -> str | None:
+    """The one message of the rule "every ``layers`` pattern matches a layer", or ``None`` when it holds.
+
+    ``layers_of`` names the list the patterns are matched against (``"layer of the fingerprint"``,
+    ``"self/joint attention layer of WanTransformer3DModel"``); an empty list is not checked (not recorded).
+    """
+    unmatched = unmatched_patterns(recipe, layer_names) if layer_names else []
+    if not unmatched:
+        return None
+    return (f"layers pattern(s) {', '.join(map(repr, unmatched))} match no {layers_of} "
+            f"(its layers look like {_names(layer_names, 3)})")
 
 
 # ----------------------------------------------------------------------------------------- builtins
@@ -600,14 +609,12 @@ def fingerprint_differences(recipe: Recipe, fingerprint: ModelFingerprint | Mapp
                 diffs.append(f"layers in the recipe but not in the model: {_names(missing)}")
             if extra:
                 diffs.append(f"layers in the model but not in the recipe: {_names(extra)}")
-    if model.layer_names:
-        unmatched = unmatched_patterns(recipe, model.layer_names)
-        if unmatched:
-            diffs.append(
-                f"layers pattern(s) matching no attention layer of the model: {', '.join(map(repr, unmatched))} "
-                f"(its layers look like {_names(model.layer_names, 3)})"
-            )
-    return diffs
+    problem = pattern_problem(recipe, model.layer_names, _layers_of(model))
+    return diffs + ([problem] if problem else [])
+
+
+def _layers_of(model: ModelFingerprint) -> str:
+    return f"self/joint attention layer of {model.model_class or 'the model'}"
 
 
 def check_fingerprint(
@@ -626,19 +633,24 @@ def check_fingerprint(
         >>> check_fingerprint(recipe, fp)
         []
     """
-    diffs = fingerprint_differences(recipe, fingerprint)
+    model = _as_fingerprint(fingerprint)
+    diffs = fingerprint_differences(recipe, model)
     if diffs:
-        model_class = _as_fingerprint(fingerprint).model_class or "this model"
-        message = (
-            f"recipe {recipe.name!r} was made for a different model than {model_class}: "
-            + "; ".join(diffs)
-        )
+        # the patterns first: with no fingerprint in the recipe (keyword overrides) they are the whole story
+        patterns = pattern_problem(recipe, model.layer_names, _layers_of(model))
+        fields = [d for d in diffs if d != patterns]
+        parts = [patterns] if patterns else []
+        if fields:
+            parts.append(f"recipe {recipe.name!r} was made for a different model than "
+                         f"{model.model_class or 'this model'}: " + "; ".join(fields))
+        message = "; ".join(parts)
         if allow_mismatch:
             warnings.warn(message + " (applied anyway: allow_mismatch=True)", UserWarning, stacklevel=2)
         else:
             raise FingerprintMismatchError(
-                message + "; use a recipe made for this model, or apply it anyway with "
-                "litepatch.apply(..., allow_fingerprint_mismatch=True) (check_fingerprint: allow_mismatch=True)",
+                message + "; use a recipe made for this model (see litepatch.inspect(model) for its layers), or "
+                "apply it anyway with litepatch.apply(..., allow_fingerprint_mismatch=True) "
+                "(check_fingerprint: allow_mismatch=True)",
                 differences=diffs,
             )
     return diffs

@@ -24,6 +24,9 @@ from typing import Optional
 from litepatch.kernels.vocabulary import DEFAULT_THRESHOLD, ORDERS, describe_value, threshold_problem  # noqa: F401
 
 FORMAT_VERSION = 1
+# The value sets of the recipe's enumerated fields (validation refuses anything else).
+CFG_MODES = ("sequential", "batched", "none")  # Context.cfg_mode
+SOURCES = ("calibration", "published-defaults", "manual")  # Provenance.source
 
 
 @dataclass
@@ -45,7 +48,7 @@ class Context:
     frames: Optional[int] = None
     steps: Optional[int] = None
     scheduler: Optional[str] = None
-    cfg_mode: Optional[str] = None  # "sequential", "batched" or "none"
+    cfg_mode: Optional[str] = None  # one of CFG_MODES
 
 
 @dataclass
@@ -74,7 +77,7 @@ class Measured:
 class Provenance:
     """Where the numbers come from."""
 
-    source: str = "manual"  # "calibration", "published-defaults", "manual"
+    source: str = "manual"  # one of SOURCES
     notes: str = ""
     budget: Optional[str] = None
     prompts: list[str] = field(default_factory=list)
@@ -95,7 +98,7 @@ class Recipe:
     warmup_steps: int = 0
     threshold: float = DEFAULT_THRESHOLD
     schedule: list[float] = field(default_factory=list)  # default per-step thresholds, last value repeats
-    order: str = "anchor"
+    order: str = ORDERS[0]  # one of ORDERS (the kernel's visiting orders)
     layers: dict[str, LayerSetting] = field(default_factory=dict)
     measured: Measured = field(default_factory=Measured)
     provenance: Provenance = field(default_factory=Provenance)

@@ -17,7 +17,7 @@ _run = tm.run_at
 
 
 def _litepatch_attrs(model) -> dict:
-    names = ("forward", "_litepatch", "__deepcopy__", "__reduce_ex__", "cache_context")
+    names = ("forward", "_litepatch", "_litepatch_root", "__deepcopy__", "__reduce_ex__", "cache_context")
     return {n: sorted(k for k in vars(m) if k in names) for n, m in model.named_modules() if any(
         k in vars(m) for k in names)}
 

@@ -28,7 +28,7 @@ _run = tm.run_at
 
 
 def _instance_attrs(model):
-    attrs = ("forward", "cache_context", "_litepatch")
+    attrs = ("forward", "cache_context", "_litepatch", "_litepatch_root")
     return {n: sorted(k for k in vars(m) if k in attrs) for n, m in model.named_modules()}
 
 
@@ -66,7 +66,7 @@ def test_reapply_raises_unless_forced_and_remove_is_exact():
     reference = _run(model, inputs)
     before = _instance_attrs(model)
     handle = litepatch.apply(model, threshold=-6.0)
-    assert model._litepatch is not None and model.blocks[0].self_attn._litepatch.name == "blocks.0.self_attn"
+    assert model._litepatch_root is not None and model.blocks[0].self_attn._litepatch.name == "blocks.0.self_attn"
     with pytest.raises(ValueError, match="already patched"):
         litepatch.apply(model)
     forced = litepatch.apply(model, threshold=-3.0, force=True)
@@ -513,7 +513,7 @@ def test_pipeline_patches_transformer_and_transformer_2():
     assert handle.step == 1 and handle.generation == 0
     assert {r["layer"] for r in handle.stats().records} == set(names)
     assert litepatch.remove(pipe)
-    assert "_litepatch" not in vars(pipe.transformer_2)
+    assert "_litepatch_root" not in vars(pipe.transformer_2)
 
 
 # ------------------------------------------------------------------------------- torch.compile

@@ -85,7 +85,7 @@ BAD_OVERRIDES = [
 
 
 def _instance_attrs(model):
-    attrs = ("forward", "cache_context", "_litepatch")
+    attrs = ("forward", "cache_context", "_litepatch", "_litepatch_root")
     return {n: sorted(k for k in vars(m) if k in attrs) for n, m in model.named_modules()}
 
 
@@ -207,3 +207,24 @@ def test_valid_thresholds_pass_everywhere(value):
     assert check_threshold(value) == float(value)
     if not isinstance(value, np.floating):
         assert recipes.validate(Recipe(threshold=value)).threshold == value
+
+
+def test_allow_fingerprint_mismatch_reaches_the_layer_pattern_rule():
+    # one rule, one error type: a pattern matching no layer is a FingerprintMismatchError that the flag turns into
+    # a warning, as it does for every other difference from the model
+    model, _ = tm.wan_style()
+    with pytest.raises(recipes.FingerprintMismatchError, match=r"'blocks\.9\.\*' match no self/joint attention layer"):
+        litepatch.apply(model, layers={"blocks.9.*": -1.0})
+    with pytest.warns(UserWarning, match=r"'blocks\.9\.\*' match no self/joint attention layer.*applied anyway"):
+        handle = litepatch.apply(model, layers={"blocks.9.*": -1.0}, allow_fingerprint_mismatch=True)
+    try:
+        with pytest.warns(UserWarning, match="applied anyway"):  # configure allows what apply allowed
+            handle.configure(layers={"blocks.8.*": None})
+    finally:
+        handle.remove()
+    handle = litepatch.apply(model)
+    try:
+        with pytest.raises(recipes.FingerprintMismatchError, match=r"'blocks\.8\.\*' match no"):
+            handle.configure(layers={"blocks.8.*": None})
+    finally:
+        handle.remove()
