@@ -78,15 +78,15 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
     bands = {}
     for fraction in FRACTIONS:
         band = banded_read_list(batch, heads, full.q_tiles, full.k_tiles, fraction, 128, 128, device)
-        bands[fraction] = pack_bits(band).expand_as(full.keep).contiguous()
+        bands[fraction] = pack_bits(band)
         state = SkipState()
         lite_attention(q, k, v, state, threshold=-math.inf, backend="cute")
         state_t = SkipState()
         lite_attention(q, k, v, state_t, threshold=-math.inf, backend="triton")
 
         def reset(s=state, s_t=state_t, b=bands[fraction]):
-            s.keep.copy_(b)
-            s_t.keep.copy_(b)
+            s.set_read_words(b)
+            s_t.set_read_words(b)
 
         calls[f"ours_read_k{fraction}"] = (reset, lambda s=state: lite_attention(q, k, v, s, threshold=-1e30,
                                                                                   backend="cute"))

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
             band = banded_read_list(1, heads, state.q_tiles, state.k_tiles, fraction, tiles.block_m, tiles.block_n,
                                     device)
             bands[fraction] = pack_bits(band)
-            state.keep.copy_(bands[fraction].expand_as(state.keep))
+            state.set_read_words(bands[fraction])
             attn[f"ours_k{fraction}"] = bench(lambda: lite_attention(qs, ks, vs, state, threshold=args.threshold), 2, 10)
         res["attention_ms"] = attn
         res["attention_share_dense"] = layers * 2 * attn["sdpa_default"] / 1e3 / res["dense_step_s"]
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
             n_states = 0
             for branches in handle.skip_states().values():
                 for st in branches.values():
-                    st.keep.copy_(bands[fraction].expand_as(st.keep))
+                    st.set_read_words(bands[fraction])
                     n_states += 1
             handle.clear_stats()
             step_s = run_loop(model, latents, text, args.steps)

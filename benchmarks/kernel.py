@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         state = SkipState()
         state.initialize((batch, heads, seq, seq), tiles, device, (), ())
         must_q, must_k = state.must_masks(device)
-        full_keep = state.keep.clone()
+        full_keep = state.read_words()
         scale = 1.0 / math.sqrt(dim)
         row = {"shape": [batch, heads, seq, dim], "tiles": [tiles.block_m, tiles.block_n],
                "state_bytes": state.nbytes(), "launch": list(triton_fwd.launch_config(dim, tiles.block_m,
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
 
         def ours(threshold=-math.inf, **kw):
             def call():
-                triton_fwd.triton_forward(q, k, v, state.keep, state.anchor, state.kept, must_q, must_k,
+                triton_fwd.triton_forward(q, k, v, *state.buffers(), must_q, must_k,
                                           block_m=tiles.block_m, block_n=tiles.block_n, threshold=threshold,
                                           softmax_scale=scale, use_anchor=True, descending=False, **kw)
             return call
@@ -160,13 +160,13 @@ def main(argv=None) -> int:
         row["ours_over"] = {key: median_ratio(times, "ours", key) for key in t if key != "ours"}
         # skip test + list writing on (threshold no tile fails) vs off, at k = 1.0; the first call at -10
         # starts from the full list each time (written back untimed)
-        reset = lambda: state.keep.copy_(full_keep)  # noqa: E731
+        reset = lambda: state.set_read_words(full_keep)  # noqa: E731
         times = interleaved({"off": (reset, ours()), "test": (reset, ours(threshold=-1e30)),
                              "first": (reset, ours(threshold=-10.0))}, args.warmup, args.reps)
         row["skip_test_overhead"] = median_ratio(times, "test", "off") - 1.0
         row["first_call_thr-10_over_dense"] = median_ratio(times, "first", "off")
         row["first_call_thr-10_written_fraction"] = float(state.read_list().float().mean())
-        state.keep.copy_(full_keep)
+        state.set_read_words(full_keep)
         # forced kept fractions
         q_tiles, k_tiles = state.q_tiles, state.k_tiles
         fr_rows = {}
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
             band = banded_read_list(batch, heads, q_tiles, k_tiles, fraction, tiles.block_m, tiles.block_n, device)
             kept_fracs[fraction] = float(band.float().mean())
             keep = pack_bits(band).expand(batch, heads, -1, -1).contiguous()
-            calls[f"ours {fraction}"] = (lambda keep=keep: state.keep.copy_(keep), ours())
+            calls[f"ours {fraction}"] = (lambda keep=keep: state.set_read_words(keep), ours())
             if flex is not None:
                 try:
                     flex(band)()
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
                              flex_over_dense=median_ratio(times, f"flex {fraction}", "flex 1.0"),
                              ours_over_flex=median_ratio(times, f"ours {fraction}", f"flex {fraction}"))
             fr_rows[str(fraction)] = entry
-        state.keep.copy_(full_keep)
+        state.set_read_words(full_keep)
         row["fractions"] = fr_rows
         if args.sweep:
             sweep = {}
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
                 for threshold in (-math.inf, -1e30):
                     def call(other=other, block_m=block_m, block_n=block_n, warps=warps, stages=stages, thr=threshold):
                         triton_fwd.triton_forward(
-                            q, k, v, other.keep, other.anchor, other.kept, *other.must_masks(device), block_m=block_m,
+                            q, k, v, *other.buffers(), *other.must_masks(device), block_m=block_m,
                             block_n=block_n, threshold=thr, softmax_scale=scale, use_anchor=True, descending=False,
                             num_warps=warps, num_stages=stages)
                     key = f"{block_m}x{block_n} w{warps} s{stages}{' +test' if threshold > -math.inf else ''}"

@@ -50,7 +50,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import litepatch
-from litepatch.kernels import SkipState, available_backends, lite_attention, pack_bits
+from litepatch.kernels import SkipState, available_backends, lite_attention
 from litepatch.parallel import (
     ChunkedSkipState,
     imbalance_ratio,
@@ -237,14 +237,13 @@ def sdpa_with_lse(q, k, v):
 
 def force_fraction(state: SkipState, fraction: float, seed: int) -> None:
     """Every q-tile's read list: ``round(fraction * k_tiles)`` (>= 1) random key tiles."""
-    batch, heads = state.shape[:2]
-    q_tiles, k_tiles = state.q_tiles, state.k_tiles
+    batch, heads, q_tiles, k_tiles = state.read_list().shape
     n = max(1, round(fraction * k_tiles))
     gen = torch.Generator().manual_seed(seed)
     scores = torch.rand(batch, heads, q_tiles, k_tiles, generator=gen)
     mask = torch.zeros_like(scores, dtype=torch.bool)
     mask.scatter_(-1, scores.topk(n, dim=-1).indices, True)
-    state.keep.copy_(pack_bits(mask).to(state.keep.device))
+    state.set_read_list(mask)
 
 
 # ---------------------------------------------------------------------------------------------------------- runs

@@ -106,7 +106,7 @@ def per_call_host_us(iters: int = 2000) -> dict[str, float]:
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     state = SkipState()
     lite_attention(q, k, v, state, threshold=-4.0)
-    args = (q, k, v, state.keep, state.anchor, state.kept, *state.must_masks(q.device))
+    args = (q, k, v, *state.buffers(), *state.must_masks(q.device))
     kw = dict(block_m=state.tiles.block_m, block_n=state.tiles.block_n, threshold=-4.0,
               softmax_scale=1 / math.sqrt(64), use_anchor=True, descending=False)
     candidates = {

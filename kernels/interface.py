@@ -166,10 +166,9 @@ def lite_attention(
     tiles = chosen.tiles(head_dim)
     state = state if state is not None else SkipState()
     shape = (batch, heads, seq_q, seq_k)
-    if not state.matches(shape, tiles, q.device, must_q, must_k):
-        state.initialize(shape, tiles, q.device, must_q, must_k)
+    state.prepare(shape, tiles, q.device, must_q, must_k)
     must_q_mask, must_k_mask = state.must_masks(q.device)
-    descending = order == "alternate" and state.calls % 2 == 0
+    descending = state.descending(order)
     # Under torch.compile the custom op: one opaque node that declares its mutations. Eager calls run
     # its body directly: the op's Python dispatch alone costs ~70 us of host time per call.
     forward = torch.ops.litepatch.lite_attention_fwd if torch.compiler.is_compiling() else _forward
@@ -178,7 +177,7 @@ def lite_attention(
         chosen.name, tiles.block_m, tiles.block_n, threshold if vote else -math.inf, scale, order == "anchor",
         descending,
     )
-    state.calls += 1
+    state.count_call()
     return (out, lse) if return_lse else out
 
 

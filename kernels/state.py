@@ -29,8 +29,9 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -97,12 +98,26 @@ def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :n].bool()
 
 
+class SkipBuffers(NamedTuple):
+    """The device tensors a backend reads and rewrites in place (layout in the module docstring)."""
+
+    keep: torch.Tensor
+    anchor: torch.Tensor
+    kept: torch.Tensor
+
+
 @dataclass
 class SkipState:
     """Skip lists of one attention layer for one CFG branch (all batch rows and heads).
 
     Created empty; the first call sizes it from the shapes it sees and computes every tile. A call
     with other shapes, tiles or must-compute ranges re-initialises it (that call is dense again).
+
+    The state owns its lifecycle: create (``SkipState()``), size (:meth:`prepare`, :meth:`initialize`),
+    reset (:meth:`reset`), count calls (:meth:`count_call`, :meth:`fold_calls`, :meth:`descending`), read
+    (:meth:`read_list`, :meth:`kept_tiles`, :meth:`kept_count`), force a read list (:meth:`set_read_list`,
+    :meth:`set_read_words`, :meth:`read_words`) and move heads (:meth:`with_heads`). Code outside
+    ``litepatch.kernels`` uses these and never its fields.
     """
 
     keep: torch.Tensor | None = None
@@ -118,6 +133,11 @@ class SkipState:
     @property
     def initialized(self) -> bool:
         return self.keep is not None
+
+    @property
+    def heads(self) -> int:
+        """Heads the state holds lists for (a rank's share under Ulysses)."""
+        return self.shape[1]
 
     @property
     def q_tiles(self) -> int:
@@ -159,6 +179,75 @@ class SkipState:
         self.anchor = initial_anchor(seq_q, seq_k, tiles, device).expand(batch, heads, -1).contiguous()
         self.kept = torch.zeros((), dtype=torch.int64, device=device)
         self.calls = 0
+
+    def prepare(self, shape, tiles: TileConfig, device, must_q: TokenRanges, must_k: TokenRanges) -> None:
+        """Readies the state for a call of ``shape``: kept as it is when it matches, else (re)initialised."""
+        if not self.matches(shape, tiles, device, must_q, must_k):
+            self.initialize(shape, tiles, device, must_q, must_k)
+
+    def buffers(self) -> SkipBuffers:
+        """``(keep, anchor, kept)``: what a backend's forward takes (benchmarks call backends with them)."""
+        if not self.initialized:
+            raise ValueError("the state has no buffers yet: initialize it or run one call first")
+        return SkipBuffers(self.keep, self.anchor, self.kept)
+
+    # ------------------------------------------------------------------------------------------- calls
+    def count_call(self) -> None:
+        """Records that a call read (and maybe rewrote) the lists."""
+        self.calls += 1
+
+    def descending(self, order: str) -> bool:
+        """Whether the coming call visits key tiles from last to first (``"alternate"``: every other call)."""
+        return order == "alternate" and self.calls % 2 == 0
+
+    def fold_calls(self, order: str) -> None:
+        """Keeps only what the call count decides (first call or not; the parity for ``"alternate"``), so that
+        ``torch.compile``, which specialises on the count, does not recompile on every call."""
+        if self.calls > 1:
+            self.calls = 1 if order != "alternate" else 2 + self.calls % 2
+
+    def usable_outside_inference_mode(self) -> None:
+        """Tensors made under ``torch.inference_mode`` cannot be updated in place outside it: copies them then."""
+        if self.initialized and self.keep.is_inference() and not torch.is_inference_mode_enabled():
+            self.keep, self.anchor, self.kept = self.keep.clone(), self.anchor.clone(), self.kept.clone()
+
+    # ------------------------------------------------------------------------------------------ counts
+    def kept_tiles(self) -> int:
+        """Tiles the last call computed (0 before any call). Synchronises the device."""
+        return int(self.kept) if self.initialized and self.calls > 0 else 0
+
+    def kept_count(self) -> torch.Tensor:
+        """A copy of the last call's kept-tile count, a 0-dim device tensor (read later, without a sync now)."""
+        return self.kept.clone()
+
+    # -------------------------------------------------------------------------------- forcing the lists
+    def read_words(self) -> torch.Tensor:
+        """A copy of the packed read lists (int32 ``[B, H, q_tiles, n_words]``), for :meth:`set_read_words`."""
+        return self.buffers().keep.clone()
+
+    def set_read_words(self, words: torch.Tensor) -> None:
+        """Overwrites the read lists in place with packed words that broadcast to ``[B, H, q_tiles, n_words]``."""
+        self.buffers().keep.copy_(words.to(self.keep.device).expand_as(self.keep))
+
+    def set_read_list(self, mask: torch.Tensor) -> None:
+        """Overwrites the read lists in place: bool ``[..., q_tiles, k_tiles]`` broadcast to every batch row and
+        head (True: the next call computes that tile)."""
+        self.set_read_words(pack_bits(mask.to(self.buffers().keep.device)))
+
+    def with_heads(self, regroup: Callable[[torch.Tensor], torch.Tensor]) -> SkipState:
+        """A new state whose lists are ``regroup(t)`` of this one's (``t`` is ``[B, H, ...]``; ``regroup`` picks,
+        reorders or gathers heads along dim 1). Its ``kept`` is the tiles its read lists hold (the next call's
+        work): the last call's count is not recorded per head.
+        """
+        if not self.initialized:
+            raise ValueError("the state has not been used yet; it has no heads to move")
+        keep, anchor = regroup(self.keep), regroup(self.anchor)
+        shape = (self.shape[0], keep.shape[1], *self.shape[2:])
+        moved = SkipState(keep=keep, anchor=anchor, tiles=self.tiles, shape=shape,
+                          must_compute_queries=self.must_compute_queries, must_compute_keys=self.must_compute_keys,
+                          calls=self.calls)
+        moved.kept = moved.read_list().sum().to(torch.int64).to(self.kept.device)
+        return moved
 
     def must_masks(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(bool ``[q_tiles]``, bool ``[k_tiles]``): tiles that may never be marked skippable."""

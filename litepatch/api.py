@@ -280,7 +280,7 @@ class LiteHandle:
         A state appears at the layer's first sparse call of a generation and is dropped by
         :meth:`reset` and :meth:`configure`. These are the objects the kernel reads and rewrites in
         place: read them (``state.read_list()`` is the bool ``[B, H, q_tiles, k_tiles]`` read list) or
-        overwrite ``state.keep`` to force a tile pattern (benchmarks).
+        force a tile pattern with ``state.set_read_list(mask)`` (benchmarks).
 
         Example:
             >>> for layer, branches in handle.skip_states().items():

@@ -249,13 +249,8 @@ class LayerPatch:
         state = self.states.get(branch)
         if state is None:
             state = self.states[branch] = SkipState()
-        if state.initialized and state.keep.is_inference() and not torch.is_inference_mode_enabled():
-            # Made under torch.inference_mode, now used outside it: in-place updates need normal tensors.
-            state.keep, state.anchor, state.kept = state.keep.clone(), state.anchor.clone(), state.kept.clone()
-        # ``lite_attention`` increments ``state.calls``; torch.compile would specialise on its value and
-        # recompile every call. Only "first call or not" and (for the alternating order) the parity matter.
-        if state.calls > 1:
-            state.calls = 1 if recipe.order == "anchor" else 2 + state.calls % 2
+        state.usable_outside_inference_mode()
+        state.fold_calls(recipe.order)  # eager code: compiled calls then never see a new count
         return CallPlan(step, branch, tracker.generation, float(threshold), "", state)
 
     def flush(self) -> None:
@@ -268,7 +263,7 @@ class LayerPatch:
         if dense:
             kept = total
         else:
-            kept, total = plan.state.kept.clone(), plan.state.total_tiles()
+            kept, total = plan.state.kept_count(), plan.state.total_tiles()
         self.runtime.log.add(
             layer=self.name, step=plan.step, branch=plan.branch, generation=plan.generation, dense=dense,
             reason=reason or plan.dense_reason, kept=kept, total=total,

@@ -522,11 +522,7 @@ def kept_tiles(states: SkipState | ChunkedSkipState | Iterable[SkipState]) -> in
     >>> kept_tiles(ring_states)
     1234
     """
-    total = 0
-    for state in _states(states):
-        if state.initialized and state.calls > 0:
-            total += int(state.kept)
-    return total
+    return sum(state.kept_tiles() for state in _states(states))
 
 
 def head_work(state: SkipState) -> torch.Tensor:
@@ -659,7 +655,7 @@ def reshard_ulysses_state(
     if not state.initialized:
         raise ValueError("the state has not been used yet; nothing to reshard")
     rank, world = _world(group)
-    local_heads = state.shape[1]
+    local_heads = state.heads
     heads = local_heads * world
     old = _check_head_order(old_order, heads)
     new = _check_head_order(new_order, heads)
@@ -672,13 +668,7 @@ def reshard_ulysses_state(
         by_head[:, old.to(t.device)] = by_position
         return by_head[:, new[rank * local_heads : (rank + 1) * local_heads].to(t.device)].contiguous()
 
-    moved = SkipState(
-        keep=regroup(state.keep), anchor=regroup(state.anchor), tiles=state.tiles, shape=state.shape,
-        must_compute_queries=state.must_compute_queries, must_compute_keys=state.must_compute_keys,
-        calls=state.calls,
-    )
-    moved.kept = moved.read_list().sum().to(torch.int64).to(state.kept.device)
-    return moved
+    return state.with_heads(regroup)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,57 @@
+"""SkipState owns its lifecycle: sizing, call counting, forcing lists, counts and moving heads (kernels/state.py)."""
+
+import pytest
+import torch
+
+from litepatch.kernels import SkipState, lite_attention
+
+
+def _used_state(heads: int = 3, seq: int = 200) -> tuple[SkipState, torch.Tensor]:
+    q = torch.randn(2, seq, heads, 16)
+    state = SkipState()
+    lite_attention(q, q, q, state, threshold=-2.0, backend="reference")
+    return state, q
+
+
+def test_counts_before_and_after_a_call():
+    state = SkipState()
+    assert state.kept_tiles() == 0 and not state.initialized
+    with pytest.raises(ValueError, match="no buffers yet"):
+        state.buffers()
+    state, _ = _used_state()
+    assert state.kept_tiles() == state.total_tiles()  # the first call computes every tile
+    assert int(state.kept_count()) == state.kept_tiles() and state.heads == 3
+
+
+def test_set_read_list_broadcasts_and_the_next_call_reads_it():
+    state, q = _used_state()
+    mask = torch.zeros(state.q_tiles, state.k_tiles, dtype=torch.bool)
+    mask[:, 0] = True
+    saved = state.read_words()
+    state.set_read_list(mask)
+    assert torch.equal(state.read_list(), mask.expand_as(state.read_list()))
+    lite_attention(q, q, q, state, threshold=-2.0, backend="reference")
+    assert state.kept_tiles() == 2 * 3 * state.q_tiles
+    state.set_read_words(saved)
+    assert torch.equal(state.read_words(), saved)
+
+
+@pytest.mark.parametrize("order, calls, folded", [("anchor", 5, 1), ("alternate", 5, 3), ("alternate", 6, 2)])
+def test_fold_calls_keeps_first_call_and_parity(order, calls, folded):
+    state, _ = _used_state()
+    state.calls = calls
+    before = state.descending(order)
+    state.fold_calls(order)
+    assert state.calls == folded and state.descending(order) == before
+
+
+def test_with_heads_moves_lists_and_counts_the_next_calls_work():
+    state, _ = _used_state()
+    mask = torch.rand(2, 3, state.q_tiles, state.k_tiles) < 0.5
+    state.set_read_list(mask)
+    moved = state.with_heads(lambda t: t[:, [2, 0]].contiguous())
+    assert moved.heads == 2 and moved.shape == (2, 2, *state.shape[2:])
+    assert torch.equal(moved.read_list(), mask[:, [2, 0]])
+    assert moved.kept_tiles() == int(mask[:, [2, 0]].sum())
+    with pytest.raises(ValueError, match="not been used yet"):
+        SkipState().with_heads(lambda t: t)
