@@ -9,17 +9,14 @@ Example:
 
 from .budget import Budget, Clause
 from .metrics import Metric, available_metrics, get_metric, psnr, register_metric, rel_l2, ssim
+from .errors import CalibrationError
+from .feasibility import best_feasible
+from .plan import Plan, recipe_from_params
 from .report import CalibrationReport
-from .search import (
-    CalibrationError,
-    DenseCache,
-    Plan,
-    SearchSpace,
-    best_feasible,
-    calibrate,
-    make_storage,
-    recipe_from_params,
-)
+from .runs import DenseCache
+from .search import calibrate
+from .space import SearchSpace
+from .storage import make_storage
 
 __all__ = [
     "Budget",

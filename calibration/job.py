@@ -47,7 +47,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .search import SearchSpace
+from .space import SearchSpace
 
 
 @dataclass(frozen=True)

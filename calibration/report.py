@@ -22,7 +22,7 @@ from typing import Any
 def trial_rows(study) -> list[dict]:
     """One plain dict per finished trial of the study: parameters, quality, sparsity, time, feasibility,
     and why a failed trial failed. Trials that stepped back (never evaluated) are left out."""
-    from .search import is_feasible
+    from .feasibility import is_feasible
     from .workers import ERROR_ATTR, ORIGIN_ATTR, YIELD_ATTR
 
     rows = []

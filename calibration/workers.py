@@ -437,7 +437,7 @@ def _run_trials(study, storage, objective, wanted: int, timeout, on_trial, poll:
             continue
         step_backs += 1
         if step_backs >= MAX_STEP_BACKS:
-            from .search import CalibrationError
+            from .errors import CalibrationError
 
             raise CalibrationError(
                 f"{step_backs} trials in a row found their parameters already taken: the search space has no "

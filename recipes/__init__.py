@@ -1,8 +1,9 @@
 """Recipes: the calibrated LiteAttention settings of one model in one context (DESIGN §5).
 
-Schema (:mod:`.schema`), safe loading and saving, validation, built-in names and resolution
-(:mod:`.io`), and sharing on the Hugging Face Hub (:mod:`.hub`). huggingface_hub is imported only
-when the Hub is used.
+Schema (:mod:`.schema`) and its strict checker (:mod:`.structure`), validation (:mod:`.validation`),
+text and files (:mod:`.io`, reading through :mod:`.untrusted`), model fit (:mod:`.fingerprint`), built-in
+recipes (:mod:`.catalog`), resolution of ``recipe=`` (:mod:`.resolution`) and sharing on the Hugging Face
+Hub (:mod:`.hub`). huggingface_hub is imported only when the Hub is used.
 
 Example:
     >>> from litepatch import recipes
@@ -20,26 +21,13 @@ from .errors import (
     RecipeNotFoundError,
     RecipeValidationError,
 )
-from .io import (
-    BUILTIN_ALIASES,
-    DEFAULT_RECIPES_REPO,
-    MAX_RECIPE_BYTES,
-    RECIPES_REPO_ENV,
-    BuiltinRecipe,
-    builtin_names,
-    check_fingerprint,
-    default_recipes_repo,
-    dumps,
-    fingerprint_differences,
-    list_builtin,
-    load,
-    load_builtin,
-    loads,
-    resolve,
-    save,
-    validate,
-)
+from .catalog import BUILTIN_ALIASES, BuiltinRecipe, builtin_names, list_builtin, load_builtin
+from .fingerprint import check_fingerprint, fingerprint_differences
+from .hub import DEFAULT_RECIPES_REPO, RECIPES_REPO_ENV, default_recipes_repo
+from .io import MAX_RECIPE_BYTES, dumps, load, loads, save
+from .resolution import resolve
 from .schema import FORMAT_VERSION, Context, LayerSetting, Measured, ModelFingerprint, Provenance, Recipe
+from .validation import validate
 
 
 def push(recipe: Recipe, repo_id: str, **kwargs):  # noqa: ANN201 - returns huggingface_hub.CommitInfo

@@ -107,15 +107,15 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from .hub import _commit_of, load_pulled, parse_ref, pull
-    from .io import _refuse_near_builtin, default_recipes_repo
+    from .hub import commit_of, default_recipes_repo, load_pulled, parse_ref, pull
+    from .resolution import refuse_near_builtin
 
-    _refuse_near_builtin(args.ref)
+    refuse_near_builtin(args.ref)
     parsed = parse_ref(args.ref, revision=args.revision, recipes_repo=default_recipes_repo(args.recipes_repo))
     path = pull(parsed, cache_dir=args.cache_dir, local_files_only=True if args.offline else None, token=args.token,
                 timeout=args.timeout)
     recipe = load_pulled(path, parsed, args.cache_dir)  # validate what was downloaded before reporting success
-    commit = _commit_of(path, parsed)
+    commit = commit_of(path, parsed)
     print(f"{path}")
     print(f"# {recipe.name}: {parsed.repo_id} at commit {commit}; pin it with {parsed.repo_id}/{parsed.name}@{commit}")
     return 0

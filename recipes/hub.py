@@ -40,9 +40,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError, RecipeHubError, RecipeNotFoundError, RecipeValidationError
-from .io import check_name, default_recipes_repo, dumps, load, validate
+from .io import dumps, load
 from .schema import Recipe
 from .untrusted import MAX_RECIPE_BYTES
+from .validation import check_name, validate
+
+DEFAULT_RECIPES_REPO = "litepatch/recipes"
+"""Hub repository searched for short names that are not built in (env ``LITEPATCH_RECIPES_REPO``)."""
+
+RECIPES_REPO_ENV = "LITEPATCH_RECIPES_REPO"
 
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -69,6 +75,11 @@ class HubRef:
 
     def __str__(self) -> str:
         return f"{self.repo_id}/{self.name}" + (f"@{self.revision}" if self.revision else "")
+
+
+def default_recipes_repo(recipes_repo: str | None = None) -> str:
+    """The Hub repository for short names: the argument, else ``$LITEPATCH_RECIPES_REPO``, else the default."""
+    return recipes_repo or os.environ.get(RECIPES_REPO_ENV) or DEFAULT_RECIPES_REPO
 
 
 def check_repo_id(repo_id: object) -> str:
@@ -446,7 +457,7 @@ def _inside_cache(path: Path, parsed: HubRef, cache_dir) -> Path:
     return path
 
 
-def _commit_of(path: Path, parsed: HubRef) -> str | None:
+def commit_of(path: Path, parsed: HubRef) -> str | None:
     """The commit of a file in the huggingface_hub cache: ``.../snapshots/<commit>/<file>``."""
     if path.parent.parent.name == "snapshots" and _COMMIT.match(path.parent.name):
         return path.parent.name
@@ -460,7 +471,7 @@ def load_pulled(path: str | os.PathLike, parsed: HubRef, cache_dir: str | os.Pat
     from in ``provenance.hub_revision``."""
     path = Path(path)
     recipe = load(path, root=repo_cache_folder(parsed, cache_dir))
-    recipe.provenance.hub_revision = _commit_of(path, parsed)
+    recipe.provenance.hub_revision = commit_of(path, parsed)
     return recipe
 
 

@@ -110,7 +110,7 @@ def arm() -> None:
 
     import importlib
 
-    from litepatch.calibration import report, search
+    from litepatch.calibration import report, search, sensitivity, trial
 
     try:
         workers = importlib.import_module("litepatch.calibration.workers")
@@ -118,10 +118,10 @@ def arm() -> None:
         workers = None
 
     _wrap(search.DenseCache, "get", before="dense")
-    _wrap(search, "_sensitivity_pass", before="sensitivity")
+    _wrap(sensitivity, "_sensitivity_pass", before="sensitivity")
     _wrap(optuna.study.Study, "ask", after="ask", in_trial=True)
     _wrap(workers, "step_back_reason", after="params")
-    _wrap(getattr(search, "_TrialEvaluator", None), "__call__", after="record")
+    _wrap(trial.TrialEvaluator, "__call__", after="record")
     _wrap(optuna.study.Study, "tell", after="tell", in_trial=False)
     _wrap(search, "_dense_of", before="held_out")
     _wrap(report.CalibrationReport, "save", before="report")

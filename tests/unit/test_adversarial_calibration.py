@@ -152,7 +152,7 @@ def _toy():
 
 def _calibrate(run, model, samples, **kwargs):
     from litepatch.calibration import calibrate
-    from litepatch.calibration.search import SearchSpace
+    from litepatch.calibration import SearchSpace
 
     kwargs.setdefault("trials", TRIALS)
     return calibrate(run, samples, "psnr >= 50", model=model, objective="sparsity", progress=False,
@@ -163,10 +163,10 @@ def _failing_in_trials(run, failures: dict[int, str]):
     """``run`` whose n-th generation inside a trial raises (``oom``) or returns NaN (``nan``)."""
     import torch
 
-    from litepatch.calibration import search
+    from litepatch.calibration.trial import TrialEvaluator
 
     count = {"n": 0}
-    original = search._TrialEvaluator._sample
+    original = TrialEvaluator._sample
 
     def sample(self, trial, recipe, index):
         count["n"] += 1
@@ -190,10 +190,10 @@ def _failing_in_trials(run, failures: dict[int, str]):
 
 
 def test_a_generation_that_raises_or_returns_nan_fails_its_trial_not_the_study(monkeypatch):
-    from litepatch.calibration import search
+    from litepatch.calibration.trial import TrialEvaluator
 
     model, run, samples, _ = _toy()
-    monkeypatch.setattr(search._TrialEvaluator, "_sample", _failing_in_trials(run, {1: "oom", 3: "nan"}))
+    monkeypatch.setattr(TrialEvaluator, "_sample", _failing_in_trials(run, {1: "oom", 3: "nan"}))
     with pytest.warns(RuntimeWarning, match="calibration trial #0 failed .*CUDA out of memory"):
         recipe, report = _calibrate(run, model, samples)
     rows = {r["number"]: r for r in report.trials}
@@ -207,10 +207,11 @@ def test_a_generation_that_raises_or_returns_nan_fails_its_trial_not_the_study(m
 
 
 def test_a_generation_that_always_fails_stops_the_job_with_its_error(monkeypatch):
-    from litepatch.calibration import CalibrationError, search
+    from litepatch.calibration import CalibrationError
+    from litepatch.calibration.trial import TrialEvaluator
 
     model, run, samples, _ = _toy()
-    monkeypatch.setattr(search._TrialEvaluator, "_sample", _failing_in_trials(run, dict.fromkeys(range(1, 50), "oom")))
+    monkeypatch.setattr(TrialEvaluator, "_sample", _failing_in_trials(run, dict.fromkeys(range(1, 50), "oom")))
     started = time.monotonic()
     with pytest.warns(RuntimeWarning), pytest.raises(CalibrationError) as info:
         _calibrate(run, model, samples)
@@ -452,11 +453,12 @@ def test_journal_trial_of_a_silent_worker_on_another_machine_is_failed(tmp_path,
 
 
 def test_storage_locked_in_the_middle_of_the_trials_is_one_line_and_a_rerun_continues(tmp_path, monkeypatch):
-    from litepatch.calibration import CalibrationError, search
+    from litepatch.calibration import CalibrationError
+    from litepatch.calibration.trial import TrialEvaluator
 
     db = tmp_path / "study.db"
     monkeypatch.setenv("LITEPATCH_STORAGE_TIMEOUT", "0.3")
-    original = search._TrialEvaluator._sample
+    original = TrialEvaluator._sample
     holder = {}
 
     def sample_then_lock(self, trial, recipe, index):
@@ -466,7 +468,7 @@ def test_storage_locked_in_the_middle_of_the_trials_is_one_line_and_a_rerun_cont
             holder["connection"].execute("BEGIN EXCLUSIVE")
         return result
 
-    monkeypatch.setattr(search._TrialEvaluator, "_sample", sample_then_lock)
+    monkeypatch.setattr(TrialEvaluator, "_sample", sample_then_lock)
     model, run, samples, _ = _toy()
     with pytest.raises(CalibrationError) as info:
         _calibrate(run, model, samples, storage=str(db))
@@ -475,14 +477,14 @@ def test_storage_locked_in_the_middle_of_the_trials_is_one_line_and_a_rerun_cont
     assert "\n" not in message
     holder["connection"].execute("ROLLBACK")
     holder["connection"].close()
-    monkeypatch.setattr(search._TrialEvaluator, "_sample", original)
+    monkeypatch.setattr(TrialEvaluator, "_sample", original)
     _, report = _calibrate(run, model, samples, storage=str(db))
     states = [r["state"] for r in report.trials]
     assert states.count("COMPLETE") == TRIALS and [r["number"] for r in report.trials][:2] == [0, 1]
 
 
 def test_the_report_never_shows_a_storage_password():
-    from litepatch.calibration.search import _storage_label
+    from litepatch.calibration.storage import storage_label as _storage_label
 
     class Storage:
         url = "postgresql+psycopg://calib:hunter2@db.example/litepatch"

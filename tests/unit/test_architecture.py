@@ -124,3 +124,25 @@ def test_each_room_imports_with_the_rooms_above_it_unimportable(room, tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["failed"] == {}, f"{room} reaches a room above it ({', '.join(above)}): {result['failed']}"
     assert len(result["optional"]) < len(modules), f"no module of {room} imported: {result['optional']}"
+
+
+def test_no_import_circles():
+    # every import statement counts, function-level ones too: a circle broken by a late import is still a circle
+    modules = source_modules()
+    known = set(modules)
+    graph = {m: {t for t, _, _ in imports_of(m, p, known) if t in known and t != m} for m, p in modules.items()}
+    circles, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                circles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not circles, "\n".join(circles)

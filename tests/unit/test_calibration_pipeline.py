@@ -106,7 +106,7 @@ def _complete(out: Path) -> list:
 
 @pytest.mark.filterwarnings("ignore")
 def test_pipeline_job_calibrates_and_resumes(wan_pipeline_dir, tmp_path, monkeypatch, capsys):
-    from litepatch.calibration import search
+    from litepatch.calibration import runs
     from litepatch.recipes import load
 
     branches = set()  # CFG branches the patched layers saw (guidance_scale > 1: cond and uncond)
@@ -116,8 +116,8 @@ def test_pipeline_job_calibrates_and_resumes(wan_pipeline_dir, tmp_path, monkeyp
         branches.update(stats.per_branch())
         return out, elapsed, stats
 
-    run_patched_orig = search._run_patched
-    monkeypatch.setattr(search, "_run_patched", run_patched)
+    run_patched_orig = runs.run_patched
+    monkeypatch.setattr(runs, "run_patched", run_patched)
     job = _write_job(tmp_path / "jobs", wan_pipeline_dir)
     monkeypatch.chdir(tmp_path)  # the relative pipeline path must not resolve against the working directory
     assert not (tmp_path / os.path.relpath(wan_pipeline_dir, job.parent)).exists()

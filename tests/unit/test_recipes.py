@@ -357,5 +357,5 @@ def test_check_fingerprint_allow_mismatch_warns_instead():
 
 
 def test_builtin_dir_ships_only_yaml():
-    files = sorted(p.name for p in Path(recipes.io.BUILTIN_DIR).iterdir() if not p.name.startswith("."))
+    files = sorted(p.name for p in Path(recipes.catalog.BUILTIN_DIR).iterdir() if not p.name.startswith("."))
     assert files and all(f.endswith(".yaml") for f in files)

@@ -1,0 +1,116 @@
+"""What trials try: Optuna samplers, the distributions of the search parameters, seed trials and the
+bisection of ``level`` (module docstring of :mod:`.search`), and the constraint shims for optuna 4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .feasibility import is_feasible
+from .plan import Plan
+from .space import SearchSpace
+
+
+def constraints_supported() -> bool:
+    import optuna
+
+    return hasattr(optuna.trial.Trial, "set_constraint")
+
+
+def _constraints_func(frozen) -> list[float]:  # optuna 4 shim: the values the objective stored
+    return list(frozen.user_attrs.get("constraints", [1.0]))
+
+
+def make_sampler(kind: str, seed: int | None, n_startup: int):
+    import optuna
+
+    extra = {} if constraints_supported() else {"constraints_func": _constraints_func}
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, n_startup_trials=n_startup, constant_liar=True, **extra
+        )
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup, **extra)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"sampler must be 'tpe', 'gp' or 'random', got {kind!r}")
+
+
+def seed_params(plan: Plan, space: SearchSpace) -> list[dict]:
+    """A conservative trial that should always pass, then a ladder of levels with the sensitivity offsets."""
+    lo, hi = space.level
+    w_lo, w_hi = plan.warmup
+    mid_w = (w_lo + w_hi) // 2
+    spread = min(max(1.0, space.spread[0]), space.spread[1])
+    seeds = []
+    for frac, warm in ((0.2, w_hi), (0.5, mid_w), (0.75, mid_w)):
+        p = {"level": round(lo + frac * (hi - lo), 3), "spread": spread, "warmup": warm}
+        if space.max_dense_layers:
+            p["dense"] = 0
+        if space.schedule:
+            p["late"] = 0.0
+        if len(space.orders) > 1:  # seeds take the orders in turn, so that each order is tried early
+            p["order"] = space.orders[len(seeds) % len(space.orders)]
+        seeds.append(p)
+    return seeds
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, str) or isinstance(b, str):  # categorical (order)
+        return a == b
+    return abs(float(a) - float(b)) < 1e-6
+
+
+def bisect_next(evaluated: Sequence, space: SearchSpace) -> dict | None:
+    """Midpoint in ``level`` between the best feasible evaluated trial and the nearest failing trial above
+    it that shares its other parameters (or the top of the range when none failed)."""
+    feasible = [t for t in evaluated if is_feasible(t)]
+    if not feasible:
+        return None
+    best = min(feasible, key=lambda t: (t.value, t.number))
+    others = {k: v for k, v in best.params.items() if k != "level"}
+    level = best.params["level"]
+    above = [space.level[1]]
+    for t in evaluated:
+        if "level" in t.params and t.params["level"] > level + 1e-9 and not is_feasible(t):
+            if all(_same_value(t.params.get(k, v), v) for k, v in others.items()):
+                above.append(t.params["level"])
+    target = (level + min(above)) / 2
+    if target - level < 0.05:
+        return None
+    return {"level": round(target, 4), **others}
+
+
+def search_distributions(space: SearchSpace, plan: Plan, n_layers: int) -> dict:
+    """The Optuna distribution of every parameter a trial sets (see the module docstring)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {
+        "level": FloatDistribution(*space.level),
+        "spread": FloatDistribution(*space.spread),
+        "warmup": IntDistribution(*plan.warmup),
+    }
+    if space.max_dense_layers:
+        out["dense"] = IntDistribution(0, min(space.max_dense_layers, n_layers))
+    if space.schedule:
+        out["late"] = FloatDistribution(*space.late_range)
+    if len(space.orders) > 1:
+        out["order"] = CategoricalDistribution(list(space.orders))
+    return out
+
+
+def suggest(trial, name: str, distribution) -> Any:
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    if isinstance(distribution, FloatDistribution):
+        return trial.suggest_float(name, distribution.low, distribution.high)
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high)
+    return trial.suggest_categorical(name, list(distribution.choices))
+
+
+def constraints_after_trial(study, trial, state, values) -> None:  # optuna 4: what TPE's constraints_func did
+    from optuna.samplers._base import _process_constraints_after_trial
+
+    _process_constraints_after_trial(_constraints_func, study, trial, state)
