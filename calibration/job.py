@@ -84,24 +84,39 @@ class JobConfig:
 
 
 def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
-    """Reads and validates a job file; ``overrides`` are OmegaConf dotlist items (``trials=30``)."""
+    """Reads and validates a job file; ``overrides`` are OmegaConf dotlist items (``trials=30``).
+
+    The job goes through the recipes' schema engine (:func:`litepatch.recipes.structure.check_structure`:
+    strict types, unknown keys named with the closest allowed one) once OmegaConf has merged the overrides
+    and resolved any ``${...}``; OmegaConf then builds the :class:`JobConfig`, whose search section checks
+    its own ranges (:class:`SearchSpace`).
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
+
+    from litepatch.recipes import RecipeValidationError
+    from litepatch.recipes.structure import check_structure
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"job file {path} does not exist")
-    schema = OmegaConf.structured(JobConfig)
     try:
         loaded = OmegaConf.load(path)
-        merged = OmegaConf.merge(schema, loaded, OmegaConf.from_dotlist(list(overrides or [])))
-        job: JobConfig = OmegaConf.to_object(merged)  # runs SearchSpace's own checks
+        if not OmegaConf.is_dict(loaded):
+            raise ValueError(f"job file {path}: a job is a YAML mapping (key: value lines)")
+        loaded = OmegaConf.merge(loaded, OmegaConf.from_dotlist(list(overrides or [])))
+        data = OmegaConf.to_container(loaded, resolve=True)
+        check_structure(data, JobConfig, show=repr)
+        job: JobConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), data))
+    except RecipeValidationError as err:
+        raise ValueError(f"job file {path}: {err}") from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         where = f"key '{key}': " if key else ""
         raise ValueError(f"job file {path}: {where}{str(err).splitlines()[0]}") from None
-    except ValueError as err:
-        raise ValueError(f"job file {path}: search: {err}") from None
+    except ValueError as err:  # SearchSpace's own checks
+        message = str(err)
+        raise ValueError(message if message.startswith("job file") else f"job file {path}: search: {message}") from None
     job.base_dir = str(path.resolve().parent)
     if (job.entry is None) == (job.pipeline is None):
         raise ValueError(f"job file {path}: give exactly one of 'entry' (module:function) or 'pipeline' (a folder)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 from litepatch.kernels.vocabulary import describe_value
@@ -24,6 +24,7 @@ from litepatch.kernels.vocabulary import describe_value
 from .errors import RecipeValidationError
 
 TOP = "<recipe>"  # the path of the document itself in messages
+Show = Callable[[object], str]
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -48,28 +49,30 @@ def _type_name(tp: Any) -> str:
     return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _unknown_key(key: object, allowed: Mapping[str, Any], path: str) -> str:
-    """The message for a key that the schema does not have; the key itself is described, never quoted
-    (a recipe path may be a secret file by mistake), with the allowed key it most resembles."""
+def _unknown_key(key: object, allowed: Mapping[str, Any], path: str, show: Show) -> str:
+    """The message for a key that the schema does not have, shown by ``show`` (recipes: described, never quoted),
+    with the allowed key it most resembles."""
     import difflib
 
     where = f"in {path}" if path != TOP else "at the top level"
     close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6) if isinstance(key, str) else []
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown key {where}: {describe_value(key)}{hint}; allowed keys: {', '.join(allowed)}"
+    return f"unknown key {where}: {show(key)}{hint}; allowed keys: {', '.join(allowed)}"
 
 
-def check_structure(value: Any, tp: Any, path: str = TOP) -> None:
-    """Strict structural check of YAML data against a schema type; raises naming the path."""
+def check_structure(value: Any, tp: Any, path: str = TOP, show: Show = describe_value) -> None:
+    """Strict structural check of YAML data against a schema type; raises :class:`RecipeValidationError` naming
+    the path. ``show`` turns a bad value or key into text: recipes (untrusted files) describe it by type and size,
+    calibration jobs (the user's own file) may quote it with ``repr``."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return
         (inner,) = [a for a in args if a is not type(None)]
-        check_structure(value, inner, path)
+        check_structure(value, inner, path, show)
         return
-    wrong = RecipeValidationError(f"{path}: expected {_type_name(tp)}, got {describe_value(value)}")
+    wrong = RecipeValidationError(f"{path}: expected {_type_name(tp)}, got {show(value)}")
     if isinstance(value, str) and "${" in value:
         raise RecipeValidationError(
             f"{path}: contains an interpolation '${{...}}'; recipes are data only, write the value itself"
@@ -80,33 +83,33 @@ def check_structure(value: Any, tp: Any, path: str = TOP) -> None:
         hints = _field_types(tp)
         for key, item in value.items():
             if key not in hints:
-                raise RecipeValidationError(_unknown_key(key, hints, path))
-            check_structure(item, hints[key], key if path == TOP else f"{path}.{key}")
+                raise RecipeValidationError(_unknown_key(key, hints, path, show))
+            check_structure(item, hints[key], key if path == TOP else f"{path}.{key}", show)
     elif origin is list:
         if not isinstance(value, list):
             raise wrong
         (inner,) = typing.get_args(tp)
         for i, item in enumerate(value):
-            check_structure(item, inner, f"{path}[{i}]")
+            check_structure(item, inner, f"{path}[{i}]", show)
     elif origin is dict:
         if not isinstance(value, Mapping):
             raise wrong
         _, inner = typing.get_args(tp)
         for key, item in value.items():
             if not isinstance(key, str):
-                raise RecipeValidationError(f"{path}: keys must be strings, got {describe_value(key)}")
+                raise RecipeValidationError(f"{path}: keys must be strings, got {show(key)}")
             if "${" in key:
                 raise RecipeValidationError(f"{path}: a key contains an interpolation '${{...}}'")
-            check_structure(item, inner, f"{path}.{key}")
+            check_structure(item, inner, f"{path}.{key}", show)
     elif origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
             raise wrong
         inner = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(inner) != len(value):
-            raise RecipeValidationError(f"{path}: expected {len(inner)} items, got {describe_value(value)}")
+            raise RecipeValidationError(f"{path}: expected {len(inner)} items, got {show(value)}")
         for i, (item, item_tp) in enumerate(zip(value, inner)):
-            check_structure(item, item_tp, f"{path}[{i}]")
+            check_structure(item, item_tp, f"{path}[{i}]", show)
     elif tp is Any:
         _refuse_interpolations(value, path)
     elif tp is bool:
