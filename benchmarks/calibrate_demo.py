@@ -119,6 +119,40 @@ def summarise(per_sample: list[dict]) -> dict:
     return out
 
 
+def attention_share(model, device: torch.device, reps: int = 5) -> dict:
+    """Share of a forward's wall time spent in self-attention: 1 - t(self-attention replaced by v) / t.
+
+    Warm, synchronised, one conditional forward at the model's full clip size.
+    """
+    import torch.nn.functional as F
+
+    cfg = model.config
+    x = torch.randn(1, cfg.in_channels, cfg.frames, cfg.height, cfg.width, device=device)
+    cond = torch.tensor([[0, 0, 1]], device=device)
+    original = F.scaled_dot_product_attention
+
+    def timed() -> float:
+        with torch.inference_mode():
+            model(x, timestep=500.0, cond=cond)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(reps):
+                model(x, timestep=500.0, cond=cond)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / reps
+
+    full = timed()
+    F.scaled_dot_product_attention = lambda q, k, v, **kw: v if k.shape[-2] == q.shape[-2] else original(q, k, v, **kw)
+    try:
+        without = timed()
+    finally:
+        F.scaled_dot_product_attention = original
+    return {"forward_seconds": full, "forward_without_self_attention_seconds": without,
+            "self_attention_share": max(0.0, 1 - without / full)}
+
+
 def random_layers(rng: random.Random, layers: list[str], steps: int) -> dict:
     """A random per-layer setting in the calibrator's space: thresholds in [-8, 0], warm-up 0..steps/4."""
     return {"threshold": -8.0, "warmup_steps": rng.randint(0, max(1, steps // 4)),
@@ -157,7 +191,11 @@ def main(argv=None) -> int:
     def write() -> None:
         json_path.write_text(json.dumps(result, indent=1, default=repr))
 
-    # ---- 1. dense baselines and the floor on the held-out samples
+    # ---- 1. attention's share of a step, dense baselines and the floor on the held-out samples
+    result["attention_share"] = attention_share(model, device)
+    write()
+    print(f"self-attention share of a forward: {result['attention_share']['self_attention_share']:.1%} "
+          f"({result['attention_share']['forward_seconds'] * 1000:.2f} ms per forward)", flush=True)
     dense: dict = {}
     bench.timed(held_out[0])  # warm-up
     floor_label, backends = floor_backend(device)
@@ -189,7 +227,8 @@ def main(argv=None) -> int:
 
     # ---- 2. the calibrator, at most --max-generations generations
     n_layers = cfg.layers
-    sensitivity = min(n_layers, max(0, args.max_generations - len(CALIBRATION) - 2 * len(CALIBRATION)) // 2)
+    # the sensitivity pass takes at least one generation; it gets up to one per layer, the trials the rest
+    sensitivity = min(n_layers, max(1, (args.max_generations - 3 * len(CALIBRATION)) // 2))
     trials = max(1, (args.max_generations - len(CALIBRATION) - sensitivity) // len(CALIBRATION))
     start = time.perf_counter()
     recipe, report = calibrate(
@@ -299,6 +338,8 @@ def markdown(result: dict) -> list[str]:
         f"CFG {result['guidance']:g}) on {result['hardware']}",
         "",
         "| | value |", "|---|---|",
+        f"| self-attention share of a forward (SDPA, warm) | {result['attention_share']['self_attention_share']:.1%} "
+        f"of {result['attention_share']['forward_seconds'] * 1000:.2f} ms |",
         f"| dense: SDPA / litepatch dense path (mean s per generation) | {d['sdpa_seconds_mean']:.3f} / "
         f"{d['litepatch_dense_path_seconds_mean']:.3f} (baseline: {d['baseline']}) |",
         f"| dense-vs-dense floor ({d['floor_kernel']} vs default), PSNR per sample | "
