@@ -91,7 +91,10 @@ class Bench:
 def evaluate(bench: Bench, handle, samples, dense: dict, label: str, **settings) -> dict:
     """One setting (``recipe=`` or ``threshold=``/``warmup_steps=``/``layers=``) on every sample, warm-timed."""
     from litepatch.demo.sampling import psnr, ssim
+    from litepatch.recipes.schema import Recipe
 
+    if "recipe" not in settings:  # a clean base: nothing of the previous setting carries over
+        settings = {"recipe": Recipe(name="frontier"), **settings}
     handle.configure(**settings)
     if bench.device.type == "cuda":
         bench.timed(samples[0])  # warm-up: the sparse kernel's compilation and allocations

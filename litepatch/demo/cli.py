@@ -452,7 +452,7 @@ def write_kept_png(records: list[dict], path: Path, steps: int, heads: list[list
         ax2.set_ylabel("head")
         ax2.set_title(f"{head_layer}, first CFG branch, per head", fontsize=9)
     fig.colorbar(image, ax=list(axes[0]), label="kept fraction")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
