@@ -8,7 +8,10 @@ Per shape (bf16), all in one interleaved round per repetition:
   call at threshold -10, and the Triton kernel at ``-inf``;
 * kept fractions k: the read list set to a band of round(k·KT) key tiles around each q-tile's diagonal;
   time(k) / time(1) for the CuTe kernel with the vote on (``-1e30``) and for the Triton kernel;
-* vote overhead at k = 1: ``-1e30`` over ``-inf`` on the CuTe kernel.
+* vote overhead at k = 1: ``-1e30`` over ``-inf`` on the CuTe kernel;
+* where the dense gap goes (stages left out one at a time): flash-attn-4 dense; flash-attn-4's own block-sparse
+  forward with every block listed (the library's cost of reading lists); ours at ``-inf`` (our list and commit
+  kernels and the anchor tracking on top); ours at ``-1e30`` (the vote on top).
 
 Usage::
 
@@ -57,9 +60,9 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
     full = SkipState()
     lite_attention(q, k, v, full, threshold=-math.inf, backend="cute")  # sizes it; every tile listed
     first = SkipState()
+    fa4_full = _fa4_full_lists(batch, heads, full.q_tiles, full.k_tiles, device)
 
-    def first_call():
-        first.reset()
+    def first_call():  # the reset is untimed setup: the call then sizes the state and writes the first list
         lite_attention(q, k, v, first, threshold=-10.0, backend="cute")
 
     def cudnn():
@@ -71,10 +74,15 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         "fa4": (None, lambda: flash_attn_4_dense(q, k, v)),
         "dense_attention": (None, lambda: dense_attention(q, k, v)),
         "ours_read_full": (None, lambda: lite_attention(q, k, v, full, threshold=-math.inf, backend="cute")),
-        "ours_first": (None, first_call),
+        "ours_first": (first.reset, first_call),
         "ours_vote_full": (None, lambda: lite_attention(q, k, v, full, threshold=-1e30, backend="cute")),
         "triton_dense": (None, lambda: lite_attention(q, k, v, full, threshold=-math.inf, backend="triton")),
     }
+    try:  # the library's block-sparse entry point is not part of litepatch: a refusal only drops this row
+        _fa4_interface()._flash_attn_fwd(q, k, v, block_sparse_tensors=fa4_full)
+        calls["fa4_sparse_full"] = (None, lambda: _fa4_interface()._flash_attn_fwd(q, k, v, block_sparse_tensors=fa4_full))
+    except Exception as exc:  # noqa: BLE001
+        print(f"flash-attn-4 block-sparse forward refused the full lists ({exc}); its row is left out", flush=True)
     bands = {}
     for fraction in FRACTIONS:
         band = banded_read_list(batch, heads, full.q_tiles, full.k_tiles, fraction, 128, 128, device)
@@ -101,6 +109,10 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         "fa4_over_cudnn": median_ratio(times, "cudnn", "fa4"),
         "ours_dense_over_fa4": median_ratio(times, "fa4", "dense_attention"),
         "ours_read_full_over_fa4": median_ratio(times, "fa4", "ours_read_full"),
+        "fa4_sparse_full_over_fa4": median_ratio(times, "fa4", "fa4_sparse_full") if "fa4_sparse_full" in times
+        else math.nan,
+        "ours_read_full_over_fa4_sparse_full": median_ratio(times, "fa4_sparse_full", "ours_read_full")
+        if "fa4_sparse_full" in times else math.nan,
         "first_over_fa4": median_ratio(times, "ours_first", "fa4"),
         "triton_over_cudnn": median_ratio(times, "cudnn", "triton_dense"),
         "vote_overhead_k1": median_ratio(times, "ours_vote_full", "ours_read_full") - 1.0,
@@ -110,6 +122,25 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         "state_bytes": full.nbytes(),
     }
     return row
+
+
+def _fa4_interface():
+    from flash_attn.cute import interface
+
+    return interface
+
+
+def _fa4_full_lists(batch, heads, q_tiles, k_tiles, device):
+    """flash-attn-4's block-sparse tensors listing every 128x128 block as "full" (no masked blocks)."""
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=torch.int32, device=device)
+
+    full_idx = torch.arange(k_tiles, dtype=torch.int32, device=device).expand(batch, heads, q_tiles, -1).contiguous()
+    return BlockSparseTensorsTorch(zeros(batch, heads, q_tiles), zeros(batch, heads, q_tiles, k_tiles),
+                                   torch.full((batch, heads, q_tiles), k_tiles, dtype=torch.int32, device=device),
+                                   full_idx, block_size=(128, 128))
 
 
 def main(argv=None) -> int:
@@ -126,13 +157,14 @@ def main(argv=None) -> int:
     results = {"gpu": gpu, "torch": torch.__version__, "shapes": {}}
     print(f"GPU: {gpu}, torch {torch.__version__}, bf16; speed ratios are time(other)/time(ours) unless noted")
     print(f"{'shape':<14}{'cuDNN TF/s':>11}{'FA4/cuDNN':>10}{'dense/FA4':>10}{'-inf/FA4':>13}{'first/FA4':>10}"
-          f"{'Triton/cuDNN':>13}{'vote ovh':>9}   voting time(k)/time(1) k=" + "/".join(map(str, FRACTIONS)))
+          f"{'Triton/cuDNN':>13}{'vote ovh':>9}{'FA4 lists/FA4':>14}{'-inf/FA4 lists':>15}   voting time(k)/time(1) k=" + "/".join(map(str, FRACTIONS)))
     for name in args.shapes:
         row = shape_rows(name, args.reps, args.warmup)
         results["shapes"][name] = row
         print(f"{name:<14}{row['tflops']['cudnn']:>11.0f}{row['fa4_over_cudnn']:>10.3f}{row['ours_dense_over_fa4']:>10.3f}"
               f"{row['ours_read_full_over_fa4']:>13.3f}{row['first_over_fa4']:>10.3f}{row['triton_over_cudnn']:>13.3f}"
-              f"{100 * row['vote_overhead_k1']:>8.0f}%   " + " / ".join(f"{x:.3f}" for x in row["read_k"].values())
+              f"{100 * row['vote_overhead_k1']:>8.0f}%{row['fa4_sparse_full_over_fa4']:>14.3f}"
+              f"{row['ours_read_full_over_fa4_sparse_full']:>15.3f}   " + " / ".join(f"{x:.3f}" for x in row["read_k"].values())
               + "   (Triton: " + " / ".join(f"{x:.3f}" for x in row["triton_k"].values()) + ")", flush=True)
         torch.cuda.empty_cache()
     results["scratch_bytes"] = scratch_bytes()

@@ -55,9 +55,9 @@ def interleaved(calls: dict, warmup: int, reps: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(reps):
         # Keep the GPU busy while the host queues the round, so that each pair of events brackets
-        # kernel time only, not the host's launch overhead (tens of microseconds per call, which is
-        # several percent of a 1 ms call at small kept fractions).
-        torch.cuda._sleep(2_000_000)
+        # kernel time only, not the host's launch overhead (hundreds of microseconds per patched call
+        # on the device's host, more than a whole call at Flux's shape): ~25 ms covers a round of 30 calls.
+        torch.cuda._sleep(50_000_000)
         events = []
         for setup, fn in calls.values():
             if setup:

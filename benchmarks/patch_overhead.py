@@ -111,6 +111,7 @@ def per_call_host_us(iters: int = 2000) -> dict[str, float]:
               softmax_scale=1 / math.sqrt(64), use_anchor=True, descending=False)
     candidates = {
         "SDPA (reference point)": lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt),
+        **_cute_rows(q, k, v, state, args, kw),
         "triton_forward (2 launches)": lambda: registry.get("triton").forward(*args, **kw),
         "torch.ops.litepatch.lite_attention_fwd": lambda: torch.ops.litepatch.lite_attention_fwd(
             *args, None, "triton", kw["block_m"], kw["block_n"], -4.0, kw["softmax_scale"], True, False),
@@ -127,6 +128,29 @@ def per_call_host_us(iters: int = 2000) -> dict[str, float]:
         out[name] = (time.perf_counter() - start) / iters * 1e6
         torch.cuda.synchronize()
     return out
+
+
+def _cute_rows(q, k, v, state, args, kw) -> dict:
+    """The CuTe backend's host time, stage by stage (empty where it cannot run): flash-attn-4's dense call, the
+    CuTe LiteAttention call alone (lists ready), and the whole backend call (list kernel + CuTe + commit kernel)."""
+    from litepatch.kernels import registry
+
+    if "cute" not in registry.available_backends() or registry.get("cute").refusal(q, k.shape[1]) is not None:
+        return {}
+    from litepatch.kernels import cute_fwd
+    from litepatch.kernels.cute_sm90 import run_sm90
+
+    batch, heads, q_tiles, _ = state.keep.shape
+    slot, count, index, needed = cute_fwd._scratch_views(state.keep, state.k_tiles)
+    lists = (*cute_fwd._no_masked_blocks(q.device, batch, heads, q_tiles), count, index)
+    registry.get("cute").forward(*args, **kw)  # the lists above now hold this call's
+    return {
+        "flash-attn-4 dense (_flash_attn_fwd)": lambda: cute_fwd.flash_attn_4_dense(q, k, v),
+        "CuTe LiteAttention call alone (run_sm90)": lambda: run_sm90(
+            q, k, v, lists, needed, slot, softmax_scale=kw["softmax_scale"], threshold=-4.0, descending=False,
+            seqused_k=None),
+        "cute_forward (list + CuTe + commit kernels)": lambda: registry.get("cute").forward(*args, **kw),
+    }
 
 
 NULL_BACKEND = "null-cpu"

@@ -72,6 +72,13 @@ def make_videos(
     """Renders ``n`` videos; returns ``(videos [n, 3, frames, height, width] in [-1, 1], cond [n, 3])``.
 
     ``cond`` fixes the conditions (the rest stays random); by default they are drawn uniformly.
+    Any size renders (the video-scale demo model uses 16 frames of 64x128); sizes scale with the
+    smaller side, and clips longer than 8 frames move proportionally slower so the path fits.
+
+    Example:
+        >>> videos, _ = make_videos(2, seed=0, frames=16, height=64, width=128)
+        >>> videos.shape
+        torch.Size([2, 3, 16, 64, 128])
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -87,7 +94,8 @@ def make_videos(
     shape, colour, direction = cond.unbind(1)
     size = min(height, width)
     radius = _uniform(gen, n, 0.14, 0.22, device) * size
-    speed = _uniform(gen, n, 0.9, 1.8, device) * size / 32
+    # clips longer than 8 frames move proportionally slower, so that the whole path stays in the frame
+    speed = _uniform(gen, n, 0.9, 1.8, device) * size / 32 * min(1.0, 7 / max(1, frames - 1))
     travel = speed * (frames - 1)
     dxy = _DIRECTION_XY.to(device)[direction]  # [n, 2]
     # start so that the whole path stays inside the frame

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 WEIGHTS_FILE = "demo_dit.safetensors"
+VIDEO_WEIGHTS_FILE = "demo_video_dit.safetensors"
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,31 @@ class DemoConfig:
             raise ValueError(f"unknown DemoConfig keys {unknown}; known: {sorted(known)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**values)
+
+
+PRESETS: dict[str, DemoConfig] = {
+    # the CPU demo: 8 frames x 32x32, 2048 tokens, 1.76 M parameters (litepatch/assets/demo_dit.safetensors)
+    "small": DemoConfig(),
+    # video scale: 16 frames x 64x128, 16x32x64 = 32768 tokens, heads of 128 (the GPU kernel's best head dim),
+    # 6.9 M parameters (13.8 MB in fp16). Attention FLOPs are S / (6 dim) ~ 21x the linear layers' per token,
+    # so attention is most of a step's GPU time (benchmarks/demo_video_gpu.py measures the share).
+    "video": DemoConfig(frames=16, height=64, width=128, dim=256, heads=2, ffn_dim=1024, layers=6),
+}
+"""The built-in demo models by name: ``small`` (CPU demo and tests) and ``video`` (the GPU demo)."""
+
+WEIGHT_FILES = {"small": WEIGHTS_FILE, "video": VIDEO_WEIGHTS_FILE}
+
+
+def preset(name: str) -> DemoConfig:
+    """The :class:`DemoConfig` of a built-in demo model (``"small"`` or ``"video"``).
+
+    Example:
+        >>> preset("video").seq_len, preset("video").head_dim
+        (32768, 128)
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown demo model {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]
 
 
 def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
@@ -280,9 +306,15 @@ class DemoDiT(nn.Module):
         return x.reshape(x.shape[0], c, grid[0] * pf, grid[1] * ph, grid[2] * pw)
 
 
-def default_weights_path() -> Path:
-    """Path of the committed trained weights inside the installed package."""
-    return Path(str(resources.files("litepatch") / "assets" / WEIGHTS_FILE))
+def default_weights_path(model: str = "small") -> Path:
+    """Path of the committed trained weights of the built-in demo model ``model`` inside the package.
+
+    Example:
+        >>> default_weights_path("video").name
+        'demo_video_dit.safetensors'
+    """
+    preset(model)
+    return Path(str(resources.files("litepatch") / "assets" / WEIGHT_FILES[model]))
 
 
 def save_demo_model(model: DemoDiT, path: str | Path, metadata: dict | None = None) -> None:
@@ -297,21 +329,26 @@ def save_demo_model(model: DemoDiT, path: str | Path, metadata: dict | None = No
     save_file(tensors, str(path), metadata=meta)
 
 
-def load_demo_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> DemoDiT:
-    """Loads the demo DiT (default: the committed trained weights) in fp32 eval mode.
+def load_demo_model(
+    path: str | Path | None = None, device: str | torch.device = "cpu", model: str = "small"
+) -> DemoDiT:
+    """Loads a demo DiT in fp32 eval mode: the weights at ``path``, or the committed ones of ``model``.
 
     Example:
-        >>> model = load_demo_model()
-        >>> model.config.seq_len
+        >>> load_demo_model().config.seq_len
         2048
+        >>> load_demo_model(model="video").config.seq_len      # once its weights are shipped
+        32768
     """
     import json
 
     from safetensors import safe_open
 
-    path = Path(path) if path is not None else default_weights_path()
+    path = Path(path) if path is not None else default_weights_path(model)
     if not path.is_file():
-        raise FileNotFoundError(f"demo weights not found at {path}; train them with benchmarks/train_demo.py")
+        raise FileNotFoundError(
+            f"demo weights not found at {path}; train them with benchmarks/train_demo.py --model {model}"
+        )
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if "config" not in meta:

@@ -26,10 +26,17 @@ def test_demo_end_to_end_writes_both_pngs(tmp_path, capsys):
     assert _run(["--steps", "3", "--threshold", "0", "--warmup-steps", "1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "PSNR vs dense" in text and "final: PSNR" in text
-    last = text.splitlines()[-4:-1]  # before the "wrote ..." line
+    lines = text.splitlines()
+    last = lines[-3:]  # what the run says about speed comes last
     assert last[0].startswith("attention work saved: ") and "% of the tiles" in last[0]
-    assert last[1].startswith("wall time (cpu, not a speed result)") and "x)" not in last[1], "no CPU speed ratio"
-    assert "measured on the GPU" in last[2]
+    saved = float(last[0].split(": ")[1].split(" %")[0])
+    final = next(line for line in lines if line.startswith("final: PSNR"))
+    assert f"({saved:.1f} % skipped)" in final, "work saved is the run's skipped fraction"
+    assert last[1].startswith("wall time (cpu, not a speed result)") and "x" not in last[1].split("s.")[0][-8:]
+    assert "end to end" not in text and "speed-up" not in last[1], "no CPU speed ratio"
+    assert last[2].startswith("speed is measured on the GPU")
+    floor = next(line for line in lines if line.startswith("dense-vs-dense floor: PSNR"))
+    assert float(floor.split()[3]) > 60, "two exact dense kernels agree far above any budget"
     rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r[0]) for r in rows] == [0, 1, 2]
     assert float(rows[0][2]) == 1.0  # warm-up step: dense
