@@ -140,8 +140,9 @@ def _cute_rows(q, k, v, state, args, kw) -> dict:
     from litepatch.kernels import cute_fwd
     from litepatch.kernels.cute_sm90 import run_sm90
 
-    batch, heads, q_tiles, _ = state.keep.shape
-    slot, count, index, needed = cute_fwd._scratch_views(state.keep, state.k_tiles)
+    keep = state.buffers().keep
+    batch, heads, q_tiles, _ = keep.shape
+    slot, count, index, needed = cute_fwd._scratch_views(keep, state.k_tiles)
     lists = (*cute_fwd._no_masked_blocks(q.device, batch, heads, q_tiles), count, index)
     registry.get("cute").forward(*args, **kw)  # the lists above now hold this call's
     return {

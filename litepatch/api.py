@@ -25,7 +25,10 @@ from litepatch.version import __version__
 
 from .adapters import Adapter, AttentionLayerInfo, find_attention_layers
 from .adapters.diffusers import pipeline_roots
-from .hooks import LAYER_ATTR, ROOT_ATTR, LayerPatch, RootPatch, Runtime
+from .attachment import LAYER_ATTR, ROOT_ATTR
+from .layer_patch import LayerPatch
+from .root_patch import RootPatch
+from .runtime import Runtime
 from .stats import LiteStats
 
 

@@ -9,7 +9,7 @@ An :class:`Adapter` answers four questions for one family of attention modules (
 3. **text ranges and key masks**: the adapter turns its call into an :class:`AttentionCall`, with a boolean
    key-padding mask where the call has one;
 4. **intercept**: :meth:`Adapter.install` reaches the attention call site of the module and hands each
-   call to the layer (:meth:`litepatch.hooks.LayerPatch.attend`), which returns LiteAttention's output or
+   call to the layer (:meth:`litepatch.layer_patch.LayerPatch.attend`), which returns LiteAttention's output or
    ``None`` (run the module's own attention).
 
 Interception is narrow: :func:`rebind` gives a copy of one function (a processor's ``__call__``, a module's

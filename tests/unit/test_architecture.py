@@ -48,11 +48,24 @@ def source_modules() -> dict[str, Path]:
     return found
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node except the bodies of ``if TYPE_CHECKING:`` (imports for annotations only, never run)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
+
+
 def imports_of(module: str, path: Path, known: set[str]) -> list[tuple[str, bool, int]]:
     """(imported module, written relative, line) for every import statement of ``path``."""
     package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     out = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             out += [(alias.name, False, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

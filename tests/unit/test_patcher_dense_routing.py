@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from litepatch import hooks
+from litepatch import dense_routing
 from litepatch.adapters.base import AttentionCall
 
 
@@ -15,21 +15,21 @@ def _call(seq: int, heads: int = 12, dim: int = 128) -> AttentionCall:
 
 def test_long_calls_take_flash_attn_4_where_it_runs(monkeypatch):
     seen = []
-    monkeypatch.setattr(hooks, "dense_kernel_name", lambda q: "flash-attn-4")
-    monkeypatch.setattr(hooks, "dense_attention", lambda q, k, v, **kw: seen.append(q.shape) or "fa4")
-    assert hooks._fast_dense(_call(32760)) == "fa4"  # Wan 480p: 6.6e12 FLOP
-    assert hooks._fast_dense(_call(4608, heads=24)) is None  # Flux 1024^2: host time would exceed the gain
+    monkeypatch.setattr(dense_routing, "dense_kernel_name", lambda q: "flash-attn-4")
+    monkeypatch.setattr(dense_routing, "dense_attention", lambda q, k, v, **kw: seen.append(q.shape) or "fa4")
+    assert dense_routing.fast_dense(_call(32760)) == "fa4"  # Wan 480p: 6.6e12 FLOP
+    assert dense_routing.fast_dense(_call(4608, heads=24)) is None  # Flux 1024^2: host time would exceed the gain
     assert seen == [torch.Size([1, 32760, 12, 128])]
 
 
 def test_nothing_changes_where_flash_attn_4_does_not_run(monkeypatch):
-    monkeypatch.setattr(hooks, "dense_kernel_name", lambda q: "sdpa")
-    monkeypatch.setattr(hooks, "dense_attention", lambda *a, **kw: "called")
-    assert hooks._fast_dense(_call(32760)) is None
+    monkeypatch.setattr(dense_routing, "dense_kernel_name", lambda q: "sdpa")
+    monkeypatch.setattr(dense_routing, "dense_attention", lambda *a, **kw: "called")
+    assert dense_routing.fast_dense(_call(32760)) is None
 
 
 def test_compiled_calls_run_the_models_own_attention(monkeypatch):
-    monkeypatch.setattr(hooks, "dense_kernel_name", lambda q: "flash-attn-4")
-    monkeypatch.setattr(hooks, "dense_attention", lambda *a, **kw: "called")
+    monkeypatch.setattr(dense_routing, "dense_kernel_name", lambda q: "flash-attn-4")
+    monkeypatch.setattr(dense_routing, "dense_attention", lambda *a, **kw: "called")
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert hooks._fast_dense(_call(32760)) is None
+    assert dense_routing.fast_dense(_call(32760)) is None

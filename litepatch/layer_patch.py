@@ -1,0 +1,234 @@
+"""The attachment of one self or joint attention layer (DESIGN §3): its plan per call, skip states, fallbacks and
+statistics.
+
+Its adapter (:mod:`litepatch.adapters`) intercepts the layer's attention call site and hands each call over
+as an :class:`~litepatch.adapters.AttentionCall`. :meth:`LayerPatch.attend` runs LiteAttention or returns
+``None``, and the adapter runs the model's own attention (warm-up, a dense layer, a call the kernel cannot
+take).
+
+Calls no backend can take run the original attention and warn once per layer and reason: masks other than
+boolean key-padding masks, dropout, ``is_causal``, grouped K/V heads, cross-attention calls, what
+:func:`litepatch.kernels.registry.refusal` refuses (dtype, head dim, device, ...), and autograd (the kernel
+has no backward). Never a wrong result. Which tiles a call counts in is asked of the registry too
+(:func:`litepatch.kernels.registry.tiles`): the tiles of the backend that runs, or would run, the call.
+
+State: one :class:`~litepatch.kernels.SkipState` per layer and CFG branch (batch rows inside it).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from litepatch.kernels import SkipState, lite_attention, registry
+
+from .adapters.base import AttentionCall, AttentionLayerInfo, call_kind
+from .attachment import LAYER_ATTR, Attachment
+from .dense_routing import fast_dense
+from .runtime import CallPlan, Runtime
+
+
+class LayerPatch:
+    """The attachment of one attention module (``module._litepatch``, :data:`LAYER_ATTR`)."""
+
+    def __init__(self, info: AttentionLayerInfo, module: torch.nn.Module, adapter, runtime: Runtime):
+        self.info = info
+        self.name = info.name
+        self.adapter = adapter
+        self.runtime = runtime
+        self.states: dict = {}
+        self.warned: set[str] = set()
+        self.plan: CallPlan | None = None
+        self.last_call: tuple | None = None
+        self.interception = ""
+        self.entered = False  # set by the adapter's wrapper when the layer runs
+        self.reached = False  # set when an attention call of the layer reached litepatch
+        self._undo = None
+        self._attachment: Attachment | None = None
+        self._tiles: dict = {}
+        self.call_index = 0
+        self.installed = None  # the adapter's check that its interception is still in place (None: nothing to check)
+
+    # ------------------------------------------------------------------------------ attachment
+    def install(self, module: torch.nn.Module) -> None:
+        attachment = Attachment(module)
+        self._undo = self.adapter.install(module, self)
+        module.__dict__[LAYER_ATTR] = self
+        attachment.record(module)
+        self._attachment = attachment
+
+    def uninstall(self, module: torch.nn.Module) -> None:
+        if self._undo is not None:
+            self._undo()
+        self._attachment.take_off(module)
+
+    def take_off(self, module: torch.nn.Module) -> None:
+        self._attachment.take_off(module)
+
+    def put_back(self, module: torch.nn.Module) -> None:
+        self._attachment.put_back(module)
+
+    # ---------------------------------------------------------------------------------- calls
+    def _warn(self, reason: str) -> None:
+        if reason not in self.warned:
+            self.warned.add(reason)
+            warnings.warn(f"litepatch: {self.name} runs dense attention ({reason}); its output is unchanged",
+                          UserWarning, stacklevel=5)
+
+    def _tiles_of(self, q: torch.Tensor, seq_k: int, key_padding: bool):
+        """Tile sizes the call runs (or would run) with: the registry's answer, this layer's last ones, or the
+        CPU reference's when no backend takes it."""
+        key = (q.shape[-1], q.dtype, q.device, seq_k, key_padding)
+        tiles = self._tiles.get(key)
+        if tiles is None:
+            try:
+                tiles = registry.tiles(q, seq_k, backend=self.runtime.backend, key_padding=key_padding)
+            except registry.BackendUnavailable:
+                tiles = self._tiles.get("last") or registry.get("reference").tiles(q.shape[-1])
+            self._tiles[key] = tiles
+        return tiles
+
+    def _dense_total(self, call: AttentionCall) -> int:
+        q, k = call.q, call.k
+        tiles = self._tiles_of(q, k.shape[1], call.key_mask is not None)
+        batch, seq_q, heads = q.shape[0], q.shape[1], q.shape[2]
+        return batch * heads * -(-seq_q // tiles.block_m) * -(-k.shape[1] // tiles.block_n)
+
+    def _refusal(self, call: AttentionCall) -> str | None:
+        q, k, v = call.q, call.k, call.v
+        if call.problem:
+            return call.problem
+        if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
+            return f"key/value shapes {tuple(k.shape)}/{tuple(v.shape)} do not match query {tuple(q.shape)}"
+        if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+            return f"query/key/value on {q.dtype}/{k.dtype}/{v.dtype}, {q.device}/{k.device}/{v.device}"
+        key = ("refusal", tuple(q.shape), q.dtype, q.device, k.shape[1], call.key_mask is not None)
+        if key not in self._tiles:
+            refused = registry.refusal(q, k.shape[1], backend=self.runtime.backend,
+                                       key_padding=call.key_mask is not None)
+            # the call as it is, then the registry's sentence (backend facts live there)
+            self._tiles[key] = refused and f"dtype {q.dtype}, head_dim {q.shape[-1]}, {q.device.type}: {refused}"
+        if self._tiles[key]:
+            return self._tiles[key]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return "autograd is recording (the LiteAttention kernel has no backward)"
+        return None
+
+    def make_plan(self, call_index: int = 0) -> CallPlan:
+        """Decides the coming call from the tracker (eager code, before the top-level forward runs).
+
+        ``call_index`` > 0: a further attention call of the layer in one forward (a processor that loops over
+        batch rows, as Mochi's does): it gets a state of its own.
+        """
+        tracker, recipe = self.runtime.tracker, self.runtime.recipe
+        step, branch = max(tracker.step, 0), tracker.branch
+        if call_index:
+            branch = (branch, call_index)
+        if step < recipe.warmup_steps:
+            return CallPlan(step, branch, tracker.generation, None, "warm-up", None)
+        threshold = recipe.threshold_for(self.name, step)
+        if threshold is None:
+            return CallPlan(step, branch, tracker.generation, None, "dense layer", None)
+        state = self.states.get(branch)
+        if state is None:
+            state = self.states[branch] = SkipState()
+        state.usable_outside_inference_mode()
+        state.fold_calls(recipe.order)  # eager code: compiled calls then never see a new count
+        return CallPlan(step, branch, tracker.generation, float(threshold), "", state)
+
+    def flush(self) -> None:
+        """Turns the last call into a stats record (its kept count stays a device tensor)."""
+        last, self.last_call = self.last_call, None
+        if last is None:
+            return
+        plan, reason, total = last
+        dense = plan.state is None or bool(reason)
+        if dense:
+            kept = total
+        else:
+            kept, total = plan.state.kept_count(), plan.state.total_tiles()
+        self.runtime.log.add(
+            layer=self.name, step=plan.step, branch=plan.branch, generation=plan.generation, dense=dense,
+            reason=reason or plan.dense_reason, kept=kept, total=total,
+        )
+
+    def _current_plan(self) -> CallPlan:
+        plan = self.plan
+        if plan is None:  # called outside a patched root's forward
+            self.flush()
+            plan = self.make_plan()
+        elif self.last_call is not None:  # a further call in one forward: its own state
+            self.flush()
+            self.call_index += 1
+            plan = self.make_plan(self.call_index)
+        self.reached = True
+        return plan
+
+    def attend_problem(self, reason: str) -> None:
+        """Records and warns about a call the adapter cannot even describe; the adapter runs the original."""
+        plan = self._current_plan()
+        self._warn(reason)
+        self.last_call = (plan, reason, 0)
+        return None
+
+    def attend_unsupported(self, sdpa_call: dict) -> None:
+        return self.attend_problem("query/key/value are not [batch, heads, seq, head_dim] tensors")
+
+    def attend(self, call: AttentionCall) -> torch.Tensor | None:
+        """One attention call: LiteAttention's ``[B, S, H, D]`` output, or ``None`` (run the original attention).
+
+        ``call.shards`` > 1 (diffusers' Ulysses): the sequence is that many rank shards laid end to end, each with
+        its own text tokens, and the token counts are one shard's; the must-compute ranges repeat per shard.
+
+        Reads only ``self.plan`` (decided in eager code by the root pre-hook), so under torch.compile the step
+        counter never becomes a guard; the call is recorded by a store to ``self.last_call``.
+        """
+        plan = self._current_plan()
+        q, k = call.q, call.k
+        reason = self._refusal(call)
+        must = []
+        if reason is None:
+            seq_q, seq_k, shards = q.shape[1], k.shape[1], call.shards
+            local_q = seq_q // shards if seq_q % shards == 0 else seq_q
+            local_k = seq_k // shards if seq_k % shards == 0 else seq_k
+            runtime = self.runtime
+            kind = call_kind(self.info, local_q, local_k, call.hidden_tokens, call.encoder_tokens,
+                             runtime.stream_text_tokens or runtime.text_tokens)
+            if kind.kind == "joint" and kind.text_ranges and call.encoder_tokens and call.hidden_tokens:
+                # single-stream layers after it hold these text tokens (AuraFlow adds register tokens to them)
+                runtime.stream_text_tokens = local_q - call.hidden_tokens
+            if kind.kind == "cross":
+                reason = f"{kind.why}: cross-attention stays dense"
+            elif kind.kind == "joint" and not kind.text_ranges:
+                reason = kind.why
+            else:
+                must = _sharded(kind.text_ranges, local_q, shards)
+        if reason is not None:
+            self._warn(reason)
+            self.last_call = (plan, reason, self._dense_total(call) if q.dim() == 4 and k.dim() == 4 else 0)
+            return None
+        if plan.state is None or plan.threshold == -math.inf:
+            out = fast_dense(call)
+            if out is not None or plan.state is None:
+                self.last_call = (plan, plan.dense_reason or "threshold -inf skips nothing", self._dense_total(call))
+                return out
+        out = lite_attention(
+            q, k, call.v, plan.state,
+            threshold=plan.threshold,
+            softmax_scale=call.scale,
+            order=self.runtime.recipe.order,
+            must_compute_queries=must or None,
+            must_compute_keys=must or None,
+            key_mask=call.key_mask,
+            backend=self.runtime.backend,
+        )
+        self._tiles["last"] = plan.state.tiles
+        self.last_call = (plan, "", 0)
+        return out
+
+
+def _sharded(ranges: list[tuple[int, int]], local: int, shards: int) -> list[tuple[int, int]]:
+    """``ranges`` of one shard of ``local`` tokens, repeated for ``shards`` shards laid end to end."""
+    return [(start + r * local, end + r * local) for r in range(shards) for start, end in ranges]
