@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from litepatch.kernels import DEFAULT_ORDER
 from litepatch.recipes.schema import LayerSetting, Recipe
 
 from .space import MIN_THRESHOLD
@@ -51,7 +52,7 @@ def _clamp(t: float) -> float:
     return float(min(0.0, max(MIN_THRESHOLD, t)))
 
 
-def recipe_from_params(params: dict, plan: Plan, *, name: str = "calibrated", order: str = "anchor"):
+def recipe_from_params(params: dict, plan: Plan, *, name: str = "calibrated", order: str = DEFAULT_ORDER):
     """The :class:`~litepatch.recipes.schema.Recipe` of one trial's parameters."""
     level = float(params["level"])
     spread = float(params.get("spread", 0.0))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from litepatch.kernels import ORDERS
+from litepatch.kernels import DEFAULT_ORDER, ORDERS
 
 
 MIN_THRESHOLD = -24.0
@@ -46,7 +46,7 @@ class SearchSpace:
     late_range: tuple[float, float] = (-3.0, 3.0)
     probe: Optional[float] = None
     sensitivity_runs: int = 12
-    orders: tuple[str, ...] = ("anchor",)
+    orders: tuple[str, ...] = (DEFAULT_ORDER,)
 
     def __post_init__(self):
         if self.probe is None:
@@ -76,5 +76,5 @@ class SearchSpace:
             "max_dense_layers": self.max_dense_layers, "schedule": self.schedule,
             "late_range": list(self.late_range), "probe": self.probe, "sensitivity_runs": self.sensitivity_runs,
             # only when not the default, so that studies made before the field existed still resume
-            **({"orders": list(self.orders)} if self.orders != ("anchor",) else {}),
+            **({"orders": list(self.orders)} if self.orders != (DEFAULT_ORDER,) else {}),
         }

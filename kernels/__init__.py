@@ -20,9 +20,10 @@ else:
     from .reference import reference_forward
     from .registry import Backend, BackendUnavailable, Constraints, register_backend
     from .state import DEFAULT_TILES, ORDERS, SkipState, TileConfig, pack_bits, unpack_bits
-    from .vocabulary import DEFAULT_THRESHOLD
+    from .vocabulary import DEFAULT_ORDER, DEFAULT_THRESHOLD
 
     __all__ = [
+        "DEFAULT_ORDER",
         "DEFAULT_THRESHOLD",
         "DEFAULT_TILES",
         "Backend",

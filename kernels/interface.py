@@ -20,7 +20,7 @@ import torch
 from . import registry
 from .registry import available_backends
 from .state import ORDERS, SkipState, normalize_ranges
-from .vocabulary import DEFAULT_THRESHOLD, threshold_problem
+from .vocabulary import DEFAULT_ORDER, DEFAULT_THRESHOLD, threshold_problem
 
 # Every dtype some backend takes (each backend's own set is in its registry constraints).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -112,7 +112,7 @@ def lite_attention(
     threshold: float = DEFAULT_THRESHOLD,
     softmax_scale: float | None = None,
     return_lse: bool = False,
-    order: str = "anchor",
+    order: str = DEFAULT_ORDER,
     must_compute_queries: Sequence[tuple[int, int]] | None = None,
     must_compute_keys: Sequence[tuple[int, int]] | None = None,
     key_mask: torch.Tensor | None = None,

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from litepatch.kernels import DEFAULT_THRESHOLD, SkipState, lite_attention
+from litepatch.kernels import DEFAULT_ORDER, DEFAULT_THRESHOLD, SkipState, lite_attention
 from litepatch.kernels.state import normalize_ranges
 
 Ranges = Sequence[tuple[int, int]] | None
@@ -277,7 +277,7 @@ def ulysses_lite_attention(
     threshold: float = DEFAULT_THRESHOLD,
     softmax_scale: float | None = None,
     return_lse: bool = False,
-    order: str = "anchor",
+    order: str = DEFAULT_ORDER,
     must_compute_queries: Ranges = None,
     must_compute_keys: Ranges = None,
     backend: str = "auto",
@@ -418,7 +418,7 @@ def ring_lite_attention(
     threshold: float = DEFAULT_THRESHOLD,
     softmax_scale: float | None = None,
     return_lse: bool = False,
-    order: str = "anchor",
+    order: str = DEFAULT_ORDER,
     must_compute_queries: Ranges = None,
     must_compute_keys: Ranges = None,
     backend: str = "auto",
@@ -463,7 +463,7 @@ def chunked_lite_attention(
     threshold: float = DEFAULT_THRESHOLD,
     softmax_scale: float | None = None,
     return_lse: bool = False,
-    order: str = "anchor",
+    order: str = DEFAULT_ORDER,
     must_compute_queries: Ranges = None,
     must_compute_keys: Ranges = None,
     backend: str = "auto",

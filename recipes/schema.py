@@ -21,7 +21,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from litepatch.kernels.vocabulary import DEFAULT_THRESHOLD, ORDERS, describe_value, threshold_problem  # noqa: F401
+from litepatch.kernels.vocabulary import (  # noqa: F401  (re-exported for recipe validation)
+    DEFAULT_ORDER,
+    DEFAULT_THRESHOLD,
+    ORDERS,
+    describe_value,
+    threshold_problem,
+)
 
 FORMAT_VERSION = 1
 # The value sets of the recipe's enumerated fields (validation refuses anything else).
@@ -98,7 +104,7 @@ class Recipe:
     warmup_steps: int = 0
     threshold: float = DEFAULT_THRESHOLD
     schedule: list[float] = field(default_factory=list)  # default per-step thresholds, last value repeats
-    order: str = ORDERS[0]  # one of ORDERS (the kernel's visiting orders)
+    order: str = DEFAULT_ORDER  # one of ORDERS (the kernel's visiting orders)
     layers: dict[str, LayerSetting] = field(default_factory=dict)
     measured: Measured = field(default_factory=Measured)
     provenance: Provenance = field(default_factory=Provenance)
