@@ -112,6 +112,38 @@ def test_tiny_sampler_runs_the_two_cfg_branches():
     assert calls == [False, False]
 
 
+def test_batched_cfg_is_one_forward_per_step_and_equals_sequential_cfg():
+    torch.manual_seed(0)
+    model = DemoDiT(TINY).eval()
+    batches = []
+    model.register_forward_pre_hook(lambda m, a, kw: batches.append(a[0].shape[0]), with_kwargs=True)
+    cond = torch.tensor([[1, 2, 3]])
+    sequential = sample(model, cond, steps=3, guidance=3.0, seed=5)
+    assert batches == [1] * 6
+    batches.clear()
+    batched = sample(model, cond, steps=3, guidance=3.0, seed=5, cfg_mode="batched")
+    assert batches == [2] * 3
+    torch.testing.assert_close(batched, sequential, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="cfg_mode must be one of"):
+        sample(model, cond, steps=1, cfg_mode="interleaved")
+
+
+def test_patched_batched_cfg_keeps_one_state_with_a_row_per_branch(trained):
+    import litepatch
+
+    model = trained  # local attention: the trained model skips tiles, a random one does not
+    handle = litepatch.apply(model, threshold=-2.0, warmup_steps=1)
+    try:
+        sample(model, torch.tensor([[1, 2, 3]]), steps=3, guidance=3.0, cfg_mode="batched")  # step 2 reads the lists step 1 wrote
+        states = handle.skip_states()
+        assert states and all(len(branches) == 1 for branches in states.values())
+        assert all(state.keep.shape[0] == 2 for branches in states.values() for state in branches.values())
+        assert any(not record["dense"] for record in handle.stats().records)
+        assert handle.stats().kept_fraction() < 1.0
+    finally:
+        handle.remove()
+
+
 def test_flow_sigmas_and_metrics():
     s = flow_sigmas(4)
     assert s[0] == 1 and s[-1] == 0 and (s[1:] < s[:-1]).all()
