@@ -16,6 +16,12 @@ One launch measures everything, so the ratios come from one run:
   on the live states of ``handle.skip_states()``. Calls run under ``cache_context("cond")`` so every call reuses
   the one branch's states (same-timestep calls would otherwise count as new CFG branches). Attention runs inside
   diffusers' processors, so its time per rank is not measured (``-``).
+* ``diffusers-ring``: the same under diffusers' ring (``ContextParallelConfig(ring_degree=P)``), where litepatch runs
+  one LiteAttention per (query shard, K/V chunk) inside diffusers' ring template (:mod:`litepatch.ring_diffusers`).
+  diffusers' ``native`` backend cannot run its ring (no LSE), so the copy uses ``_native_flash`` on CUDA (the dense
+  row is diffusers' own ring with PyTorch's flash kernel, and litepatch's dense calls would use it too); on CPU,
+  where no diffusers backend returns the LSE, the dense row is litepatch's dense ring (``threshold=-inf``: the same
+  template with PyTorch's CPU flash kernel).
 
 Cross-attention stays dense (local queries, full text keys). ``lite f`` forces the kept fraction: after one dense
 call, every q-tile's read list holds ``round(f * k_tiles)`` key tiles (at least 1) chosen at random (seed 0), and
@@ -69,7 +75,7 @@ WAN_1_3B = dict(
 )
 TINY = dict(WAN_1_3B, num_attention_heads=4, attention_head_dim=64, text_dim=64, freq_dim=32, ffn_dim=512,
             num_layers=2)
-MODES = ("single", "ulysses", "ring", "diffusers-ulysses")
+MODES = ("single", "ulysses", "ring", "diffusers-ulysses", "diffusers-ring")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -285,7 +291,7 @@ def run_config(model, inputs, args, device, rank, world, mode, fraction, group_r
     timer = Timer(device)
     if not taking_part:
         patch = contextlib.nullcontext((list, False))
-    elif mode == "diffusers-ulysses":
+    elif mode.startswith("diffusers-"):
         patch = litepatched(model, fraction, args.backend)
     else:
         patch = hand_sharded(model, rank, world, mode, fraction, args.backend, timer)
@@ -345,25 +351,33 @@ def hand_sharded(model, rank, world, mode, fraction, backend, timer):
 def litepatched(model, fraction, backend):
     """``litepatch.apply`` on a diffusers-parallel model (nothing for ``fraction=None``): yields (the live states of
     ``handle.skip_states()``, False: attention is not timed); removes the patch on exit."""
-    if fraction is None:
+    dense_ring = getattr(model, "_litepatch_dense_ring", False)
+    if fraction is None and not dense_ring:
         yield list, False
         return
-    # -1e30: every call votes and drops nothing, so the forced lists stay; -inf would run dense without lists
-    handle = litepatch.apply(model, threshold=-1e30, warmup_steps=0, backend=backend)
+    # -1e30: every call votes and drops nothing, so the forced lists stay; -inf runs dense without lists (the dense
+    # row of a ring whose backend cannot return the LSE)
+    threshold = -math.inf if fraction is None else -1e30
+    handle = litepatch.apply(model, threshold=threshold, warmup_steps=0, backend=backend)
     try:
         yield (lambda: [s for branches in handle.skip_states().values() for s in branches.values()]), False
     finally:
         handle.remove()
 
 
-def diffusers_ulysses(model, world, device):
-    """A copy of ``model`` under diffusers' Ulysses context parallelism of degree ``world``, ``native`` backend."""
+def diffusers_parallel(model, world, device, mode):
+    """A copy of ``model`` under diffusers' context parallelism of degree ``world``: Ulysses with the ``native``
+    backend, or ring with ``_native_flash`` on CUDA (``native`` on CPU, whose dense row litepatch runs: the
+    copy's ``_litepatch_dense_ring`` says so)."""
     from diffusers import ContextParallelConfig
 
     model = copy.deepcopy(model)
-    model.set_attention_backend("native")
+    ring = mode == "diffusers-ring"
+    flash = ring and device.type == "cuda" and next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    model.set_attention_backend("_native_flash" if flash else "native")
+    model._litepatch_dense_ring = ring and not flash
     with cpu_as_accelerator(device):
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+        model.enable_parallelism(config=ContextParallelConfig(**{"ring_degree" if ring else "ulysses_degree": world}))
     return model
 
 
@@ -423,7 +437,7 @@ def main(argv=None) -> int:
     rows, reference = [], None
     for mode in modes:
         group_ranks = [0] if mode == "single" else list(range(world))
-        mode_model = diffusers_ulysses(model, world, device) if mode == "diffusers-ulysses" else model
+        mode_model = diffusers_parallel(model, world, device, mode) if mode.startswith("diffusers-") else model
         for fraction in [None, *args.fractions]:
             output, record = run_config(mode_model, inputs, args, device, rank, world, mode, fraction, group_ranks)
             if rank == 0 and mode == "single" and fraction is None:

@@ -48,6 +48,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -59,6 +60,7 @@ Ranges = Sequence[tuple[int, int]] | None
 AttnFn = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 
 __all__ = [
+    "ChunkKey",
     "ChunkedSkipState",
     "LoadReport",
     "chunked_lite_attention",
@@ -72,6 +74,7 @@ __all__ = [
     "reshard_ulysses_state",
     "ring_attention",
     "ring_lite_attention",
+    "sdpa_with_lse",
     "shard_ranges",
     "spawn_gloo",
     "ulysses_attention",
@@ -358,6 +361,50 @@ class ChunkedSkipState:
 
     def __repr__(self) -> str:
         return f"ChunkedSkipState(keys={self.keys()})"
+
+
+class ChunkKey(NamedTuple):
+    """The state key of one (query shard, K/V chunk) call of ring attention inside a patched model.
+
+    ``branch`` is the layer's CFG branch key, ``shard`` the query shard (ring rank) and ``chunk`` the origin ring
+    rank of the K/V chunk (not the rotation step). ``handle.skip_states()`` and the stats records of a layer under
+    diffusers' ring context parallelism are keyed by it.
+
+    >>> ChunkKey("cond", 0, 1)
+    ChunkKey(branch='cond', shard=0, chunk=1)
+    """
+
+    branch: object
+    shard: int
+    chunk: int
+
+
+def sdpa_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact dense attention with its natural-log LSE, the per-chunk op of a dense ring.
+
+    ``q [B, Sq, H, D]``, ``k, v [B, Sk, H, D]``. PyTorch's flash kernel on CUDA (fp16/bf16, head dim <= 256), its
+    CPU flash kernel on CPU, an fp32 softmax elsewhere.
+
+    Returns ``(out [B, Sq, H, D], lse [B, H, Sq])`` (LSE in fp32).
+
+    >>> out, lse = sdpa_with_lse(q, k_chunk, v_chunk)
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_shard(name, t)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    flash_dtypes = (torch.float16, torch.bfloat16)
+    if q.device.type == "cuda" and q.dtype in flash_dtypes and q.shape[-1] <= 256:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, scale=softmax_scale)[:2]
+    elif q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, scale=softmax_scale)
+    else:
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        scores = torch.matmul(qt.float(), kt.float().transpose(-1, -2)) * scale
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), vt.float()).to(q.dtype)
+    return out.transpose(1, 2), lse.float()
 
 
 def ring_attention(

@@ -88,7 +88,8 @@ class AttentionCall:
     """One attention call as the kernel sees it: ``q, k, v`` ``[B, S, H, D]`` (views, any strides).
 
     ``problem`` names why the call cannot be taken as it is (a mask that is not a key-padding mask,
-    dropout, ...); ``key_mask`` is bool ``[B, S_k]`` (True: the key takes part) or None.
+    dropout, ...); ``key_mask`` is bool ``[B, S_k]`` (True: the key takes part) or None. ``ring``: under
+    diffusers' ring context parallelism, the object that runs the call per (query shard, K/V chunk).
     """
 
     q: torch.Tensor
@@ -100,6 +101,8 @@ class AttentionCall:
     hidden_tokens: int | None = None
     encoder_tokens: int | None = None
     shards: int = 1
+    # diffusers' ring context parallelism: runs the call chunk by chunk (litepatch.ring_diffusers.RingCall)
+    ring: object = None
 
 
 @dataclass

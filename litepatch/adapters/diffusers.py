@@ -16,8 +16,9 @@
   interceptor (module-level helpers it calls are copied the same way). Every diffusers attention backend
   (``set_attention_backend("flash" | "sage" | "flex" | ...)``) goes through ``dispatch_attention_fn``, so
   calls litepatch takes run LiteAttention and the others (warm-up, fallbacks) run the chosen backend.
-  Under diffusers' context parallelism the dispatch runs as it is and its SDPA call (Ulysses, ``native``
-  backend) is intercepted beneath it.
+  Under diffusers' Ulysses context parallelism the dispatch runs as it is and its SDPA call (``native``
+  backend) is intercepted beneath it; under ring context parallelism :mod:`litepatch.ring_diffusers` runs the
+  call per (query shard, K/V chunk) in diffusers' ring template.
 
 Importing this module never imports diffusers: classes are recognised by name and module.
 """
@@ -31,6 +32,7 @@ import types
 import torch
 
 from ..diffusers_cp import ulysses_degree_of
+from ..ring_diffusers import ring_call
 from .base import (
     SDPA_NAME,
     Adapter,
@@ -334,7 +336,9 @@ def _dispatch_interceptor(layer, cell: dict, sdpa, original):
 
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
-        if parallel_config is not None:  # context parallelism: intercept the SDPA call beneath the template
+        args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs)
+        ring = ring_call(original, parallel_config, backend, args)  # ring CP: litepatch.ring_diffusers runs it
+        if parallel_config is not None and ring is None:  # Ulysses: intercept the SDPA call beneath the template
             cell["shards"] = ulysses_degree_of(parallel_config)
             with SDPAMode(sdpa):
                 return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
@@ -343,7 +347,7 @@ def _dispatch_interceptor(layer, cell: dict, sdpa, original):
         if problem is None:
             problem = _dispatch_problem(query, key, dropout_p, is_causal, enable_gqa, attention_kwargs)
         call = AttentionCall(query, key, value, scale, key_mask, problem, cell["hidden_tokens"],
-                             cell["encoder_tokens"], 1)
+                             cell["encoder_tokens"], 1, ring)
         out = layer.attend(call)
         if out is None:
             return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,
