@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+import litepatch.demo.model as demo_model
+
 from litepatch.demo.data import COLOURS, DIRECTIONS, SHAPES, describe, make_videos, parse_condition
 from litepatch.demo.model import (
     DemoConfig,
@@ -142,6 +144,29 @@ def test_patched_batched_cfg_keeps_one_state_with_a_row_per_branch(trained):
         assert handle.stats().kept_fraction() < 1.0
     finally:
         handle.remove()
+
+
+def test_fused_pointwise_traces_without_graph_breaks_and_keeps_the_output():
+    """fuse_pointwise() compiles the blocks' elementwise parts (fullgraph: a graph break raises); "aot_eager" traces
+    them as inductor would, without generating code, so the CPU suite checks the path the GPU demo takes."""
+    torch.manual_seed(0)
+    model = DemoDiT(TINY).eval()
+    latents, cond = torch.randn(2, 3, 2, 8, 8), torch.tensor([[0, 1, 2], [-1, -1, -1]])
+    with torch.no_grad():
+        eager = model(latents, timestep=torch.tensor([500.0, 500.0]), cond=cond)
+        model.fuse_pointwise(backend="aot_eager")
+        assert all(block.ops is not demo_model.EAGER_OPS for block in model.blocks)
+        fused = model(latents, timestep=torch.tensor([500.0, 500.0]), cond=cond)
+        model.fuse_pointwise(False)
+        assert all(block.self_attn.ops is demo_model.EAGER_OPS for block in model.blocks)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_real_rope_equals_the_complex_rotation():
+    x = torch.randn(1, 2, 12, 8)
+    freqs = demo_model.rope_frequencies((1, 3, 4), 8, 10000.0, "cpu")
+    pairs = torch.view_as_complex(x.reshape(1, 2, 12, 4, 2))
+    torch.testing.assert_close(demo_model.apply_rope(x, freqs), torch.view_as_real(pairs * freqs).flatten(-2))
 
 
 def test_flow_sigmas_and_metrics():
