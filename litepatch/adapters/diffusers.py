@@ -34,6 +34,7 @@ import torch
 from ..diffusers_cp import ulysses_degree_of
 from ..ring_diffusers import ring_call
 from .base import (
+    INTERLEAVED,
     SDPA_NAME,
     Adapter,
     AttentionCall,
@@ -69,6 +70,10 @@ TEXT_LAYOUT: dict[str, str] = {
     "AuraFlowAttnProcessor": "first",
     "HiDreamAttnProcessor": "last",
     "Lumina2AttnProcessor": "first",
+    # Qwen-Image 2.1 scatters the image latents into the slots of its vision-language sequence: text and image
+    # tokens alternate, so the text is never a prefix or suffix (litepatch keeps these layers dense).
+    "QwenImage21AttnProcessor": INTERLEAVED,
+    "QwenImage21FlexAttnProcessor": INTERLEAVED,
 }
 
 # Processors that concatenate text and video themselves, with the module's own projections.
@@ -76,7 +81,16 @@ JOINT_PROCESSORS = ("CogVideoXAttnProcessor", "FusedCogVideoXAttnProcessor", "Co
                     "CogView4AttnProcessor")
 # Layers of one sequence that already holds text and image tokens (no encoder_hidden_states reaches the layer),
 # by processor class name prefix -> pattern of the layer's name in the model.
-SINGLE_STREAM_LAYERS = {"Lumina2AttnProcessor": r"^layers\.\d+\.attn$"}
+SINGLE_STREAM_LAYERS = {
+    "Lumina2AttnProcessor": r"^layers\.\d+\.attn$",
+    # Z-Image: the refiners see image or caption tokens alone, the main layers their concatenation (image first,
+    # caption last; caption first in omni mode); the caption length is not an argument of the top-level call
+    # (a list of tensors), so these layers stay dense, saying so, rather than leave the caption unprotected.
+    "ZSingleStreamAttnProcessor": r"^layers\.\d+\.attention$",
+    # Qwen-Image 2.1: one vision-language sequence of text and image tokens
+    "QwenImage21AttnProcessor": r"^transformer_blocks\.\d+\.attn$",
+    "QwenImage21FlexAttnProcessor": r"^transformer_blocks\.\d+\.attn$",
+}
 # Attention whose processor computes no softmax over keys: LiteAttention does not apply.
 LINEAR_PROCESSOR_WORDS = ("Linear", "Multiscale")
 # The fix named when a processor computes attention where litepatch cannot route it.
@@ -172,7 +186,7 @@ def processor_name(module: torch.nn.Module) -> str:
 
 
 def text_layout_of(module: torch.nn.Module) -> str:
-    """Where a joint layer's text tokens sit: ``"first"``, ``"last"`` or ``"unknown"``."""
+    """Where a joint layer's text tokens sit: ``"first"``, ``"last"``, ``"interleaved"`` or ``"unknown"``."""
     name = processor_name(module)
     for prefix, layout in TEXT_LAYOUT.items():
         if name.startswith(prefix):
@@ -253,7 +267,8 @@ class DiffusersAdapter(Adapter):
             reason += f"; text tokens {layout if layout != 'unknown' else 'at both ends (layout unknown)'}"
         reach = _out_of_reach(module) if kind in ("self", "joint") else ""
         return AttentionLayerInfo(name, kind, heads, head_dim, type(module).__name__, reason,
-                                  kind in ("self", "joint") and not reach, layout, single, self.name, reach)
+                                  kind in ("self", "joint") and not reach and layout != INTERLEAVED, layout, single,
+                                  self.name, reach)
 
     def install(self, module: torch.nn.Module, layer):
         processor = _processor(module)
