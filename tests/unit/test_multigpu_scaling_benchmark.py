@@ -140,6 +140,11 @@ def test_layouts_of_a_world():
         import multigpu
     finally:
         sys.path.remove(str(SCRIPT.parent))
+    args = multigpu.parse_args(["--config", "wan14b-720p", "--device", "cpu", "--layers", "20"])
+    assert (args.frames, args.height, args.width, args.model_name) == (81, 720, 1280, "Wan2.1-T2V-14B")
+    t = args.transformer
+    assert (t["num_attention_heads"], t["attention_head_dim"], t["ffn_dim"], t["num_layers"]) == (40, 128, 13824, 20)
+    assert ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16) == 75_600
     assert multigpu.default_mixes(8, 40) == [(4, 2), (2, 4)]
     assert multigpu.default_mixes(4, 40) == [(2, 2)]
     assert multigpu.default_mixes(8, 12) == [(4, 2), (2, 4)]
