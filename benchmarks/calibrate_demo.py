@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", default=None, help="weights (default: the committed ones of --model)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--fuse-pointwise", action="store_true",
+                   help="compile the blocks' elementwise parts (DemoDiT.fuse_pointwise) for dense and patched runs alike")
+    p.add_argument("--cfg-mode", default="sequential", choices=("sequential", "batched"),
+                   help="CFG as two forwards per step or one of twice the batch (half the host work per step)")
     p.add_argument("--budget", default="psnr >= 30")
     p.add_argument("--objective", default="auto", choices=("auto", "time", "sparsity"))
     p.add_argument("--max-generations", type=int, default=30, help="calibration cost cap (dense + sensitivity + trials)")
@@ -75,7 +79,7 @@ class Bench:
 
         cond, seed = sample
         return generate(model, torch.tensor([cond]), steps=self.args.steps, guidance=self.args.guidance,
-                        seed=seed).clamp(-1, 1)
+                        seed=seed, cfg_mode=self.args.cfg_mode).clamp(-1, 1)
 
     def timed(self, sample) -> tuple[torch.Tensor, float]:
         if self.device.type == "cuda":
@@ -181,6 +185,8 @@ def main(argv=None) -> int:
     budget_value = float(args.budget.split(">=")[1]) if ">=" in args.budget else 30.0
     model = load_demo_model(args.weights, device=device, model=args.model)
     model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.fuse_pointwise:
+        model.fuse_pointwise()
     cfg = model.config
     bench = Bench(model, args, device)
     result: dict = {
@@ -237,12 +243,13 @@ def main(argv=None) -> int:
     recipe, report = calibrate(
         bench.run, CALIBRATION, args.budget, model=model, trials=trials, objective=objective,
         storage=f"sqlite:///{(work / 'study.db').resolve()}",
-        study_name=f"{args.model}-{args.steps}steps-{objective}-{args.budget.replace(' ', '')}-{trials}",
+        study_name=(f"{args.model}-{args.steps}steps-{args.cfg_mode}{'-fused' if args.fuse_pointwise else ''}-"
+                    f"{objective}-{args.budget.replace(' ', '')}-{trials}"),
         held_out=held_out,
         space=SearchSpace(level=(-10.0, 0.0), warmup=(0, max(1, args.steps // 4)), sensitivity_runs=sensitivity,
                           max_dense_layers=args.max_dense_layers),
         cache_dir=work / "dense", name=RECIPE_NAMES[args.model], progress=False,
-        context={"steps": args.steps, "cfg_mode": "sequential", "frames": cfg.frames,
+        context={"steps": args.steps, "cfg_mode": args.cfg_mode, "frames": cfg.frames,
                  "resolution": f"{cfg.height}x{cfg.width}", "scheduler": "FlowMatchEulerDiscrete(shift=1.0)"},
     )
     calib_seconds = time.perf_counter() - start

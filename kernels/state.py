@@ -135,6 +135,16 @@ class SkipState:
         return self.keep is not None
 
     @property
+    def batch(self) -> int:
+        """Batch rows the state holds lists for."""
+        return self.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the lists live."""
+        return self.buffers().keep.device
+
+    @property
     def heads(self) -> int:
         """Heads the state holds lists for (a rank's share under Ulysses)."""
         return self.shape[1]

@@ -12,9 +12,9 @@ from litepatch.kernels import dense_attention, dense_kernel_name
 from .adapters.base import AttentionCall
 
 
-# flash-attn-4's Python launch path costs ~0.4-0.5 ms of host time per call (benchmarks/patch_overhead.py on an
-# H200: +530 us per dense call at 512 tokens) against 10-20 % of the GPU time it saves over cuDNN, so it only pays
-# on calls of a millisecond or more (Wan 480p: 6.6e12 FLOP, 9 ms; Flux 1024^2: 2.6e11 FLOP, 0.4 ms stays as is).
+# flash-attn-4's Python launch path costs 68-81 us of host time per call against SDPA's 19 us
+# (benchmarks/patch_overhead.py on an H200) and saves 7-20 % of the GPU time over cuDNN, so it only pays on calls of
+# a millisecond or more (Wan 480p: 6.6e12 FLOP, 9 ms; Flux 1024^2: 2.6e11 FLOP, 0.4 ms stays as is).
 FAST_DENSE_MIN_FLOP = 1e12
 
 

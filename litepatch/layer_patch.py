@@ -27,6 +27,7 @@ from litepatch.kernels import SkipState, lite_attention, registry
 from .adapters.base import AttentionCall, AttentionLayerInfo, call_kind
 from .attachment import LAYER_ATTR, Attachment
 from .dense_routing import fast_dense
+from .parallel import ChunkKey
 from .runtime import CallPlan, Runtime
 
 
@@ -116,16 +117,19 @@ class LayerPatch:
             return "autograd is recording (the LiteAttention kernel has no backward)"
         return None
 
-    def make_plan(self, call_index: int = 0) -> CallPlan:
+    def make_plan(self, call_index: int = 0, chunk: tuple[int, int] | None = None) -> CallPlan:
         """Decides the coming call from the tracker (eager code, before the top-level forward runs).
 
         ``call_index`` > 0: a further attention call of the layer in one forward (a processor that loops over
-        batch rows, as Mochi's does): it gets a state of its own.
+        batch rows, as Mochi's does): it gets a state of its own. ``chunk = (query shard, K/V chunk)``: one chunk
+        call of ring attention (:mod:`litepatch.ring_diffusers`), state key :class:`~litepatch.parallel.ChunkKey`.
         """
         tracker, recipe = self.runtime.tracker, self.runtime.recipe
         step, branch = max(tracker.step, 0), tracker.branch
         if call_index:
             branch = (branch, call_index)
+        if chunk is not None:
+            branch = ChunkKey(branch, *chunk)
         if step < recipe.warmup_steps:
             return CallPlan(step, branch, tracker.generation, None, "warm-up", None)
         threshold = recipe.threshold_for(self.name, step)
@@ -205,6 +209,8 @@ class LayerPatch:
                 reason = kind.why
             else:
                 must = _sharded(kind.text_ranges, local_q, shards)
+        if call.ring is not None:  # diffusers' ring context parallelism: one state per (query shard, K/V chunk)
+            return call.ring(self, call, plan, reason, must)
         if reason is not None:
             self._warn(reason)
             self.last_call = (plan, reason, self._dense_total(call) if q.dim() == 4 and k.dim() == 4 else 0)

@@ -22,6 +22,10 @@ K/V chunk) and merges by LSE: same lists, outputs within float tolerance. With `
 skipped and both equal dense attention. Must-compute token ranges are given in global coordinates and shifted into
 each call's local coordinates (:func:`shard_ranges`).
 
+**Ulysses x ring** (:func:`ulysses_ring_lite_attention`, groups from :func:`ulysses_ring_groups`): Ulysses inside
+each ring shard, a ring across them, for more ranks than heads allow for Ulysses alone (or to keep the all-to-alls
+inside a node). Its lists equal the chunked run's with ``n_chunks = ring_degree``, heads sliced per Ulysses rank.
+
 Load balance: :func:`kept_tiles` and :func:`load_report` give each rank's kept work and the imbalance (max/mean);
 :func:`head_work` and :func:`place_heads` assign heads to Ulysses ranks by kept work (greedy longest-processing-time
 with ``H/P`` heads per rank); :func:`reshard_ulysses_state` moves the skip lists when the placement changes. Whether
@@ -48,6 +52,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -59,8 +64,10 @@ Ranges = Sequence[tuple[int, int]] | None
 AttnFn = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 
 __all__ = [
+    "ChunkKey",
     "ChunkedSkipState",
     "LoadReport",
+    "UlyssesRingGroups",
     "chunked_lite_attention",
     "contiguous_head_order",
     "head_work",
@@ -72,10 +79,13 @@ __all__ = [
     "reshard_ulysses_state",
     "ring_attention",
     "ring_lite_attention",
+    "sdpa_with_lse",
     "shard_ranges",
     "spawn_gloo",
     "ulysses_attention",
     "ulysses_lite_attention",
+    "ulysses_ring_groups",
+    "ulysses_ring_lite_attention",
 ]
 
 
@@ -360,6 +370,50 @@ class ChunkedSkipState:
         return f"ChunkedSkipState(keys={self.keys()})"
 
 
+class ChunkKey(NamedTuple):
+    """The state key of one (query shard, K/V chunk) call of ring attention inside a patched model.
+
+    ``branch`` is the layer's CFG branch key, ``shard`` the query shard (ring rank) and ``chunk`` the origin ring
+    rank of the K/V chunk (not the rotation step). ``handle.skip_states()`` and the stats records of a layer under
+    diffusers' ring context parallelism are keyed by it.
+
+    >>> ChunkKey("cond", 0, 1)
+    ChunkKey(branch='cond', shard=0, chunk=1)
+    """
+
+    branch: object
+    shard: int
+    chunk: int
+
+
+def sdpa_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact dense attention with its natural-log LSE, the per-chunk op of a dense ring.
+
+    ``q [B, Sq, H, D]``, ``k, v [B, Sk, H, D]``. PyTorch's flash kernel on CUDA (fp16/bf16, head dim <= 256), its
+    CPU flash kernel on CPU, an fp32 softmax elsewhere.
+
+    Returns ``(out [B, Sq, H, D], lse [B, H, Sq])`` (LSE in fp32).
+
+    >>> out, lse = sdpa_with_lse(q, k_chunk, v_chunk)
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_shard(name, t)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    flash_dtypes = (torch.float16, torch.bfloat16)
+    if q.device.type == "cuda" and q.dtype in flash_dtypes and q.shape[-1] <= 256:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, scale=softmax_scale)[:2]
+    elif q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, scale=softmax_scale)
+    else:
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        scores = torch.matmul(qt.float(), kt.float().transpose(-1, -2)) * scale
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), vt.float()).to(q.dtype)
+    return out.transpose(1, 2), lse.float()
+
+
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -502,6 +556,107 @@ def chunked_lite_attention(
         lses.append(lse)
     out, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=2)
     return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ulysses x ring
+
+
+@dataclass(frozen=True)
+class UlyssesRingGroups:
+    """The process groups of a Ulysses x ring layout (:func:`ulysses_ring_groups`) and this rank's place in them.
+
+    ``P = ulysses_degree * ring_degree`` ranks; global rank ``g = ring_rank * ulysses_degree + ulysses_rank``, so a
+    Ulysses group is ``ulysses_degree`` consecutive ranks and holds ``ulysses_degree`` consecutive sequence shards:
+    after its all-to-all each member holds ring shard ``ring_rank`` (``S / ring_degree`` tokens) for
+    ``H / ulysses_degree`` heads.
+    """
+
+    ulysses: dist.ProcessGroup | None
+    ring: dist.ProcessGroup | None
+    ulysses_degree: int
+    ring_degree: int
+    ulysses_rank: int
+    ring_rank: int
+
+
+def ulysses_ring_groups(ulysses_degree: int, ring_degree: int) -> UlyssesRingGroups:
+    """Creates the Ulysses and ring process groups of a ``ulysses_degree x ring_degree`` layout of the world.
+
+    Collective: every rank of the world must call it with the same degrees (``dist.new_group`` for every group, in
+    the same order). Without torch.distributed both degrees must be 1.
+
+    >>> groups = ulysses_ring_groups(2, 4)            # 8 ranks: 4 Ulysses groups of 2, 2 rings of 4
+    >>> out = ulysses_ring_lite_attention(q, k, v, states, groups=groups, threshold=-6.0)
+    """
+    if ulysses_degree < 1 or ring_degree < 1:
+        raise ValueError(f"degrees must be >= 1, got ulysses_degree={ulysses_degree}, ring_degree={ring_degree}")
+    rank, world = _world(None)
+    if ulysses_degree * ring_degree != world:
+        raise ValueError(
+            f"ulysses_degree x ring_degree must equal the world size, got {ulysses_degree} x {ring_degree} on "
+            f"{world} ranks"
+        )
+    if world == 1:
+        return UlyssesRingGroups(None, None, 1, 1, 0, 0)
+    ulysses = ring = None
+    for r in range(ring_degree):
+        group = dist.new_group([r * ulysses_degree + u for u in range(ulysses_degree)])
+        if rank // ulysses_degree == r:
+            ulysses = group
+    for u in range(ulysses_degree):
+        group = dist.new_group([r * ulysses_degree + u for r in range(ring_degree)])
+        if rank % ulysses_degree == u:
+            ring = group
+    return UlyssesRingGroups(
+        ulysses, ring, ulysses_degree, ring_degree, ulysses_rank=rank % ulysses_degree,
+        ring_rank=rank // ulysses_degree,
+    )
+
+
+def ulysses_ring_lite_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    states: ChunkedSkipState,
+    *,
+    groups: UlyssesRingGroups,
+    head_order: torch.Tensor | Sequence[int] | None = None,
+    threshold: float = -10.0,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    order: str = "anchor",
+    must_compute_queries: Ranges = None,
+    must_compute_keys: Ranges = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LiteAttention with Ulysses inside each ring shard and a ring across them (Ulysses x ring).
+
+    ``q, k, v`` are this rank's sequence shard ``[B, S/P, H, D]`` (shard index = global rank). The Ulysses all-to-all
+    gives each rank ring shard ``groups.ring_rank`` for ``H / ulysses_degree`` heads (``head_order``'s slice for its
+    Ulysses rank, as in :func:`ulysses_lite_attention`), then :func:`ring_lite_attention` runs over the ring group with
+    one state per (ring shard, K/V chunk). ``states[i, c]`` therefore equals the heads slice of
+    :func:`chunked_lite_attention`'s ``states[i, c]`` with ``n_chunks = ring_degree`` on the gathered tensors; with
+    ``ulysses_degree = 1`` this is the ring, with ``ring_degree = 1`` Ulysses. Must-compute ranges are in global
+    token coordinates.
+
+    Returns ``out [B, S/P, H, D]`` or ``(out, lse [B, H, S/P])``.
+
+    Example:
+        >>> groups = ulysses_ring_groups(2, 2)         # 4 ranks, once
+        >>> states = ChunkedSkipState()                # one per layer and branch, on every rank
+        >>> for step in range(50):
+        ...     out = ulysses_ring_lite_attention(q, k, v, states, groups=groups, threshold=-6.0)
+    """
+
+    def attend(q_heads, k_heads, v_heads):
+        return ring_lite_attention(
+            q_heads, k_heads, v_heads, states, group=groups.ring, threshold=threshold, softmax_scale=softmax_scale,
+            return_lse=return_lse, order=order, must_compute_queries=must_compute_queries,
+            must_compute_keys=must_compute_keys, backend=backend,
+        )
+
+    return ulysses_attention(q, k, v, attend, group=groups.ulysses, head_order=head_order, return_lse=return_lse)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ class AttentionLayerInfo:
         module_class: the module's class name.
         reason: why it was found and classified so.
         sparse: whether litepatch makes it sparse (self and joint layers within reach).
-        text_layout: for joint layers, ``"first"``, ``"last"`` or ``"unknown"`` (both ends are text).
+        text_layout: for joint layers, ``"first"``, ``"last"``, ``"unknown"`` (both ends are text) or
+            ``"interleaved"`` (text tokens between image tokens: no range holds them, so the layer stays dense).
         single_stream: joint layer that sees text+video already concatenated, without
             ``encoder_hidden_states``; the text length comes from the top-level forward.
         adapter: name of the adapter that found it.
@@ -88,7 +89,8 @@ class AttentionCall:
     """One attention call as the kernel sees it: ``q, k, v`` ``[B, S, H, D]`` (views, any strides).
 
     ``problem`` names why the call cannot be taken as it is (a mask that is not a key-padding mask,
-    dropout, ...); ``key_mask`` is bool ``[B, S_k]`` (True: the key takes part) or None.
+    dropout, ...); ``key_mask`` is bool ``[B, S_k]`` (True: the key takes part) or None. ``ring``: under
+    diffusers' ring context parallelism, the object that runs the call per (query shard, K/V chunk).
     """
 
     q: torch.Tensor
@@ -100,6 +102,8 @@ class AttentionCall:
     hidden_tokens: int | None = None
     encoder_tokens: int | None = None
     shards: int = 1
+    # diffusers' ring context parallelism: runs the call chunk by chunk (litepatch.ring_diffusers.RingCall)
+    ring: object = None
 
 
 @dataclass
@@ -109,6 +113,9 @@ class CallKind:
     kind: str
     text_ranges: list[tuple[int, int]] = field(default_factory=list)
     why: str = ""
+
+
+INTERLEAVED = "interleaved"  # a joint layout whose text tokens no (start, end) range holds
 
 
 def text_ranges(layout: str, text: int, seq: int) -> list[tuple[int, int]]:
@@ -140,6 +147,8 @@ def call_kind(info: AttentionLayerInfo, seq_q: int, seq_k: int, hidden_tokens: i
     if encoder_tokens and hidden_tokens and hidden_tokens < seq_q <= hidden_tokens + encoder_tokens:
         text = seq_q - hidden_tokens  # processors may drop padded text tokens (Mochi)
         return CallKind("joint", text_ranges(info.text_layout, text, seq_q), "text and hidden tokens together")
+    if info.kind == "joint" and info.text_layout == INTERLEAVED:
+        return CallKind("joint", why="text tokens interleaved with image tokens: no token range protects them")
     if info.kind == "joint":
         text = root_text_tokens if info.single_stream else None
         if text and text < seq_q:

@@ -16,8 +16,9 @@
   interceptor (module-level helpers it calls are copied the same way). Every diffusers attention backend
   (``set_attention_backend("flash" | "sage" | "flex" | ...)``) goes through ``dispatch_attention_fn``, so
   calls litepatch takes run LiteAttention and the others (warm-up, fallbacks) run the chosen backend.
-  Under diffusers' context parallelism the dispatch runs as it is and its SDPA call (Ulysses, ``native``
-  backend) is intercepted beneath it.
+  Under diffusers' Ulysses context parallelism the dispatch runs as it is and its SDPA call (``native``
+  backend) is intercepted beneath it; under ring context parallelism :mod:`litepatch.ring_diffusers` runs the
+  call per (query shard, K/V chunk) in diffusers' ring template.
 
 Importing this module never imports diffusers: classes are recognised by name and module.
 """
@@ -31,7 +32,9 @@ import types
 import torch
 
 from ..diffusers_cp import ulysses_degree_of
+from ..ring_diffusers import ring_call
 from .base import (
+    INTERLEAVED,
     SDPA_NAME,
     Adapter,
     AttentionCall,
@@ -67,6 +70,10 @@ TEXT_LAYOUT: dict[str, str] = {
     "AuraFlowAttnProcessor": "first",
     "HiDreamAttnProcessor": "last",
     "Lumina2AttnProcessor": "first",
+    # Qwen-Image 2.1 scatters the image latents into the slots of its vision-language sequence: text and image
+    # tokens alternate, so the text is never a prefix or suffix (litepatch keeps these layers dense).
+    "QwenImage21AttnProcessor": INTERLEAVED,
+    "QwenImage21FlexAttnProcessor": INTERLEAVED,
 }
 
 # Processors that concatenate text and video themselves, with the module's own projections.
@@ -74,7 +81,16 @@ JOINT_PROCESSORS = ("CogVideoXAttnProcessor", "FusedCogVideoXAttnProcessor", "Co
                     "CogView4AttnProcessor")
 # Layers of one sequence that already holds text and image tokens (no encoder_hidden_states reaches the layer),
 # by processor class name prefix -> pattern of the layer's name in the model.
-SINGLE_STREAM_LAYERS = {"Lumina2AttnProcessor": r"^layers\.\d+\.attn$"}
+SINGLE_STREAM_LAYERS = {
+    "Lumina2AttnProcessor": r"^layers\.\d+\.attn$",
+    # Z-Image: the refiners see image or caption tokens alone, the main layers their concatenation (image first,
+    # caption last; caption first in omni mode); the caption length is not an argument of the top-level call
+    # (a list of tensors), so these layers stay dense, saying so, rather than leave the caption unprotected.
+    "ZSingleStreamAttnProcessor": r"^layers\.\d+\.attention$",
+    # Qwen-Image 2.1: one vision-language sequence of text and image tokens
+    "QwenImage21AttnProcessor": r"^transformer_blocks\.\d+\.attn$",
+    "QwenImage21FlexAttnProcessor": r"^transformer_blocks\.\d+\.attn$",
+}
 # Attention whose processor computes no softmax over keys: LiteAttention does not apply.
 LINEAR_PROCESSOR_WORDS = ("Linear", "Multiscale")
 # The fix named when a processor computes attention where litepatch cannot route it.
@@ -170,7 +186,7 @@ def processor_name(module: torch.nn.Module) -> str:
 
 
 def text_layout_of(module: torch.nn.Module) -> str:
-    """Where a joint layer's text tokens sit: ``"first"``, ``"last"`` or ``"unknown"``."""
+    """Where a joint layer's text tokens sit: ``"first"``, ``"last"``, ``"interleaved"`` or ``"unknown"``."""
     name = processor_name(module)
     for prefix, layout in TEXT_LAYOUT.items():
         if name.startswith(prefix):
@@ -251,7 +267,8 @@ class DiffusersAdapter(Adapter):
             reason += f"; text tokens {layout if layout != 'unknown' else 'at both ends (layout unknown)'}"
         reach = _out_of_reach(module) if kind in ("self", "joint") else ""
         return AttentionLayerInfo(name, kind, heads, head_dim, type(module).__name__, reason,
-                                  kind in ("self", "joint") and not reach, layout, single, self.name, reach)
+                                  kind in ("self", "joint") and not reach and layout != INTERLEAVED, layout, single,
+                                  self.name, reach)
 
     def install(self, module: torch.nn.Module, layer):
         processor = _processor(module)
@@ -334,7 +351,9 @@ def _dispatch_interceptor(layer, cell: dict, sdpa, original):
 
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
-        if parallel_config is not None:  # context parallelism: intercept the SDPA call beneath the template
+        args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs)
+        ring = ring_call(original, parallel_config, backend, args)  # ring CP: litepatch.ring_diffusers runs it
+        if parallel_config is not None and ring is None:  # Ulysses: intercept the SDPA call beneath the template
             cell["shards"] = ulysses_degree_of(parallel_config)
             with SDPAMode(sdpa):
                 return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
@@ -343,7 +362,7 @@ def _dispatch_interceptor(layer, cell: dict, sdpa, original):
         if problem is None:
             problem = _dispatch_problem(query, key, dropout_p, is_causal, enable_gqa, attention_kwargs)
         call = AttentionCall(query, key, value, scale, key_mask, problem, cell["hidden_tokens"],
-                             cell["encoder_tokens"], 1)
+                             cell["encoder_tokens"], 1, ring)
         out = layer.attend(call)
         if out is None:
             return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,

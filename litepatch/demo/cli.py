@@ -67,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model dtype; 'auto': bfloat16 on CUDA (what the GPU kernel takes), float32 on CPU",
     )
     parser.add_argument("--weights", default=None, help="demo model weights (default: the committed ones)")
+    parser.add_argument(
+        "--fuse-pointwise", action="store_true",
+        help="compile the blocks' elementwise parts (norms, RoPE, modulation) for the dense and the patched run alike",
+    )
     parser.add_argument("--out", default="litepatch-out", help="output folder (default ./litepatch-out/)")
 
 
@@ -192,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_demo_model(args.weights, device=device, model=which)
     dtype = _dtype(args.dtype, device)
     model = model.to(dtype)
+    if getattr(args, "fuse_pointwise", False):
+        model.fuse_pointwise()
     cfg = model.config
     cuda = device.type == "cuda"
     where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"

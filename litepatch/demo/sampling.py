@@ -1,8 +1,10 @@
 """Flow-matching Euler sampler with classifier-free guidance, and the demo's image metrics.
 
 The model is called like a diffusers transformer, ``model(latents, timestep=t, cond=c)``, once per
-CFG branch (sequential CFG: conditional first, then unconditional, with the same timestep), which is
-how the litepatch patcher tells branches and steps apart.
+CFG branch (``cfg_mode="sequential"``: conditional first, then unconditional, with the same timestep), which is
+how the litepatch patcher tells branches and steps apart; ``cfg_mode="batched"`` runs both branches as one forward
+of twice the batch (conditional rows first), as pipelines that batch CFG do: half the forwards, so half the
+host work per step for the same GPU work.
 
 Example:
     >>> model = load_demo_model()
@@ -15,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+CFG_MODES = ("sequential", "batched")
 
 
 def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -43,25 +47,36 @@ def sample(
     seed: int = 0,
     noise: torch.Tensor | None = None,
     callback: Callable[[int, float, torch.Tensor], None] | None = None,
+    cfg_mode: str = "sequential",
 ) -> torch.Tensor:
     """Generates ``[B, C, F, H, W]`` latents for ``cond`` ``[B, 3]`` with ``steps`` Euler steps.
 
     ``guidance`` 1.0 skips the unconditional branch. ``callback(step, sigma, latents)`` runs after each step.
+    ``cfg_mode``: ``"sequential"`` (two forwards per step) or ``"batched"`` (one forward of batch ``2B``).
     """
+    if cfg_mode not in CFG_MODES:
+        raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {cfg_mode!r}")
     param = next(model.parameters())
     cond = torch.as_tensor(cond, device=param.device).long()
     if cond.dim() == 1:
         cond = cond[None]
-    cfg = model.config
+    config = model.config
     if noise is None:
-        noise = initial_noise(cond.shape[0], (cfg.in_channels, cfg.frames, cfg.height, cfg.width), seed)
+        noise = initial_noise(cond.shape[0], (config.in_channels, config.frames, config.height, config.width), seed)
     x = noise.to(param.device, torch.float32)
+    null = model.null_cond(cond.shape[0], param.device)
     sigmas = flow_sigmas(steps, shift)
     for i in range(steps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         t = torch.full((x.shape[0],), sigma * 1000.0, device=x.device)
-        velocity = model(x, timestep=t, cond=cond).float()
-        if guidance != 1.0:
+        if guidance == 1.0:
+            velocity = model(x, timestep=t, cond=cond).float()
+        elif cfg_mode == "batched":
+            both = model(torch.cat([x, x]), timestep=torch.cat([t, t]), cond=torch.cat([cond, null])).float()
+            velocity, uncond = both.chunk(2)
+            velocity = uncond + guidance * (velocity - uncond)
+        else:
+            velocity = model(x, timestep=t, cond=cond).float()
             uncond = model(x, timestep=t, cond=None).float()
             velocity = uncond + guidance * (velocity - uncond)
         x = x + (sigma_next - sigma) * velocity

@@ -1,14 +1,22 @@
-"""litepatch inside diffusers' Ulysses context parallelism on 2 GPUs (NCCL, bfloat16, Triton kernel): the GPU twin
-of tests/unit/test_parallel_diffusers.py. A tiny random-weight WanTransformer3DModel with
-``enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))`` and the native backend, patched on each rank,
-against the same model patched in one process on cuda:0: outputs close and each rank's read lists equal to the
-single-process lists of its heads, over 3 calls that skip. Ranks are started by ``torch.multiprocessing.spawn``."""
+"""litepatch inside diffusers' context parallelism on 2 GPUs (NCCL, bfloat16, Triton kernel): the GPU twin of
+tests/unit/test_parallel_diffusers.py and tests/unit/test_parallel_diffusers_ring.py. A tiny random-weight
+WanTransformer3DModel with the native backend, patched on each rank, over 3 calls that skip:
+
+* ``ContextParallelConfig(ulysses_degree=2)`` against the same model patched in one process on cuda:0: outputs close
+  and each rank's read lists equal to the single-process lists of its heads;
+* ``ContextParallelConfig(ring_degree=2)`` against the single-GPU *chunked* run (each self-attention call through
+  ``chunked_lite_attention`` with 2 chunks on cuda:0): outputs close and each rank's list per (query shard, K/V chunk)
+  equal to the chunked run's list of that shard and chunk.
+
+Ranks are started by ``torch.multiprocessing.spawn``; both configurations run in one spawn."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import traceback
+from unittest import mock
 
 import pytest
 import torch
@@ -87,9 +95,12 @@ def _rank(rank: int, world: int, tmp: str) -> None:
             "nccl", init_method=f"file://{os.path.join(tmp, 'init')}", rank=rank, world_size=world, device_id=device
         )
         try:
-            model, latents, text = tiny_wan(device)
-            model.enable_parallelism(config=diffusers.ContextParallelConfig(ulysses_degree=world))
-            result = patched_calls(model, latents, text)
+            result = {}
+            for mode in ("ulysses", "ring"):
+                model, latents, text = tiny_wan(device)
+                model.enable_parallelism(config=diffusers.ContextParallelConfig(**{f"{mode}_degree": world}))
+                result[mode] = patched_calls(model, latents, text)
+                torch.cuda.synchronize(device)
         finally:
             dist.destroy_process_group()
         torch.save({"ok": True, "result": result}, path)
@@ -123,6 +134,37 @@ def single_process():
     return patched_calls(model, latents, text)
 
 
+@pytest.fixture(scope="module")
+def chunked_process():
+    """The ring's target on cuda:0: each self-attention call through ``chunked_lite_attention`` (2 chunks, one state
+    per (layer, query shard, K/V chunk)); reads ``[{(shard, chunk): read}]`` per call and layer."""
+    from diffusers.models.transformers import transformer_wan
+
+    from litepatch.parallel import ChunkedSkipState, chunked_lite_attention
+
+    model, latents, text = tiny_wan(torch.device("cuda", 0))
+    layers = TINY_WAN["num_layers"]
+    states = [ChunkedSkipState() for _ in range(layers)]
+    self_calls = itertools.count()
+    original = transformer_wan.dispatch_attention_fn
+
+    def dispatch(query, key, value, *args, **kwargs):
+        if query.shape[1] != key.shape[1]:  # cross-attention: text keys
+            return original(query, key, value, *args, **kwargs)
+        return chunked_lite_attention(query, key, value, states[next(self_calls) % layers], n_chunks=WORLD,
+                                      threshold=THRESHOLD)
+
+    outs, reads = [], []
+    with torch.inference_mode(), mock.patch.object(transformer_wan, "dispatch_attention_fn", dispatch):
+        for t in TIMESTEPS:
+            timestep = torch.full((1,), t, device=latents.device)
+            out = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+            outs.append(out.float().cpu())
+            reads.append([{key: s.read_list().cpu() for key, s in layer.items()} for layer in states])
+    tiles = {s.tiles for layer in states for s in layer.values()}
+    return {"outs": outs, "reads": reads, "tiles": tiles}
+
+
 def test_ulysses_on_two_gpus_equals_the_single_gpu_run(ranks, single_process):
     from litepatch.kernels import triton_fwd
 
@@ -131,7 +173,7 @@ def test_ulysses_on_two_gpus_equals_the_single_gpu_run(ranks, single_process):
     assert want["dense_records"] == []
     assert all(tiles == triton_fwd.tiles_for_head_dim(64) for tiles in want["tiles"]), "the Triton kernel must run"
     local = HEADS // WORLD
-    for rank, got in enumerate(ranks):
+    for rank, got in enumerate(r["ulysses"] for r in ranks):
         assert got["dense_records"] == [], f"rank {rank} fell back to dense"
         assert got["kept_fraction"] < 1.0
         assert all(tiles == triton_fwd.tiles_for_head_dim(64) for tiles in got["tiles"])
@@ -148,4 +190,32 @@ def test_ulysses_on_two_gpus_equals_the_single_gpu_run(ranks, single_process):
                     mismatch = float((mine != heads).float().mean())
                     assert mismatch <= MAX_READ_MISMATCH, (
                         f"rank {rank} call {call} {name}/{branch}: {mismatch:.2%} of read-list tiles differ"
+                    )
+
+
+def test_ring_on_two_gpus_equals_the_single_gpu_chunked_run(ranks, chunked_process):
+    from litepatch.kernels import triton_fwd
+    from litepatch.parallel import ChunkKey
+
+    want = chunked_process
+    assert want["tiles"] == {triton_fwd.tiles_for_head_dim(64)}, "the Triton kernel must run"
+    assert any(not read.all() for layer in want["reads"][-1] for read in layer.values()), "the case must skip"
+    for rank, got in enumerate(r["ring"] for r in ranks):
+        assert got["dense_records"] == [], f"rank {rank} fell back to dense"
+        assert got["kept_fraction"] < 1.0
+        assert all(tiles == triton_fwd.tiles_for_head_dim(64) for tiles in got["tiles"])
+        for call in range(len(TIMESTEPS)):
+            out, ref = got["outs"][call], want["outs"][call]
+            rel = float((out - ref).norm() / ref.norm())
+            assert rel < MAX_REL_ERROR, f"ring rank {rank} call {call}: relative error {rel:.3e}"
+            for layer, chunks in enumerate(want["reads"][call]):
+                name = f"blocks.{layer}.attn1"
+                mine = got["reads"][call][name]
+                assert sorted(mine) == [ChunkKey(0, rank, c) for c in range(WORLD)], (name, sorted(mine))
+                for (_, shard, chunk), read in mine.items():
+                    ref_read = chunks[shard, chunk]
+                    assert read.shape == ref_read.shape, (name, shard, chunk)
+                    mismatch = float((read != ref_read).float().mean())
+                    assert mismatch <= MAX_READ_MISMATCH, (
+                        f"ring rank {rank} call {call} {name} chunk {chunk}: {mismatch:.2%} of read-list tiles differ"
                     )

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+import litepatch.demo.model as demo_model
+
 from litepatch.demo.data import COLOURS, DIRECTIONS, SHAPES, describe, make_videos, parse_condition
 from litepatch.demo.model import (
     DemoConfig,
@@ -110,6 +112,61 @@ def test_tiny_sampler_runs_the_two_cfg_branches():
     calls.clear()
     sample(model, torch.tensor([0, 0, 0]), steps=2, guidance=1.0)
     assert calls == [False, False]
+
+
+def test_batched_cfg_is_one_forward_per_step_and_equals_sequential_cfg():
+    torch.manual_seed(0)
+    model = DemoDiT(TINY).eval()
+    batches = []
+    model.register_forward_pre_hook(lambda m, a, kw: batches.append(a[0].shape[0]), with_kwargs=True)
+    cond = torch.tensor([[1, 2, 3]])
+    sequential = sample(model, cond, steps=3, guidance=3.0, seed=5)
+    assert batches == [1] * 6
+    batches.clear()
+    batched = sample(model, cond, steps=3, guidance=3.0, seed=5, cfg_mode="batched")
+    assert batches == [2] * 3
+    torch.testing.assert_close(batched, sequential, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="cfg_mode must be one of"):
+        sample(model, cond, steps=1, cfg_mode="interleaved")
+
+
+def test_patched_batched_cfg_keeps_one_state_with_a_row_per_branch(trained):
+    import litepatch
+
+    model = trained  # local attention: the trained model skips tiles, a random one does not
+    handle = litepatch.apply(model, threshold=-2.0, warmup_steps=1)
+    try:
+        sample(model, torch.tensor([[1, 2, 3]]), steps=3, guidance=3.0, cfg_mode="batched")  # step 2 reads the lists step 1 wrote
+        states = handle.skip_states()
+        assert states and all(len(branches) == 1 for branches in states.values())
+        assert all(state.keep.shape[0] == 2 for branches in states.values() for state in branches.values())
+        assert any(not record["dense"] for record in handle.stats().records)
+        assert handle.stats().kept_fraction() < 1.0
+    finally:
+        handle.remove()
+
+
+def test_fused_pointwise_traces_without_graph_breaks_and_keeps_the_output():
+    """fuse_pointwise() compiles the blocks' elementwise parts (fullgraph: a graph break raises); "aot_eager" traces
+    them as inductor would, without generating code, so the CPU suite checks the path the GPU demo takes."""
+    torch.manual_seed(0)
+    model = DemoDiT(TINY).eval()
+    latents, cond = torch.randn(2, 3, 2, 8, 8), torch.tensor([[0, 1, 2], [-1, -1, -1]])
+    with torch.no_grad():
+        eager = model(latents, timestep=torch.tensor([500.0, 500.0]), cond=cond)
+        model.fuse_pointwise(backend="aot_eager")
+        assert all(block.ops is not demo_model.EAGER_OPS for block in model.blocks)
+        fused = model(latents, timestep=torch.tensor([500.0, 500.0]), cond=cond)
+        model.fuse_pointwise(False)
+        assert all(block.self_attn.ops is demo_model.EAGER_OPS for block in model.blocks)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_real_rope_equals_the_complex_rotation():
+    x = torch.randn(1, 2, 12, 8)
+    freqs = demo_model.rope_frequencies((1, 3, 4), 8, 10000.0, "cpu")
+    pairs = torch.view_as_complex(x.reshape(1, 2, 12, 4, 2))
+    torch.testing.assert_close(demo_model.apply_rope(x, freqs), torch.view_as_real(pairs * freqs).flatten(-2))
 
 
 def test_flow_sigmas_and_metrics():

@@ -399,3 +399,20 @@ def test_bad_adapters_are_refused_with_a_clear_error():
     with pytest.raises(NotImplementedError, match=r"NoMatches must define matches\(module, name\)"):
         litepatch.inspect(tm.TimmStyleViT(), adapter=NoMatches())
     assert [a.name for a in registered_adapters()] == ["diffusers", "nn.MultiheadAttention", "timm-style", "sdpa-call"]
+
+
+@pytest.mark.parametrize("layout, root_text, ranges", [
+    ("first", 8, [(0, 8)]), ("last", 8, [(56, 64)]), ("unknown", 8, [(0, 8), (56, 64)]),
+    ("interleaved", 8, None), ("last", None, None),
+])
+def test_single_stream_joint_calls_protect_the_text_only_where_a_range_holds_it(layout, root_text, ranges):
+    """Z-Image's unified layers (caption length unknown) and Qwen-Image 2.1's interleaved text run dense."""
+    from litepatch.adapters.base import AttentionLayerInfo, call_kind
+
+    info = AttentionLayerInfo("layers.0.attention", "joint", 2, 64, "Attention", "test", True, text_layout=layout,
+                              single_stream=True)
+    kind = call_kind(info, 64, 64, None, None, root_text)
+    assert kind.kind == "joint"
+    assert (kind.text_ranges or None) == ranges
+    if ranges is None:
+        assert "interleaved" in kind.why or "unknown" in kind.why
