@@ -142,8 +142,8 @@ def _cute_rows(q, k, v, state, args, kw) -> dict:
 
     keep = state.buffers().keep
     batch, heads, q_tiles, _ = keep.shape
-    slot, count, index, needed = cute_fwd._scratch_views(keep, state.k_tiles)
-    lists = (*cute_fwd._no_masked_blocks(q.device, batch, heads, q_tiles), count, index)
+    slot, count, index, needed = cute_fwd.scratch_views(keep, state.k_tiles)
+    lists = (*cute_fwd.no_masked_blocks(q.device, batch, heads, q_tiles), count, index)
     registry.get("cute").forward(*args, **kw)  # the lists above now hold this call's
     return {
         "flash-attn-4 dense (_flash_attn_fwd)": lambda: cute_fwd.flash_attn_4_dense(q, k, v),
@@ -186,14 +186,14 @@ def per_layer_call_us(model, latents, rounds: int, null_sdpa) -> dict[str, float
         layer = attn._litepatch
         root = model._litepatch_root
         kwargs = dict(hidden_states=latents, timestep=torch.full((1,), 999.0), encoder_hidden_states=None)
-        root._pre_hook(model, (), kwargs)
+        root.pre_hook(model, (), kwargs)
 
         def call():
             layer.last_call = None  # as in a forward: one call per plan
             attn(hidden, None, None, rotary)
 
         calls.append(timed(call) - unpatched)
-        hooks.append(timed(lambda: root._pre_hook(model, (), kwargs), 300) / len(handle.layers))
+        hooks.append(timed(lambda: root.pre_hook(model, (), kwargs), 300) / len(handle.layers))
         handle.remove()
     return {"one attention module, patched - unpatched": statistics.median(calls),
             "root pre-hook (plans, records), per layer": statistics.median(hooks)}

@@ -126,7 +126,7 @@ def scratch_bytes() -> int:
     return sum(b.numel() * b.element_size() for b in _SCRATCH.values())
 
 
-def _scratch_views(keep: torch.Tensor, k_tiles: int):
+def scratch_views(keep: torch.Tensor, k_tiles: int):
     """(slot int64 [B,H,QT], count [B,H,QT], index [B,H,QT,KT], needed [B,H,QT,W]) in the shared buffer."""
     batch, heads, q_tiles, n_words = keep.shape
     rows = batch * heads * q_tiles
@@ -190,7 +190,7 @@ def cute_forward(
     k_tiles = math.ceil(k.shape[1] / block_n)
     batch, heads, q_tiles, n_words = keep.shape
     rows = batch * heads * q_tiles
-    slot, count, index, needed = _scratch_views(keep, k_tiles)
+    slot, count, index, needed = scratch_views(keep, k_tiles)
     valid_tiles = None if key_valid is None else tile_valid(key_valid, block_n, k_tiles)
     kept.zero_()
     kt_pow2 = max(32, triton.next_power_of_2(k_tiles))
@@ -199,7 +199,7 @@ def cute_forward(
         kept, q_tiles, k_tiles, n_words, heads, USE_ANCHOR=use_anchor, DESCENDING=descending, KT_POW2=kt_pow2,
         HAS_KEY_MASK=valid_tiles is not None, num_warps=4 if k_tiles <= 1024 else 8,
     )
-    no_mask_cnt, no_mask_idx = _no_masked_blocks(q.device, batch, heads, q_tiles)
+    no_mask_cnt, no_mask_idx = no_masked_blocks(q.device, batch, heads, q_tiles)
     out, lse = run_sm90(
         q, k, v, (no_mask_cnt, no_mask_idx, count, index), needed, slot, softmax_scale=softmax_scale,
         threshold=threshold, descending=descending, seqused_k=lengths,
@@ -225,7 +225,7 @@ def flash_attn_4_dense(
 _NO_MASKED: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _no_masked_blocks(device: torch.device, batch: int, heads: int, q_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+def no_masked_blocks(device: torch.device, batch: int, heads: int, q_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """flash-attn-4's "masked block" lists, empty: int32 zeros ``[B, H, QT]`` and ``[B, H, QT, 1]``."""
     key = (device, batch, heads, q_tiles)
     if key not in _NO_MASKED:

@@ -60,7 +60,7 @@ class RootPatch:
                 )
             layer.entered = layer.reached = False
 
-    def _pre_hook(self, module, args, kwargs):
+    def pre_hook(self, module, args, kwargs):
         self.check_parallelism(module)
         timestep, text_tokens, inputs = self.reader.read(args, kwargs)
         runtime = self.runtime
@@ -77,7 +77,7 @@ class RootPatch:
     def install(self, module: torch.nn.Module) -> None:
         self.check_parallelism(module)
         attachment = Attachment(module)
-        self.hook = module.register_forward_pre_hook(torch._dynamo.disable(self._pre_hook), with_kwargs=True)
+        self.hook = module.register_forward_pre_hook(torch._dynamo.disable(self.pre_hook), with_kwargs=True)
         original = getattr(module, "cache_context", None)
         if callable(original):
             runtime = self.runtime
