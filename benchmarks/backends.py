@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import sys
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ FRACTIONS = (0.75, 0.5, 0.25, 0.1, 0.05)
 
 
 def shape_rows(name: str, reps: int, warmup: int) -> dict:
+    from flash_attn.cute import interface as fa4_interface
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from litepatch.kernels import SkipState, dense_attention, lite_attention, pack_bits
@@ -79,8 +81,9 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         "triton_dense": (None, lambda: lite_attention(q, k, v, full, threshold=-math.inf, backend="triton")),
     }
     try:  # the library's block-sparse entry point is not part of litepatch: a refusal only drops this row
-        _fa4_interface()._flash_attn_fwd(q, k, v, block_sparse_tensors=fa4_full)
-        calls["fa4_sparse_full"] = (None, lambda: _fa4_interface()._flash_attn_fwd(q, k, v, block_sparse_tensors=fa4_full))
+        fa4_sparse_full = partial(fa4_interface._flash_attn_fwd, q, k, v, block_sparse_tensors=fa4_full)
+        fa4_sparse_full()
+        calls["fa4_sparse_full"] = (None, fa4_sparse_full)
     except Exception as exc:  # noqa: BLE001
         print(f"flash-attn-4 block-sparse forward refused the full lists ({exc}); its row is left out", flush=True)
     bands = {}
@@ -122,12 +125,6 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         "state_bytes": full.nbytes(),
     }
     return row
-
-
-def _fa4_interface():
-    from flash_attn.cute import interface
-
-    return interface
 
 
 def _fa4_full_lists(batch, heads, q_tiles, k_tiles, device):

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -161,11 +162,15 @@ def _rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 # modulation) and the host issuing them; DemoDiT.fuse_pointwise() compiles each into one kernel on a GPU.
 
 
-def rms_heads(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int) -> torch.Tensor:
-    """RMSNorm over the model dim (in fp32, weighted), then ``[B, S, dim]`` -> ``[B, H, S, D]``."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, in fp32, weighted; the result in ``x``'s dtype."""
     x32 = x.float()
-    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
-    return normed.unflatten(-1, (heads, -1)).transpose(1, 2)
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+
+
+def rms_heads(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int) -> torch.Tensor:
+    """:func:`rms_norm` over the model dim, then ``[B, S, dim]`` -> ``[B, H, S, D]``."""
+    return rms_norm(x, weight, eps).unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
 def rms_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int, rotation: torch.Tensor) -> torch.Tensor:
@@ -186,10 +191,10 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
 class PointwiseOps:
     """The elementwise functions a block calls: eager (:data:`EAGER_OPS`) or compiled (:func:`compiled_ops`)."""
 
-    rms_heads: object
-    rms_rope: object
-    modulated_norm: object
-    gated_residual: object
+    rms_heads: Callable[..., torch.Tensor]
+    rms_rope: Callable[..., torch.Tensor]
+    modulated_norm: Callable[..., torch.Tensor]
+    gated_residual: Callable[..., torch.Tensor]
 
 
 EAGER_OPS = PointwiseOps(rms_heads, rms_rope, modulated_norm, gated_residual)
@@ -199,9 +204,10 @@ _COMPILED_OPS: dict[str, PointwiseOps] = {}
 def compiled_ops(backend: str = "inductor") -> PointwiseOps:
     """:data:`EAGER_OPS` through ``torch.compile`` (one graph each, no graph break), made once per backend."""
     if backend not in _COMPILED_OPS:
-        compile_one = lambda fn: torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)  # noqa: E731
-        _COMPILED_OPS[backend] = PointwiseOps(*(compile_one(fn) for fn in (rms_heads, rms_rope, modulated_norm,
-                                                                              gated_residual)))
+        _COMPILED_OPS[backend] = PointwiseOps(*(
+            torch.compile(getattr(EAGER_OPS, f.name), backend=backend, fullgraph=True, dynamic=False)
+            for f in fields(PointwiseOps)
+        ))
     return _COMPILED_OPS[backend]
 
 
@@ -212,8 +218,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class _Projections(nn.Module):
