@@ -9,11 +9,37 @@ and CuTe-DSL forwards.
 import importlib as _importlib
 import sys as _sys
 
+
+def _installed_namesake(name: str):
+    """Another installed top-level package of this name (Hugging Face's `kernels`, which transformers
+    requires and diffusers imports), loaded from the sys.path entries other than this checkout's root;
+    None when there is none."""
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in _sys.path if os.path.abspath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    _sys.modules[name] = module  # before running it, as the import system does: its own imports see it
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del _sys.modules[name]
+        raise
+    return module
+
+
 if __name__ != "litepatch.kernels":
-    # Imported under another name: the repository root on sys.path makes this folder a top-level
-    # `kernels`, which transformers probes by importing it. A second copy would re-register the custom
-    # op against an empty backend registry, so hand out the one real package instead.
-    _sys.modules[__name__] = _importlib.import_module("litepatch.kernels")
+    # Imported under another name: the repository root on sys.path (`python -m ...` run from a checkout)
+    # makes this folder a top-level `kernels`. Where Hugging Face's `kernels` is installed, that is the
+    # package the importer wants (diffusers imports `kernels.CUDAProperties` through transformers); where
+    # it is not, transformers probes the name by importing it, and a second copy of this package would
+    # re-register the custom op against an empty backend registry: hand out the one real package.
+    _sys.modules[__name__] = _installed_namesake(__name__) or _importlib.import_module("litepatch.kernels")
 else:
     from .dense import dense_attention, dense_kernel_name
     from .interface import available_backends, check_threshold, key_mask_from, key_padding_view, lite_attention

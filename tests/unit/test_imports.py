@@ -21,16 +21,41 @@ def test_calibrate_front_door_reaches_the_calibrator(monkeypatch):
     assert seen == {"args": ("run",), "kwargs": {"budget": "psnr >= 30"}}
 
 
-def test_repo_root_kernels_folder_is_the_one_registered_package():
-    # From the repository root, `kernels/` is importable as a top-level package (transformers probes it
-    # by importing it). It must be litepatch.kernels itself: a second copy would re-register the custom op
-    # against an empty backend registry (seen as KeyError: 'triton' on CUDA).
-    import pathlib
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
-    root = pathlib.Path(__file__).resolve().parents[2]
+
+def _import_kernels_from_root(extra_path: str = "") -> str:
+    """`import kernels` in a fresh interpreter whose sys.path starts with the repository root (as under
+    `python -m pytest` run there), then `extra_path`; prints what it got."""
     code = (
-        "import kernels, litepatch.kernels, sys; "
-        "print(kernels is litepatch.kernels, [m for m in sys.modules if m.startswith('kernels.')])"
+        f"import sys; sys.path[:0] = [{str(ROOT)!r}] + ([{extra_path!r}] if {extra_path!r} else []); "
+        "import kernels, litepatch.kernels; "
+        "print(kernels is litepatch.kernels, getattr(kernels, 'MARK', None), "
+        "[m for m in sys.modules if m.startswith('kernels.')], litepatch.kernels.__name__)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "True []"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_repo_root_kernels_folder_is_the_one_registered_package_when_no_namesake_is_installed():
+    # From the repository root, `kernels/` is importable as a top-level package (transformers probes it
+    # by importing it). Without another `kernels` installed it must be litepatch.kernels itself: a second
+    # copy would re-register the custom op against an empty backend registry (KeyError: 'triton' on CUDA).
+    import importlib.machinery
+
+    if importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if p not in ("", str(ROOT))]):
+        # Hugging Face's `kernels` is installed (transformers 5 requires it): the next test's case.
+        assert _import_kernels_from_root().startswith("False None")
+    else:
+        assert _import_kernels_from_root() == "True None [] litepatch.kernels"
+
+
+def test_repo_root_does_not_shadow_an_installed_kernels_package(tmp_path):
+    # transformers 5 requires Hugging Face's `kernels`, and diffusers' PEFT loader imports names from it
+    # (`from kernels import CUDAProperties`): run from a checkout, the root's `kernels/` folder must not
+    # shadow it, and litepatch.kernels stays the one package of the custom op.
+    package = tmp_path / "kernels"
+    package.mkdir()
+    (package / "__init__.py").write_text("from .sub import MARK\n")
+    (package / "sub.py").write_text("MARK = 'namesake'\n")
+    assert _import_kernels_from_root(str(tmp_path)) == "False namesake ['kernels.sub'] litepatch.kernels"
