@@ -741,6 +741,10 @@ def main(argv=None) -> int:
         }
         report(rows, meta, args.json)
     if world > 1:
+        # Every rank past its last collective (rank 0 also reports above) before any rank shuts gloo down: a
+        # rank that tore the group down while a peer still had work in flight died in CI with "terminate
+        # called without an active exception" (SIGABRT) after the table was written.
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
