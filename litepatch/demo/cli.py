@@ -161,8 +161,7 @@ def floor_backend(device) -> tuple[str, list]:
 
 def _head_fractions(handle, layer: str) -> list[float] | None:
     """Per head, the fraction of tiles in ``layer``'s read list (the next call's tiles), first branch."""
-    patch = getattr(handle.model.get_submodule(layer), "__dict__", {}).get("_litepatch")
-    states = getattr(patch, "states", None) or {}
+    states = handle.skip_states().get(layer) or {}
     state = states.get(min(states, key=str)) if states else None
     if state is None or not state.initialized:
         return None

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from litepatch.kernels import DEFAULT_ORDER, DEFAULT_THRESHOLD
 from litepatch.parallel.ring import ChunkedSkipState, ring_lite_attention
 from litepatch.parallel.shards import Ranges, _world
 from litepatch.parallel.ulysses import ulysses_attention
@@ -75,10 +76,10 @@ def ulysses_ring_lite_attention(
     *,
     groups: UlyssesRingGroups,
     head_order: torch.Tensor | Sequence[int] | None = None,
-    threshold: float = -10.0,
+    threshold: float = DEFAULT_THRESHOLD,
     softmax_scale: float | None = None,
     return_lse: bool = False,
-    order: str = "anchor",
+    order: str = DEFAULT_ORDER,
     must_compute_queries: Ranges = None,
     must_compute_keys: Ranges = None,
     backend: str = "auto",
