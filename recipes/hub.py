@@ -549,7 +549,8 @@ def push(
 
     try:
         _probe(deadline, ref, "upload")
-        return _within(deadline, upload, ref, "upload")
+        # create_repo is idempotent (exist_ok) and a commit cut by a closed client never reached the server
+        return _within_again_if_closed(deadline, upload, ref, "upload")
     except RecipeError:
         raise
     except Exception as err:  # noqa: BLE001 - translated into one clear message per case

@@ -291,3 +291,27 @@ def test_a_shared_client_closed_by_an_abandoned_download_does_not_fail_the_next_
     closer.start()
     assert recipes.resolve("me/recipes/tiny", cache_dir=tmp_path / "c", timeout=8).name == "tiny"
     closer.join()
+
+
+def test_a_shared_client_closed_under_a_push_does_not_fail_it(hub):
+    """The same for an upload (an earlier pull cut off at its deadline did this to the push right after it,
+    in one CI run): the client is closed while ``push`` reads its first answer; the push is tried again within
+    its own deadline."""
+    import threading
+    import time
+
+    from huggingface_hub.utils import _http
+
+    hub.state.drip = 0.005  # each answer's body drips for about half a second
+
+    def close_while_the_first_answer_is_read() -> None:
+        while not any(method == "POST" for method, _ in hub.state.requests):
+            time.sleep(0.005)
+        time.sleep(0.15)
+        _http.close_session()
+
+    closer = threading.Thread(target=close_while_the_first_answer_is_read, daemon=True)
+    closer.start()
+    info = recipes.push(tiny_recipe(), "me/recipes", timeout=20)
+    closer.join()
+    assert info.oid and recipes.resolve(f"me/recipes/tiny@{info.oid}").name == "tiny"
