@@ -1,4 +1,5 @@
-"""Calls that skip nothing go to flash-attn-4's dense forward only where it runs and pays (issue 12)."""
+"""Calls that skip nothing go to the kernels' dense attention only where it beats the model's own SDPA call
+(issue 12); the rule itself is the kernels' (``litepatch.kernels.beats_sdpa``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from litepatch import dense_routing
 from litepatch.adapters.base import AttentionCall
+from litepatch.kernels import dense
 
 
 def _call(seq: int, heads: int = 12, dim: int = 128) -> AttentionCall:
@@ -13,23 +15,41 @@ def _call(seq: int, heads: int = 12, dim: int = 128) -> AttentionCall:
     return AttentionCall(q=q, k=q, v=q, scale=None)
 
 
-def test_long_calls_take_flash_attn_4_where_it_runs(monkeypatch):
+def _flash_attn_4_runs(monkeypatch, runs: bool = True) -> list:
+    """Makes flash-attn-4 look present (or absent) to the kernels; returns the shapes dense_attention got."""
     seen = []
-    monkeypatch.setattr(dense_routing, "dense_kernel_name", lambda q: "flash-attn-4")
+    monkeypatch.setattr(dense, "_flash_attn_4", lambda q: (lambda *a, **kw: "fa4") if runs else None)
     monkeypatch.setattr(dense_routing, "dense_attention", lambda q, k, v, **kw: seen.append(q.shape) or "fa4")
+    return seen
+
+
+def test_long_calls_take_flash_attn_4_where_it_runs(monkeypatch):
+    seen = _flash_attn_4_runs(monkeypatch)
     assert dense_routing.fast_dense(_call(32760)) == "fa4"  # Wan 480p: 6.6e12 FLOP
     assert dense_routing.fast_dense(_call(4608, heads=24)) is None  # Flux 1024^2: host time would exceed the gain
     assert seen == [torch.Size([1, 32760, 12, 128])]
 
 
 def test_nothing_changes_where_flash_attn_4_does_not_run(monkeypatch):
-    monkeypatch.setattr(dense_routing, "dense_kernel_name", lambda q: "sdpa")
-    monkeypatch.setattr(dense_routing, "dense_attention", lambda *a, **kw: "called")
+    seen = _flash_attn_4_runs(monkeypatch, runs=False)
     assert dense_routing.fast_dense(_call(32760)) is None
+    assert seen == []
 
 
 def test_compiled_calls_run_the_models_own_attention(monkeypatch):
-    monkeypatch.setattr(dense_routing, "dense_kernel_name", lambda q: "flash-attn-4")
-    monkeypatch.setattr(dense_routing, "dense_attention", lambda *a, **kw: "called")
+    seen = _flash_attn_4_runs(monkeypatch)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert dense_routing.fast_dense(_call(32760)) is None
+    assert seen == []
+
+
+def test_the_pay_rule_counts_the_calls_flop_with_its_key_length(monkeypatch):
+    _flash_attn_4_runs(monkeypatch)
+    q = torch.empty(1, 4608, 24, 128, device="meta")
+    assert not dense.beats_sdpa(q, 4608)  # 2.6e11 FLOP
+    assert dense.beats_sdpa(q, 4608 * 4)  # 1.04e12 FLOP: the same queries over four times the keys
+
+
+def test_on_the_cpu_sdpa_stays_however_long_the_call():
+    assert dense.dense_kernel_name(torch.empty(1, 8, 2, 64)) == "sdpa"
+    assert not dense.beats_sdpa(torch.empty(1, 4608, 24, 128), 10**6)
