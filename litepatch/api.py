@@ -355,7 +355,9 @@ def apply(
         layers (`dict`, *optional*): ``{fnmatch pattern: LayerSetting | float | None}``; ``None`` keeps a layer dense.
         adapter (`Adapter` or `str`, *optional*): a :class:`litepatch.adapters.Adapter` (or a registered adapter's
             name) tried before the built-in ones (diffusers, ``nn.MultiheadAttention``, timm-style, SDPA callers).
-        backend (`str`, defaults to `"auto"`): kernel backend (``"triton"`` on CUDA, ``"reference"``).
+        backend (`str`, defaults to `"auto"`): kernel backend; ``"auto"`` asks the kernels' registry per call for
+            the fastest that takes it, a name (:func:`litepatch.kernels.available_backends`: ``"cute"`` on Hopper
+            with the ``cuda`` extra, ``"triton"``, ``"reference"``) pins one.
         allow_fingerprint_mismatch (`bool`): apply a recipe made for another model (warns instead of raising).
         force (`bool`): re-apply to a model that is (or has parts) patched already: those patches are removed first.
 
