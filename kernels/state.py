@@ -42,16 +42,20 @@ TokenRanges = tuple[tuple[int, int], ...]
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile sizes that fix the state layout: ``block_m`` query rows by ``block_n`` key rows."""
+    """Tile sizes that fix the state layout: ``block_m`` query rows by ``block_n`` key rows.
+
+    ``block_m`` is a multiple of 16 (a GPU kernel may take 192 query rows, three warpgroups of 64); ``block_n`` is
+    a power of two >= 16.
+    """
 
     block_m: int = 128
     block_n: int = 64
 
     def __post_init__(self):
-        for name in ("block_m", "block_n"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        if self.block_m < 16 or self.block_m % 16:
+            raise ValueError(f"block_m must be a multiple of 16, >= 16, got {self.block_m}")
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
 
 
 DEFAULT_TILES = TileConfig()

@@ -153,7 +153,7 @@ def _lite_fwd_kernel(
     qk_scale, threshold,
     seq_q, seq_k, heads, q_tiles, k_tiles, n_words,
     q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    TILE_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     SKIP_TEST: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -165,10 +165,11 @@ def _lite_fwd_kernel(
     visit_row = visit_ptr + row.to(tl.int64) * k_tiles
     keep_row = keep_ptr + row.to(tl.int64) * n_words
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # a q-tile is TILE_M rows; BLOCK_M (the next power of two) rows are computed, those past the tile like padding
+    offs_m = pid_m * TILE_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    row_valid = offs_m < seq_q
-    q = q_desc.load([b * q_rb + h * q_rh + pid_m * BLOCK_M, h * q_ch])
+    row_valid = (offs_m < seq_q) & (tl.arange(0, BLOCK_M) < TILE_M)
+    q = q_desc.load([b * q_rb + h * q_rh + pid_m * TILE_M, h * q_ch])
     k_row0 = b * k_rb + h * k_rh
     v_row0 = b * v_rb + h * v_rh
     key_valid_row = key_valid_ptr + b.to(tl.int64) * seq_k
@@ -329,17 +330,18 @@ def triton_forward(
     q_t, q_view = _matrix_view(q)
     k_t, k_view = _matrix_view(k)
     v_t, v_view = _matrix_view(v)
-    warps, stages = launch_config(dim, block_m, block_n)
+    padded_m = triton.next_power_of_2(block_m)  # 192-row tiles (the CuTe backend's at head dim 64) compute 256
+    warps, stages = launch_config(dim, padded_m, block_n)
     warps, stages = num_warps or warps, num_stages or stages
     skip_test = threshold > -math.inf
     _lite_fwd_kernel[(q_tiles, batch * heads)](
-        _descriptor(q_t, q_view, block_m), _descriptor(k_t, k_view, block_n), _descriptor(v_t, v_view, block_n),
+        _descriptor(q_t, q_view, padded_m), _descriptor(k_t, k_view, block_n), _descriptor(v_t, v_view, block_n),
         out, lse, keep, anchor, visit, count, key_valid,
         softmax_scale * LOG2E, threshold if skip_test else 0.0,
         seq_q, seq_k, heads, q_tiles, k_tiles, n_words,
         *q_view[3:], *k_view[3:], *v_view[3:],
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim, SKIP_TEST=skip_test, HAS_TAIL=seq_k % block_n != 0,
-        HAS_KEY_MASK=has_mask,
+        TILE_M=block_m, BLOCK_M=padded_m, BLOCK_N=block_n, HEAD_DIM=dim, SKIP_TEST=skip_test,
+        HAS_TAIL=seq_k % block_n != 0, HAS_KEY_MASK=has_mask,
         NUM_STAGES=stages, num_warps=warps, num_stages=stages,
     )
     return out, lse

@@ -122,6 +122,37 @@ def test_matches_naive_tile_loop_over_calls(order, threshold, seq, seq_k, batch,
         assert int(state.kept) == int(read.sum())
 
 
+def test_a_192_row_query_tile_matches_the_naive_tile_loop():
+    """The CuTe backend takes 192 query rows per tile at head dim 64 (three warpgroups of 64 rows): the state and
+    the oracle are tile-generic, so a non-power-of-two ``block_m`` follows DESIGN §1 like any other."""
+    from litepatch.kernels.reference import reference_forward
+
+    tiles = TileConfig(192, 64)
+    q, k, v = local_qkv(1, 450, 2, 64, sharpness=4.0, seed=3)
+    state = SkipState()
+    state.initialize((1, 2, 450, 450), tiles, q.device, (), ())
+    assert state.keep.shape[2] == 3  # ceil(450 / 192) q-tiles
+    for call in range(3):
+        read, anchor = state.read_list().clone(), state.anchor.clone()
+        expected, next_read, next_anchor = naive_call(
+            q, k, v, read, anchor, tiles=tiles, threshold=-2.0, order="anchor", calls=call
+        )
+        out, _ = reference_forward(
+            q, k, v, *state.buffers(), *state.must_masks(q.device), block_m=192, block_n=64, threshold=-2.0,
+            softmax_scale=1 / 8, use_anchor=True, descending=False,
+        )
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+        assert torch.equal(state.read_list(), next_read) and torch.equal(state.anchor, next_anchor)
+    assert not state.read_list().all(), "the case must skip tiles to test the vote over 192-row tiles"
+
+
+@pytest.mark.parametrize("tiles,error", [((100, 64), "block_m must be a multiple of 16"),
+                                         ((128, 96), "block_n must be a power of two")])
+def test_tile_sizes_the_kernels_cannot_take_are_refused(tiles, error):
+    with pytest.raises(ValueError, match=error):
+        TileConfig(*tiles)
+
+
 def test_output_is_dense_softmax_restricted_to_read_list():
     q, k, v = local_qkv(2, 333, 2, 64, sharpness=4.0)
     state = SkipState()
