@@ -62,7 +62,7 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
     full = SkipState()
     lite_attention(q, k, v, full, threshold=-math.inf, backend="cute")  # sizes it; every tile listed
     first = SkipState()
-    fa4_full = _fa4_full_lists(batch, heads, full.q_tiles, full.k_tiles, device)
+    fa4_full = _fa4_full_lists(batch, heads, full.q_tiles, full.k_tiles, full.tiles, device)
 
     def first_call():  # the reset is untimed setup: the call then sizes the state and writes the first list
         lite_attention(q, k, v, first, threshold=-10.0, backend="cute")
@@ -86,18 +86,18 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         calls["fa4_sparse_full"] = (None, fa4_sparse_full)
     except Exception as exc:  # noqa: BLE001
         print(f"flash-attn-4 block-sparse forward refused the full lists ({exc}); its row is left out", flush=True)
-    bands = {}
     for fraction in FRACTIONS:
-        band = banded_read_list(batch, heads, full.q_tiles, full.k_tiles, fraction, 128, 128, device)
-        bands[fraction] = pack_bits(band)
         state = SkipState()
         lite_attention(q, k, v, state, threshold=-math.inf, backend="cute")
         state_t = SkipState()
         lite_attention(q, k, v, state_t, threshold=-math.inf, backend="triton")
+        # each backend's own tiles (the CuTe kernel's q-tiles are 192 rows at head dim 64, Triton's 128)
+        band, band_t = (pack_bits(banded_read_list(batch, heads, s.q_tiles, s.k_tiles, fraction, s.tiles.block_m,
+                                                   s.tiles.block_n, device)) for s in (state, state_t))
 
-        def reset(s=state, s_t=state_t, b=bands[fraction]):
+        def reset(s=state, s_t=state_t, b=band, b_t=band_t):
             s.set_read_words(b)
-            s_t.set_read_words(b)
+            s_t.set_read_words(b_t)
 
         calls[f"ours_read_k{fraction}"] = (reset, lambda s=state: lite_attention(q, k, v, s, threshold=-1e30,
                                                                                   backend="cute"))
@@ -127,8 +127,8 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
     return row
 
 
-def _fa4_full_lists(batch, heads, q_tiles, k_tiles, device):
-    """flash-attn-4's block-sparse tensors listing every 128x128 block as "full" (no masked blocks)."""
+def _fa4_full_lists(batch, heads, q_tiles, k_tiles, tiles, device):
+    """flash-attn-4's block-sparse tensors listing every block of our tiles as "full" (no masked blocks)."""
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
     def zeros(*shape):
@@ -137,7 +137,7 @@ def _fa4_full_lists(batch, heads, q_tiles, k_tiles, device):
     full_idx = torch.arange(k_tiles, dtype=torch.int32, device=device).expand(batch, heads, q_tiles, -1).contiguous()
     return BlockSparseTensorsTorch(zeros(batch, heads, q_tiles), zeros(batch, heads, q_tiles, k_tiles),
                                    torch.full((batch, heads, q_tiles), k_tiles, dtype=torch.int32, device=device),
-                                   full_idx, block_size=(128, 128))
+                                   full_idx, block_size=(tiles.block_m, tiles.block_n))
 
 
 def main(argv=None) -> int:

@@ -158,15 +158,14 @@ def _cute_rows(q, k, v, state, args, kw) -> dict:
 
     keep = state.buffers().keep
     batch, heads, q_tiles, _ = keep.shape
-    slot, count, index, needed = cute_fwd.scratch_views(keep, state.k_tiles)
+    slot, count, tail, index, votes = cute_fwd.scratch_views(keep, state.k_tiles)
     lists = (*cute_fwd.no_masked_blocks(q.device, batch, heads, q_tiles), count, index)
     cute_forward = registry.get("cute").forward
     cute_forward(*args, **kw)  # the lists above now hold this call's
     return {
         "flash-attn-4 dense (_flash_attn_fwd)": lambda: cute_fwd.flash_attn_4_dense(q, k, v),
         "CuTe LiteAttention call alone (run_sm90)": lambda: run_sm90(
-            q, k, v, lists, needed, slot, softmax_scale=kw["softmax_scale"], threshold=-4.0, descending=False,
-            seqused_k=None),
+            q, k, v, lists, votes, slot, tail, softmax_scale=kw["softmax_scale"], threshold=-4.0, seqused_k=None),
         "cute_forward (list + CuTe + commit kernels)": lambda: cute_forward(*args, **kw),
     }
 

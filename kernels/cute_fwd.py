@@ -1,25 +1,28 @@
 """CuTe-DSL LiteAttention backend for Hopper (sm90), built on flash-attn-4 as a library.
 
-Every call with the backend's 128x128 tiles runs :class:`~litepatch.kernels.cute_sm90.LiteAttentionForwardSm90`,
-flash-attn-4's SM90 forward with the skip vote inside each tile's online softmax. Around it, two small
-Triton kernels of this file, one program per (batch row, head, q-tile):
+Every call with the backend's tiles (:func:`tiles_for_head_dim`: 128 key rows; 192 query rows at head dim 64, 128
+above) runs :class:`~litepatch.kernels.cute_sm90.LiteAttentionForwardSm90`, flash-attn-4's SM90 forward with the
+skip vote inside each tile's online softmax. Around it, two small
+Triton kernels of this file, one program per (batch row, head, q-tile), which share :func:`_visit_order` (the
+q-tile's read list, minus key tiles with no valid key, and each read tile's visit position: anchor first then
+ascending, or all descending / ascending for ``order="alternate"``):
 
-1. :func:`_list_kernel` turns the read list (``state.keep``, minus key tiles with no valid key) into
-   flash-attn-4's "full block" list in *reverse* visiting order (the kernel walks lists from last entry to
-   first): anchor first then ascending, or all descending / ascending for ``order="alternate"``. It also
-   seeds the scratch ``needed`` bitmask with the tiles that must stay whatever the vote says (the first
-   visited, must-compute tiles, tiles this call does not read), sets the anchor slot to its minimum and sums
-   the listed tiles into ``kept``.
-2. :func:`_commit_kernel` ANDs ``needed`` (now also holding the tiles some valid row needed) into ``keep``
-   and decodes the anchor slot. ``threshold=-inf`` calls skip the AND: nothing is dropped.
+1. :func:`_list_kernel` writes flash-attn-4's "full block" list in *reverse* visiting order (the kernel walks
+   lists from last entry to first) and the visit position of the key sequence's last tile (the kernel masks it
+   by key length), zeroes the ``votes`` bitmask, sets the anchor slot to its minimum and sums the listed tiles
+   into ``kept``.
+2. :func:`_commit_kernel` rebuilds the same visiting order (``state.keep`` and ``state.anchor`` are unchanged
+   until then) and drops from ``keep`` the visited tiles no valid row voted for, except the first visited and
+   must-compute ones; it decodes the anchor slot's visit position into a tile. ``threshold=-inf`` calls drop
+   nothing.
 
-The lists, ``needed`` and the slots live in one int32 scratch buffer per device shared by every layer
-(:func:`scratch_bytes`), not in the per-layer state, which keeps :mod:`litepatch.kernels.state`'s layout.
+The lists, ``votes``, tail positions and slots live in one int32 scratch buffer per device shared by every
+layer (:func:`scratch_bytes`), not in the per-layer state, which keeps :mod:`litepatch.kernels.state`'s layout.
 
 Key-padding masks: prefix masks (valid keys then padding per batch row, the text mask of HunyuanVideo and
 Qwen-Image) become flash-attn-4's ``seqused_k``; tiles past a row's length leave the lists. Other masks,
-and other tile sizes, run the Triton kernel (:mod:`litepatch.kernels.triton_fwd`), whose 128x128 tiles and
-state layout are the same. Dense calls (:func:`flash_attn_4_dense`, reached through
+and other tile sizes, run the Triton kernel (:mod:`litepatch.kernels.triton_fwd`) at the state's tile sizes (it takes
+192-row query tiles too), so the state layout stays the same. Dense calls (:func:`flash_attn_4_dense`, reached through
 :func:`litepatch.kernels.dense_attention`) run flash-attn-4's plain forward.
 
 Requires ``pip install "litepatch[cuda]"`` (flash-attn-4 4.0.0b36, nvidia-cutlass-dsl 4.8.1). The first call
@@ -40,12 +43,11 @@ import triton
 import triton.language as tl
 from flash_attn.cute import interface as _fa4
 
-from .cute_sm90 import TILE_M, TILE_N, run_sm90
+from .cute_sm90 import TILE_N, run_sm90, tile_m_for
 from .registry import Backend, Constraints, register_backend
 from .state import TileConfig
 from .triton_fwd import MAX_K_TILES, _bit_or, tile_valid, triton_forward
 
-TILES = TileConfig(TILE_M, TILE_N)  # also the Triton kernel's, so that calls it takes over share the state layout
 HEAD_DIMS = (64, 128)  # verified on the H200; 96 compiles (mma_pv_is_rs off) but has not run there
 CONSTRAINTS = Constraints(
     device_types=("cuda",),
@@ -57,19 +59,22 @@ CONSTRAINTS = Constraints(
 
 
 @triton.jit
-def _list_kernel(keep_ptr, anchor_ptr, must_q_ptr, must_k_ptr, tile_valid_ptr, idx_ptr, cnt_ptr, needed_ptr,
-                 slot_ptr, kept_ptr, q_tiles, k_tiles, n_words, heads,
+def _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles, n_words, heads,
                  USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
                  HAS_KEY_MASK: tl.constexpr):
-    row = tl.program_id(0)  # (batch row * heads + head) * q_tiles + q-tile
+    """For the key tiles ``j`` of one q-tile (``row`` = (batch row * heads + head) * q_tiles + q-tile): whether
+    this call reads each (``read``), its visit position (``pos``, where read), the number read, and the last key
+    tile holding a valid key."""
     j = tl.arange(0, KT_POW2)
     in_range = j < k_tiles
     stored = (((tl.load(keep_ptr + row.to(tl.int64) * n_words + j // 32, mask=in_range, other=0) >> (j % 32)) & 1)
               != 0) & in_range
     read = stored
+    valid = in_range
     if HAS_KEY_MASK:  # key tiles with no valid key: not visited, and left in the stored list
         b = row // (q_tiles * heads)
-        read = read & (tl.load(tile_valid_ptr + b * k_tiles + j, mask=in_range, other=0) != 0)
+        valid = valid & (tl.load(tile_valid_ptr + b * k_tiles + j, mask=in_range, other=0) != 0)
+        read = read & valid
     read_i = read.to(tl.int32)
     total = tl.sum(read_i, axis=0)
     if USE_ANCHOR:
@@ -81,33 +86,60 @@ def _list_kernel(keep_ptr, anchor_ptr, must_q_ptr, must_k_ptr, tile_valid_ptr, i
         pos = total - tl.cumsum(read_i, axis=0)
     else:
         pos = tl.cumsum(read_i, axis=0) - 1
+    last = tl.max(tl.where(valid, j, -1), axis=0)
+    return j, read, pos, total, last
+
+
+@triton.jit
+def _list_kernel(keep_ptr, anchor_ptr, tile_valid_ptr, idx_ptr, cnt_ptr, tail_ptr, votes_ptr, slot_ptr, kept_ptr,
+                 q_tiles, k_tiles, n_words, heads,
+                 USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
+                 HAS_KEY_MASK: tl.constexpr):
+    row = tl.program_id(0)
+    j, read, pos, total, last = _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles, n_words,
+                                             heads, USE_ANCHOR, DESCENDING, KT_POW2, HAS_KEY_MASK)
     tl.store(idx_ptr + row.to(tl.int64) * k_tiles + (total - 1 - pos), j, mask=read)
     tl.store(cnt_ptr + row, total)
     tl.atomic_add(kept_ptr, total.to(tl.int64))
-    # tiles the vote cannot drop: unread ones (kept as stored), the first visited, must-compute ones
-    must_q = tl.load(must_q_ptr + row % q_tiles).to(tl.int32)
-    must = (must_q + tl.load(must_k_ptr + j, mask=in_range, other=0).to(tl.int32)) > 0
-    stays = (~read | (read & (pos == 0)) | must) & in_range
-    words = tl.reduce(tl.reshape(stays.to(tl.int32) << (j % 32), (KT_POW2 // 32, 32)), 1, _bit_or)
+    tl.store(tail_ptr + row, tl.sum(tl.where(read & (j == last), pos + 1, 0), axis=0) - 1)  # -1: not read
     w = tl.arange(0, KT_POW2 // 32)
-    tl.store(needed_ptr + row.to(tl.int64) * n_words + w, words, mask=w < n_words)
+    tl.store(votes_ptr + row.to(tl.int64) * n_words + w, tl.zeros_like(w), mask=w < n_words)
     tl.store(slot_ptr + row, -9223372036854775807 - 1)
 
 
 @triton.jit
-def _commit_kernel(keep_ptr, needed_ptr, slot_ptr, anchor_ptr, rows, n_words,
-                   VOTE: tl.constexpr, ROWS: tl.constexpr, NW_POW2: tl.constexpr):
-    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    live = r < rows
+def _commit_kernel(keep_ptr, anchor_ptr, tile_valid_ptr, must_q_ptr, must_k_ptr, votes_ptr, slot_ptr,
+                   q_tiles, k_tiles, n_words, heads,
+                   USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
+                   HAS_KEY_MASK: tl.constexpr, VOTE: tl.constexpr):
+    row = tl.program_id(0)
+    j, read, pos, total, last = _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles, n_words,
+                                             heads, USE_ANCHOR, DESCENDING, KT_POW2, HAS_KEY_MASK)
+    slot = tl.load(slot_ptr + row)
+    visited = slot != -9223372036854775807 - 1
+    best = 65535 - (slot & 0xFFFF).to(tl.int32)  # the anchor's visit position (cute_sm90.LAST_POSITION)
+    anchor = tl.sum(tl.where(read & (pos == best) & visited, j, 0), axis=0)  # tile 0 when nothing was visited
     if VOTE:
-        w = tl.arange(0, NW_POW2)
-        offs = r.to(tl.int64)[:, None] * n_words + w[None, :]
-        inside = live[:, None] & (w[None, :] < n_words)
-        kept = tl.load(keep_ptr + offs, mask=inside, other=0) & tl.load(needed_ptr + offs, mask=inside, other=0)
-        tl.store(keep_ptr + offs, kept, mask=inside)
-    slot = tl.load(slot_ptr + r, mask=live, other=0)
-    empty = slot == -9223372036854775807 - 1  # no tile visited: tile 0, as the reference
-    tl.store(anchor_ptr + r, tl.where(empty, 0, slot & 0xFFFF).to(tl.int32), mask=live)
+        in_range = j < k_tiles
+        word = tl.load(votes_ptr + row.to(tl.int64) * n_words + pos // 32, mask=read, other=0)
+        voted = ((word >> (pos % 32)) & 1) != 0
+        must_k = tl.load(must_k_ptr + j, mask=in_range, other=0).to(tl.int32)
+        must = (tl.load(must_q_ptr + row % q_tiles).to(tl.int32) + must_k) > 0
+        stays = (~read | (pos == 0) | must | voted) & in_range
+        words = tl.reduce(tl.reshape(stays.to(tl.int32) << (j % 32), (KT_POW2 // 32, 32)), 1, _bit_or)
+        w = tl.arange(0, KT_POW2 // 32)
+        offs = keep_ptr + row.to(tl.int64) * n_words + w
+        tl.store(offs, tl.load(offs, mask=w < n_words, other=0) & words, mask=w < n_words)
+    tl.store(anchor_ptr + row, anchor)
+
+
+def tiles_for_head_dim(head_dim: int) -> TileConfig:
+    """The backend's tiles (they fix the skip-state layout): those of its kernel at ``head_dim``.
+
+    >>> tiles_for_head_dim(128), tiles_for_head_dim(64)
+    (TileConfig(block_m=128, block_n=128), TileConfig(block_m=192, block_n=128))
+    """
+    return TileConfig(tile_m_for(head_dim), TILE_N)
 
 
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
@@ -122,19 +154,21 @@ def _scratch(device: torch.device, numel: int) -> torch.Tensor:
 
 
 def scratch_bytes() -> int:
-    """Bytes held by the shared scratch buffers (lists, ``needed``, anchor slots; not per layer)."""
+    """Bytes held by the shared scratch buffers (lists, votes, tail positions, anchor slots; not per layer)."""
     return sum(b.numel() * b.element_size() for b in _SCRATCH.values())
 
 
 def scratch_views(keep: torch.Tensor, k_tiles: int):
-    """(slot int64 [B,H,QT], count [B,H,QT], index [B,H,QT,KT], needed [B,H,QT,W]) in the shared buffer."""
+    """(slot int64 [B,H,QT], count [B,H,QT], tail [B,H,QT], index [B,H,QT,KT], votes [B,H,QT,W]) in the shared
+    buffer: what one call's list, kernel and commit steps pass between them."""
     batch, heads, q_tiles, n_words = keep.shape
     rows = batch * heads * q_tiles
-    sizes = (2 * rows, rows, rows * k_tiles, rows * n_words)  # the int64 slots first: 8-byte aligned
+    sizes = (2 * rows, rows, rows, rows * k_tiles, rows * n_words)  # the int64 slots first: 8-byte aligned
     buffer = _scratch(keep.device, sum(sizes))
-    slot, count, index, needed = torch.split(buffer[: sum(sizes)], sizes)
-    return (slot.view(torch.int64).view(batch, heads, q_tiles), count.view(batch, heads, q_tiles),
-            index.view(batch, heads, q_tiles, k_tiles), needed.view(batch, heads, q_tiles, n_words))
+    slot, count, tail, index, votes = torch.split(buffer[: sum(sizes)], sizes)
+    per_q_tile = (batch, heads, q_tiles)
+    return (slot.view(torch.int64).view(per_q_tile), count.view(per_q_tile), tail.view(per_q_tile),
+            index.view(*per_q_tile, k_tiles), votes.view(*per_q_tile, n_words))
 
 
 _PREFIX_CACHE: list[tuple[torch.Tensor, tuple, torch.Tensor | bool]] = []  # a few recent masks, held alive
@@ -182,7 +216,7 @@ def cute_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`~litepatch.kernels.reference.reference_forward` (see the module docstring)."""
     lengths = _prefix_lengths(key_valid)
-    if lengths is False or (block_m, block_n) != (TILES.block_m, TILES.block_n):
+    if lengths is False or TileConfig(block_m, block_n) != tiles_for_head_dim(q.shape[-1]):
         return triton_forward(
             q, k, v, keep, anchor, kept, must_q, must_k, key_valid, block_m=block_m, block_n=block_n,
             threshold=threshold, softmax_scale=softmax_scale, use_anchor=use_anchor, descending=descending,
@@ -190,24 +224,21 @@ def cute_forward(
     k_tiles = math.ceil(k.shape[1] / block_n)
     batch, heads, q_tiles, n_words = keep.shape
     rows = batch * heads * q_tiles
-    slot, count, index, needed = scratch_views(keep, k_tiles)
+    slot, count, tail, index, votes = scratch_views(keep, k_tiles)
     valid_tiles = None if key_valid is None else tile_valid(key_valid, block_n, k_tiles)
     kept.zero_()
-    kt_pow2 = max(32, triton.next_power_of_2(k_tiles))
-    _list_kernel[(rows,)](
-        keep, anchor, must_q, must_k, valid_tiles if valid_tiles is not None else count, index, count, needed, slot,
-        kept, q_tiles, k_tiles, n_words, heads, USE_ANCHOR=use_anchor, DESCENDING=descending, KT_POW2=kt_pow2,
-        HAS_KEY_MASK=valid_tiles is not None, num_warps=4 if k_tiles <= 1024 else 8,
-    )
+    order = dict(USE_ANCHOR=use_anchor, DESCENDING=descending, KT_POW2=max(32, triton.next_power_of_2(k_tiles)),
+                 HAS_KEY_MASK=valid_tiles is not None, num_warps=4 if k_tiles <= 1024 else 8)
+    valid_tiles = valid_tiles if valid_tiles is not None else count  # a placeholder pointer without a key mask
+    _list_kernel[(rows,)](keep, anchor, valid_tiles, index, count, tail, votes, slot, kept, q_tiles, k_tiles, n_words,
+                          heads, **order)
     no_mask_cnt, no_mask_idx = no_masked_blocks(q.device, batch, heads, q_tiles)
     out, lse = run_sm90(
-        q, k, v, (no_mask_cnt, no_mask_idx, count, index), needed, slot, softmax_scale=softmax_scale,
-        threshold=threshold, descending=descending, seqused_k=lengths,
+        q, k, v, (no_mask_cnt, no_mask_idx, count, index), votes, slot, tail, softmax_scale=softmax_scale,
+        threshold=threshold, seqused_k=lengths,
     )
-    _commit_kernel[(triton.cdiv(rows, 128),)](
-        keep, needed, slot, anchor, rows, n_words, VOTE=threshold > -math.inf, ROWS=128,
-        NW_POW2=max(2, triton.next_power_of_2(n_words)), num_warps=4,
-    )
+    _commit_kernel[(rows,)](keep, anchor, valid_tiles, must_q, must_k, votes, slot, q_tiles, k_tiles, n_words, heads,
+                            VOTE=threshold > -math.inf, **order)
     return out, lse
 
 
@@ -235,4 +266,4 @@ def no_masked_blocks(device: torch.device, batch: int, heads: int, q_tiles: int)
 
 
 cute_forward.dense = flash_attn_4_dense  # type: ignore[attr-defined]  (used by litepatch.kernels.dense)
-register_backend(Backend("cute", cute_forward, lambda head_dim: TILES, CONSTRAINTS))
+register_backend(Backend("cute", cute_forward, tiles_for_head_dim, CONSTRAINTS))

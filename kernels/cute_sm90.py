@@ -1,7 +1,7 @@
 """LiteAttention's skip vote inside flash-attn-4's SM90 (Hopper) forward, written in CuTe DSL.
 
 :class:`LiteAttentionForwardSm90` subclasses flash-attn-4's ``FlashAttentionForwardSm90`` and keeps all of
-its machinery (producer warpgroup with TMA, two consumer warpgroups taking turns on the tensor cores, register
+its machinery (producer warpgroup with TMA, consumer warpgroups taking turns on the tensor cores, register
 reallocation, intra-warpgroup overlap of QK^T and PV, block-sparse iteration over "full block" lists). It
 changes one thing: the online softmax of each visited key tile, taken over by :class:`_TileVote`, which
 
@@ -9,22 +9,28 @@ changes one thing: the online softmax of each visited key tile, taken over by :c
   only then folds in the running maximum, so the *tile's own* maxima come for free;
 * votes (DESIGN §1): a valid query row needs the tile unless ``(tile_max - running_max) * scale * log2(e)
   <= threshold`` with both maxima finite and the tile's exponentials not NaN (a NaN or infinite score never
-  votes to skip); rows past the query length do not vote. One warp ballot per tile, and lane 0 of a warp
-  whose rows need it ORs the tile's bit into a ``needed`` bitmask in global memory (``red.global.or``). No
-  cross-warp agreement is needed: a tile is skippable exactly when no warp set its bit.
-* tracks the anchor (the visited tile holding the q-tile's largest score, ties to the earliest visited):
-  each warp reduces the tile's maximum over its valid rows and lane 0 folds ``(score, visit priority,
-  tile)`` packed in one int64 into a per-q-tile slot with ``red.global.max.s64``.
+  votes to skip); rows past the query length do not vote. Per thread the votes collect as the bits of the
+  current 32 visits; every 32 visits (and after the last) one warp reduction, and lane 0 ORs the word into a
+  ``votes`` bitmask over *visit positions* in global memory (``red.global.or``). No cross-warp agreement is
+  needed: a visit is skippable exactly when no warp set its bit.
+* tracks the anchor (the visit holding the q-tile's largest score, ties to the earliest visit): each warp
+  reduces its valid rows' maxima and lane 0 folds ``(score, 65535 - visit position)`` packed in one int64
+  into a per-q-tile slot with ``red.global.max.s64``.
+
+The consumer warpgroups count visits instead of reading each visit's key-tile index: the index is only loaded
+by the producer (for TMA), so the consumers' per-tile loop is flash-attn-4's plus the vote, with no global
+load and no address arithmetic (``benchmarks/cute_sass.py`` counts it). Visit positions map back to tiles in
+:mod:`litepatch.kernels.cute_fwd`'s commit kernel, which rebuilds each q-tile's visiting order.
 
 The read list arrives as flash-attn-4's "full block" lists, one per (batch row, head, q-tile), which the
 kernel walks from last entry to first: :mod:`litepatch.kernels.cute_fwd` writes them in reverse visiting
-order, seeds ``needed`` with the tiles that may never be dropped (the first visited, must-compute tiles,
-tiles this call does not read) and afterwards ANDs ``needed`` into ``state.keep`` and decodes the anchor.
-Because the visiting order no longer puts the sequence's last (partial) key tile first, the key-length mask
-is applied to whichever visit holds that tile (:meth:`LiteAttentionForwardSm90._mask_tail`).
+order, and the position of the key sequence's last (partial) tile in each, which this kernel masks by key
+length wherever the visiting order puts it (:meth:`LiteAttentionForwardSm90._mask_tail`; flash-attn-4 masks
+the first visit only). Afterwards it drops from ``state.keep`` the visited tiles no row voted for, except the
+ones that may never be dropped (the first visited, must-compute tiles), and decodes the anchor.
 
-Extra inputs travel in flash-attn-4's ``AuxData`` (meant for ``score_mod`` tensors): ``tensors =
-(needed int32 [B, H, QT, n_words], slot int64 [B, H, QT])``, ``scalars = (threshold, descending)``.
+Extra inputs travel in flash-attn-4's ``AuxData`` (meant for ``score_mod`` tensors): ``tensors = (votes int32
+[B, H, QT, n_words], slot int64 [B, H, QT], tail int32 [B, H, QT])``, ``scalars = (threshold,)``.
 
 **Blackwell (sm100), on paper.** flash-attn-4's ``FlashAttentionForwardSm100`` has the same block-sparse
 iteration (``softmax_block_sparse_sm100``) but a different structure: S lives in tensor memory, the softmax
@@ -36,8 +42,8 @@ ballot and ``red`` writes, same slot packing), registered as a ``cute-sm100`` ba
 It cannot be tested on the lent H100/H200s.
 
 Example (what :func:`litepatch.kernels.cute_fwd.cute_forward` does):
-    >>> out, lse = run_sm90(q, k, v, lists, needed, slot, softmax_scale=0.088, threshold=-6.0,
-    ...                     descending=False, seqused_k=None)
+    >>> out, lse = run_sm90(q, k, v, lists, votes, slot, tail, softmax_scale=0.088, threshold=-6.0,
+    ...                     seqused_k=None)
 """
 
 from __future__ import annotations
@@ -65,8 +71,16 @@ from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.utils import AuxData
 from quack import layout_utils
 
-TILE_M = TILE_N = 128  # the block-sparse tile of flash-attn-4's SM90 forward at head dims 64-128
-FIRST_PRIORITY = 65535  # visit priority of the first visited tile: above every other (<= 32767)
+TILE_N = 128  # key rows per tile: flash-attn-4's SM90 block-sparse forward needs tile_n = the sparse block
+
+
+def tile_m_for(head_dim: int) -> int:
+    """Query rows per tile at ``head_dim``: 192 at 64 and below (three consumer warpgroups, flash-attn-4's own dense
+    tile there; its 128-row block-sparse forward ran at 0.80x of its dense one on the H200 at D=64), else 128."""
+    return 192 if head_dim <= 64 else 128
+
+
+LAST_POSITION = 65535  # the anchor slot keeps LAST_POSITION - position: the earliest visit wins ties under max
 
 
 @dsl_user_op
@@ -80,18 +94,19 @@ def _ordered_bits(x: Float32, *, loc=None, ip=None) -> Int32:
 class _TileVote:
     """Stands in for flash-attn-4's ``Softmax`` during one visited tile: the same online softmax, plus the
     skip vote and the per-row anchor candidate. ``row_max``/``row_sum`` are the softmax's own register
-    tensors; ``carry`` holds registers that live across the tiles of one q-tile (see
-    :meth:`LiteAttentionForwardSm90.mma_init`)."""
+    tensors; ``carry`` holds registers that live across the visits of one q-tile (see
+    :meth:`LiteAttentionForwardSm90.mma_init`): per row the position of the visit that set its maximum and
+    whether it lies inside the query sequence, and ``visit = (position, pending vote bits, tail position)``."""
 
-    def __init__(self, softmax, carry, *, n_block, batch_idx, head_idx, m_block, thr_mma, seqlen_q, aux_data,
-                 vote: bool, tile_m: int, tile_n: int):
+    def __init__(self, softmax, carry, *, batch_idx, head_idx, m_block, thr_mma, seqlen_q, aux_data, vote: bool,
+                 tile_m: int, tile_n: int):
         self.softmax, self.carry = softmax, carry
         self.row_max, self.row_sum = softmax.row_max, softmax.row_sum
         self.scale_log2 = softmax.scale_log2
-        self.n_block, self.batch_idx, self.head_idx, self.m_block = n_block, batch_idx, head_idx, m_block
+        self.batch_idx, self.head_idx, self.m_block = batch_idx, head_idx, m_block
         self.thr_mma, self.seqlen_q = thr_mma, seqlen_q
-        self.needed, self.slot = aux_data.tensors
-        self.threshold, self.descending = aux_data.scalars
+        self.votes, self.slot, self.tail = aux_data.tensors
+        (self.threshold,) = aux_data.scalars
         self.vote, self.tile_m, self.tile_n = vote, tile_m, tile_n
 
     def __getattr__(self, name):  # rescale_O, finalize, reset, ...: the softmax's own
@@ -108,11 +123,19 @@ class _TileVote:
         return valid
 
     @cute.jit
+    def start(self) -> None:
+        """Before the q-tile's first visit: position 0, and the position of the key sequence's last tile."""
+        visit = self.carry[1]
+        visit[0] = Int32(0)
+        visit[2] = self.tail[self.batch_idx, self.head_idx, self.m_block]
+
+    @cute.jit
     def online_softmax(self, acc_S: cute.Tensor, is_first: cutlass.Constexpr[bool] = False,
                        check_inf: cutlass.Constexpr[bool] = True) -> cute.Tensor:
         acc_S_mn = layout_utils.reshape_acc_to_mn(acc_S)
         row_max, row_sum, scale_log2 = self.row_max, self.row_sum, self.scale_log2
-        best_tile, pending, valid = self.carry
+        best_pos, visit, valid = self.carry
+        position = visit[0]
         row_scale = cute.make_fragment_like(row_max, Float32)
         if const_expr(is_first):
             fresh = self.row_valid()
@@ -126,10 +149,10 @@ class _TileVote:
             prev = row_max[r]
             cur = tile_max
             if const_expr(is_first):
-                best_tile[r] = self.n_block
+                best_pos[r] = Int32(0)
             else:
                 cur = cute.arch.fmax(prev, tile_max)
-                best_tile[r] = self.n_block if tile_max > prev else best_tile[r]  # ties: the earlier visit
+                best_pos[r] = position if tile_max > prev else best_pos[r]  # ties: the earlier visit
             row_max[r] = cur
             if const_expr(check_inf):
                 cur = 0.0 if cur == -Float32.inf else cur
@@ -143,51 +166,44 @@ class _TileVote:
                 row_sum[r] = row_sum[r] * row_scale[r] + tile_sum
             acc_S_mn[r, None].store(exps)
             if const_expr(self.vote and not is_first):
-                finite = (tile_max < Float32.inf) & (tile_max > -Float32.inf) & (prev < Float32.inf)
-                finite = finite & (prev > -Float32.inf) & (tile_sum == tile_sum)
-                below = (tile_max - prev) * scale_log2 <= self.threshold
-                needed = needed | (valid[r] & ~(below & finite))
+                # skippable: both maxima finite (their difference is), below the threshold, no NaN exponential
+                gap = tile_max - prev
+                skippable = (gap * scale_log2 <= self.threshold) & (gap > -Float32.inf) & (gap < Float32.inf)
+                needed = needed | (valid[r] & ~(skippable & (tile_sum == tile_sum)))
         if const_expr(self.vote):
-            # Votes collect per thread as bits of the current 32-tile word and reach global memory when the
-            # word changes (visits ascend after the first), so a q-tile sends about one OR per word.
-            word = self.n_block // 32
             if const_expr(is_first):
-                pending[0] = word
-                pending[1] = Int32(0)
+                visit[1] = Int32(0)
             else:
-                if word != pending[0]:
+                visit[1] = visit[1] | (Int32(needed) << (position % 32))
+                if position % 32 == 31:
                     self.flush_votes()
-                    pending[0] = word
-                    pending[1] = Int32(0)
-                pending[1] = pending[1] | (Int32(needed) << (self.n_block % 32))
         return row_scale
 
     @cute.jit
     def flush_votes(self) -> None:
-        """ORs the warp's pending vote bits into ``needed`` (one ``red.global.or`` from lane 0)."""
-        pending = self.carry[1]
-        bits = cute.arch.warp_redux_sync(pending[1], "or")
+        """ORs the warp's pending vote bits (the word of the current visit) into ``votes`` and clears them."""
+        visit = self.carry[1]
+        bits = cute.arch.warp_redux_sync(visit[1], "or")
         if cute.arch.lane_idx() == 0:
             if bits != 0:
-                word = fa_utils.elem_pointer(self.needed, (self.batch_idx, self.head_idx, self.m_block, pending[0]))
+                word = fa_utils.elem_pointer(self.votes, (self.batch_idx, self.head_idx, self.m_block, visit[0] // 32))
                 cute.arch.red(word, bits, op="or", dtype="b32", sem="relaxed", scope="gpu")
+        visit[1] = Int32(0)
 
     @cute.jit
-    def finish(self, first_tile: Int32) -> None:
+    def finish(self) -> None:
         """After the q-tile's last visit: the last votes, and the warp's anchor candidate (the largest row
         maximum, ties to the earliest visit) folded into the q-tile's slot as one packed int64."""
         if const_expr(self.vote):
             self.flush_votes()
-        best_tile, _, valid = self.carry
+        best_pos, _, valid = self.carry
         top = -Float32.inf
         for r in cutlass.range(cute.size(self.row_max), unroll_full=True):
             top = cute.arch.fmax(top, self.row_max[r] if valid[r] else -Float32.inf)
         top = cute.arch.warp_reduction_max(top, threads_in_group=32)
-        low = cutlass.Uint32(0)  # (visit priority << 16) | tile of the rows that hold the maximum
+        low = cutlass.Uint32(0)  # LAST_POSITION - position of the earliest visit where a row holds the maximum
         for r in cutlass.range(cute.size(self.row_max), unroll_full=True):
-            tile = best_tile[r]
-            priority = FIRST_PRIORITY if tile == first_tile else (tile if self.descending != 0 else 32767 - tile)
-            mine = cutlass.Uint32(priority) * cutlass.Uint32(65536) + cutlass.Uint32(tile)
+            mine = cutlass.Uint32(LAST_POSITION - best_pos[r])
             if valid[r] & (self.row_max[r] == top):
                 low = mine if mine > low else low
         low = cute.arch.warp_redux_sync(low, "umax")
@@ -212,18 +228,17 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
 
     def mma_init(self):
         """Also allocates the registers that live across a q-tile's visits (before the consumers' tile loop,
-        so that every visit sees them): per row the tile that set its maximum and whether the row lies inside
-        the query sequence, the pending vote word and bits, and the first visited tile."""
+        so that every visit sees them): per row the position of the visit that set its maximum and whether the
+        row lies inside the query sequence; the visit's position, the pending vote bits and the tail's position."""
         FlashAttentionForwardSm90.mma_init(self)
         rows = 2 * self.tile_m // (64 * self.num_wg_mma)  # wgmma m64: a thread holds rows r and r + 8 of 16
-        self._carry = (cute.make_rmem_tensor(rows, Int32), cute.make_rmem_tensor(2, Int32),
+        self._carry = (cute.make_rmem_tensor(rows, Int32), cute.make_rmem_tensor(3, Int32),
                        cute.make_rmem_tensor(rows, Boolean))
-        self._first_tile = cute.make_rmem_tensor(1, Int32)
 
-    def _vote_for(self, softmax, n_block, mask_fn, seqlen) -> _TileVote:
+    def _vote_for(self, softmax, mask_fn, seqlen) -> _TileVote:
         bound = mask_fn.keywords  # flash-attn-4 binds the tile's coordinates to its mask function
         self._current = _TileVote(
-            softmax, self._carry, n_block=n_block, batch_idx=bound["batch_idx"], head_idx=bound["head_idx"],
+            softmax, self._carry, batch_idx=bound["batch_idx"], head_idx=bound["head_idx"],
             m_block=bound["m_block"], thr_mma=bound["thr_mma"], seqlen_q=seqlen.seqlen_q,
             aux_data=bound["aux_data"], vote=self.vote, tile_m=self.tile_m, tile_n=self.tile_n,
         )
@@ -231,25 +246,28 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
 
     @cute.jit
     def _mask_tail(self, mask_fn, acc_S: cute.Tensor, n_block: Int32, seqlen) -> None:
-        """The key-length mask on the visit of the last key tile, wherever the list puts it."""
-        if n_block == cute.ceil_div(seqlen.seqlen_k, self.tile_n) - 1:
-            mask_fn(acc_S=acc_S, n_block=n_block, mask_seqlen=True)
+        """The key-length mask on the visit of the last key tile, wherever the list puts it. The visit's tile
+        index (``n_block``) is not read: the consumers count visits, and the last tile's index is known."""
+        visit = self._carry[1]
+        if visit[0] == visit[2]:
+            mask_fn(acc_S=acc_S, n_block=cute.ceil_div(seqlen.seqlen_k, self.tile_n) - 1, mask_seqlen=True)
 
     def first_half_block_overlap(self, *, n_block, softmax, seqlen, mask_fn, **kwargs):
-        vote = self._vote_for(softmax, n_block, mask_fn, seqlen)
-        self._first_tile[0] = n_block
+        vote = self._vote_for(softmax, mask_fn, seqlen)
+        vote.start()
         return FlashAttentionForwardSm90.first_half_block_overlap(
             self, n_block=n_block, softmax=vote, seqlen=seqlen, mask_fn=mask_fn, **kwargs)
 
     def mma_one_n_block_intrawg_overlap(self, smem_pipe_read, *, n_block, softmax, seqlen, mask_fn, **kwargs):
-        vote = self._vote_for(softmax, n_block, mask_fn, seqlen)
+        self._carry[1][0] = self._carry[1][0] + 1  # this visit's position
+        vote = self._vote_for(softmax, mask_fn, seqlen)
         tail = partial(self._mask_tail, mask_fn, seqlen=seqlen)
         return FlashAttentionForwardSm90.mma_one_n_block_intrawg_overlap(
             self, smem_pipe_read, n_block=n_block, softmax=vote, seqlen=seqlen, mask_fn=tail, **kwargs)
 
     def last_half_block_overlap(self, *, kv_consumer_state, softmax, **kwargs):
         """Runs once per q-tile with visits, after the last one: sends the votes and the anchor candidate."""
-        self._current.finish(self._first_tile[0])
+        self._current.finish()
         return FlashAttentionForwardSm90.last_half_block_overlap(
             self, kv_consumer_state=kv_consumer_state, softmax=softmax, **kwargs)
 
@@ -266,20 +284,23 @@ _SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 COMPILE_SECONDS: dict[tuple, float] = {}  # first-call JIT time per configuration (reported by benchmarks)
 
 
-def _kernel(dtype: torch.dtype, head_dim: int, vote: bool) -> LiteAttentionForwardSm90:
-    return LiteAttentionForwardSm90(
+def _kernel(dtype: torch.dtype, head_dim: int, vote: bool, baseline: bool = False) -> FlashAttentionForwardSm90:
+    tile_m = tile_m_for(head_dim)
+    kind, extra = (FlashAttentionForwardSm90, {}) if baseline else (LiteAttentionForwardSm90, dict(vote=vote))
+    return kind(
         _TORCH_TO_CUTE[dtype], head_dim, head_dim, 1, is_causal=False, is_local=False, pack_gqa=False,
-        tile_m=TILE_M, tile_n=TILE_N, num_stages=2, num_threads=384, Q_in_regs=False, intra_wg_overlap=True,
-        mma_pv_is_rs=head_dim != 96, has_aux_tensors=True, vote=vote,
+        # one producer warpgroup, one consumer warpgroup per 64 query rows
+        tile_m=tile_m, tile_n=TILE_N, num_stages=2, num_threads=128 * (tile_m // 64 + 1),
+        Q_in_regs=False, intra_wg_overlap=True, mma_pv_is_rs=head_dim != 96, has_aux_tensors=not baseline, **extra,
     )
 
 
-def _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, needed, slot, threshold, descending, stream):
-    """The argument list of flash-attn-4's SM90 ``__call__``, as CuTe tensors (compile) ."""
+def _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, stream):
+    """The argument list of flash-attn-4's SM90 ``__call__``, as CuTe tensors (compile)."""
     mask_cnt, mask_idx, full_cnt, full_idx = (to_cute_tensor(t, assumed_align=4) for t in lists)
     sparse = BlockSparseTensors(mask_cnt, mask_idx, full_cnt, full_idx)
-    aux = AuxData([to_cute_tensor(needed, assumed_align=4), to_cute_tensor(slot, assumed_align=8)],
-                  (Float32(threshold), Int32(descending)))
+    aux = AuxData([to_cute_tensor(votes, assumed_align=4), to_cute_tensor(slot, assumed_align=8),
+                   to_cute_tensor(tail, assumed_align=4)], (Float32(0.0),))
     seqused = None if seqused_k is None else to_cute_tensor(seqused_k, assumed_align=4, leading_dim=0)
     return [
         *(to_cute_tensor(t) for t in (q, k, v, out)), to_cute_tensor(lse, assumed_align=4), Float32(softmax_scale),
@@ -287,10 +308,17 @@ def _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, needed, slot,
     ]
 
 
-def compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, needed, slot, *, vote: bool, stream):
-    """Compiles the kernel for these inputs' configuration (dtype, head dim, vote, key lengths or not)."""
-    kernel = _kernel(q.dtype, q.shape[-1], vote)
-    args = _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, needed, slot, 0.0, 0, stream)
+def compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, *, vote: bool, stream,
+                 baseline: bool = False):
+    """Compiles the kernel for these inputs' configuration (dtype, head dim, vote, key lengths or not).
+
+    ``baseline=True`` compiles flash-attn-4's own block-sparse forward with the same tiles and lists instead (no
+    vote, no anchor): what ``benchmarks/cute_sass.py`` compares the subclass against.
+    """
+    kernel = _kernel(q.dtype, q.shape[-1], vote, baseline)
+    args = _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, stream)
+    if baseline:
+        args[-4] = AuxData()  # flash-attn-4's default: no aux tensors
     return cute.compile(kernel, *args, options="--enable-tvm-ffi")
 
 
@@ -299,18 +327,21 @@ def run_sm90(
     k: torch.Tensor,
     v: torch.Tensor,
     lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    needed: torch.Tensor,
+    votes: torch.Tensor,
     slot: torch.Tensor,
+    tail: torch.Tensor,
     *,
     softmax_scale: float,
     threshold: float,
-    descending: bool,
     seqused_k: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One LiteAttention call on ``[B, S, H, D]`` CUDA tensors; returns ``(out, lse [B, H, Sq])``.
 
     ``lists`` = (mask counts, mask lists, full counts, full lists) in flash-attn-4's block-sparse format
-    (mask lists empty). ``threshold=-inf`` compiles the variant without the vote.
+    (mask lists empty), each list in reverse visiting order. ``votes`` (zeroed) receives per visit position
+    whether a valid row needed the tile, ``slot`` (set to the int64 minimum) the packed anchor candidate, and
+    ``tail`` holds the position of the key sequence's last tile in each list (-1: not listed).
+    ``threshold=-inf`` compiles the variant without the vote.
     """
     vote = threshold > -float("inf")
     batch, seq_q, heads, head_dim = q.shape
@@ -320,12 +351,12 @@ def run_sm90(
     if key not in _COMPILED:
         start = time.perf_counter()
         stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-        _COMPILED[key] = compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, needed, slot, vote=vote,
-                                      stream=stream)
+        _COMPILED[key] = compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail,
+                                      vote=vote, stream=stream)
         COMPILE_SECONDS[key] = time.perf_counter() - start
     _COMPILED[key](
         q, k, v, out, lse, softmax_scale, None, None, None, seqused_k, None, None, None, None,
-        (*lists, None, None, None, None), AuxData([needed, slot], (threshold if vote else 0.0, int(descending))),
+        (*lists, None, None, None, None), AuxData([votes, slot, tail], (threshold if vote else 0.0,)),
         None, None,
     )
     return out, lse
