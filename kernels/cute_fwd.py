@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -133,6 +134,7 @@ def _commit_kernel(keep_ptr, anchor_ptr, tile_valid_ptr, must_q_ptr, must_k_ptr,
     tl.store(anchor_ptr + row, anchor)
 
 
+@functools.cache  # asked on every call: one TileConfig per head dim
 def tiles_for_head_dim(head_dim: int) -> TileConfig:
     """The backend's tiles (they fix the skip-state layout): those of its kernel at ``head_dim``.
 
@@ -149,8 +151,14 @@ def _scratch(device: torch.device, numel: int) -> torch.Tensor:
     """An int32 buffer of at least ``numel`` elements, one per device, shared by every layer and call."""
     buffer = _SCRATCH.get(device)
     if buffer is None or buffer.numel() < numel:
+        _VIEWS.clear()  # they hold the smaller buffer
         buffer = _SCRATCH[device] = torch.empty(numel, dtype=torch.int32, device=device)
     return buffer
+
+
+# scratch_views per (buffer, state shape, key tiles): making the five views costs more host time than the
+# list and commit launches together, and a model asks for the same few shapes on every call
+_VIEWS: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
 def scratch_bytes() -> int:
@@ -165,10 +173,15 @@ def scratch_views(keep: torch.Tensor, k_tiles: int):
     rows = batch * heads * q_tiles
     sizes = (2 * rows, rows, rows, rows * k_tiles, rows * n_words)  # the int64 slots first: 8-byte aligned
     buffer = _scratch(keep.device, sum(sizes))
-    slot, count, tail, index, votes = torch.split(buffer[: sum(sizes)], sizes)
-    per_q_tile = (batch, heads, q_tiles)
-    return (slot.view(torch.int64).view(per_q_tile), count.view(per_q_tile), tail.view(per_q_tile),
-            index.view(*per_q_tile, k_tiles), votes.view(*per_q_tile, n_words))
+    key = (buffer.data_ptr(), batch, heads, q_tiles, n_words, k_tiles)
+    if key not in _VIEWS:
+        if len(_VIEWS) >= 64:  # many shapes (varying lengths): start over rather than grow
+            _VIEWS.clear()
+        slot, count, tail, index, votes = torch.split(buffer[: sum(sizes)], sizes)
+        per_q_tile = (batch, heads, q_tiles)
+        _VIEWS[key] = (slot.view(torch.int64).view(per_q_tile), count.view(per_q_tile), tail.view(per_q_tile),
+                       index.view(*per_q_tile, k_tiles), votes.view(*per_q_tile, n_words))
+    return _VIEWS[key]
 
 
 _PREFIX_CACHE: list[tuple[torch.Tensor, tuple, torch.Tensor | bool]] = []  # a few recent masks, held alive
