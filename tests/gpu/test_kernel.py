@@ -15,6 +15,8 @@ Each fuzz case runs several consecutive calls. Before each call both backends ge
 A third of the cases carry a key-padding mask (valid key lengths per batch row, or a random boolean mask).
 The cute backend runs its CuTe kernel (vote inside flash-attn-4's SM90 forward) without a mask or with a
 prefix mask, the Triton kernel with a random one; both move the anchor like the reference, also at ``-inf``.
+Each backend runs at its own tiles (cute: 192-row q-tiles at head dim 64, so its random-mask cases also run the
+Triton kernel at 192 rows).
 
 ``LITEPATCH_FUZZ_CASES`` (default 500) sets the number of random cases.
 """
@@ -27,7 +29,7 @@ import os
 import pytest
 import torch
 
-from litepatch.kernels import SkipState, TileConfig, lite_attention, reference_forward, unpack_bits
+from litepatch.kernels import SkipState, TileConfig, lite_attention, reference_forward, registry, unpack_bits
 from litepatch.kernels.state import normalize_ranges
 
 pytestmark = pytest.mark.gpu
@@ -132,7 +134,7 @@ def _check_case(case: dict, stats: dict, backend: str = "triton") -> None:
     q, k, v = _inputs(gen, case["batch"], case["seq_q"], case["seq_k"], case["heads"], case["dim"], case["dtype"],
                       case["layout"])
     key_valid = _key_valid(gen, case.get("mask"), case["batch"], case["seq_k"])
-    tiles = triton_fwd.tiles_for_head_dim(case["dim"])
+    tiles = registry.get(backend).tiles(case["dim"])  # the backend's own: cute takes 192-row q-tiles at D=64
     state = SkipState()
     state.initialize((case["batch"], case["heads"], case["seq_q"], case["seq_k"]), tiles, q.device,
                      normalize_ranges(case["must_q"], case["seq_q"], "q"),
