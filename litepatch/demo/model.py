@@ -315,6 +315,7 @@ class DemoDiT(nn.Module):
         self.head_modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self.head = nn.Linear(dim, cfg.in_channels * math.prod(cfg.patch))
         self._freqs: dict = {}
+        self._checked: list[tuple[torch.Tensor, int]] = []  # conditions already checked (_check_condition)
 
     def fuse_pointwise(self, enabled: bool = True, backend: str = "inductor") -> DemoDiT:
         """Runs each block's elementwise parts (norms, RoPE, modulation, gated residuals) as compiled kernels.
@@ -336,6 +337,7 @@ class DemoDiT(nn.Module):
 
     def embed_condition(self, cond: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         """``[B, 3]`` indices (``-1`` = null) -> ``[B, 3, dim]`` condition tokens."""
+        given = cond
         if cond is None:
             cond = self.null_cond(batch, device)
         cond = torch.as_tensor(cond, device=device).long()
@@ -343,13 +345,26 @@ class DemoDiT(nn.Module):
             cond = cond.expand(batch, -1)
         if cond.shape != (batch, len(self.config.cond_vocab)):
             raise ValueError(f"cond must be [batch={batch}, {len(self.config.cond_vocab)}], got {tuple(cond.shape)}")
+        if given is not None:  # the null condition is valid by construction
+            self._check_condition(given, cond)
         tokens = []
         for slot, (table, n) in enumerate(zip(self.cond_embedding, self.config.cond_vocab)):
             idx = cond[:, slot]
-            if bool(((idx < -1) | (idx >= n)).any()):
-                raise ValueError(f"cond slot {slot} must be in [-1, {n - 1}], got {idx.tolist()}")
             tokens.append(table(torch.where(idx < 0, n, idx)))
         return self.text_embedding(torch.stack(tokens, dim=1))
+
+    def _check_condition(self, given, cond: torch.Tensor) -> None:
+        """Raises on indices outside a slot's table. Reading them back syncs a GPU, so a tensor passed again
+        unchanged (a sampler's condition, every step) is checked once: the last few checked tensors are held (so
+        their memory is not reused by another) with their version counters (an in-place write counts)."""
+        if cond.device.type == "meta" or any(t is given and v == t._version for t, v in self._checked):
+            return
+        for slot, n in enumerate(self.config.cond_vocab):
+            idx = cond[:, slot]
+            if bool(((idx < -1) | (idx >= n)).any()):
+                raise ValueError(f"cond slot {slot} must be in [-1, {n - 1}], got {idx.tolist()}")
+        if isinstance(given, torch.Tensor):
+            self._checked = [(given, given._version), *self._checked][:4]
 
     def _rope(self, grid: tuple[int, int, int], device) -> torch.Tensor:
         key = (grid, str(device))

@@ -65,6 +65,7 @@ def sample(
         noise = initial_noise(cond.shape[0], (config.in_channels, config.frames, config.height, config.width), seed)
     x = noise.to(param.device, torch.float32)
     null = model.null_cond(cond.shape[0], param.device)
+    both_cond = torch.cat([cond, null])  # made once: the model checks a condition tensor once, not every step
     sigmas = flow_sigmas(steps, shift)
     for i in range(steps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -72,7 +73,7 @@ def sample(
         if guidance == 1.0:
             velocity = model(x, timestep=t, cond=cond).float()
         elif cfg_mode == "batched":
-            both = model(torch.cat([x, x]), timestep=torch.cat([t, t]), cond=torch.cat([cond, null])).float()
+            both = model(torch.cat([x, x]), timestep=torch.cat([t, t]), cond=both_cond).float()
             velocity, uncond = both.chunk(2)
             velocity = uncond + guidance * (velocity - uncond)
         else:

@@ -41,6 +41,19 @@ def test_tiny_model_shapes_and_null_condition():
     assert TINY.seq_len == 2 * 4 * 4
 
 
+def test_a_condition_is_checked_once_but_an_in_place_write_is_seen():
+    """Reading the indices back syncs a GPU: a sampler's condition, passed every step, is checked on its first
+    forward only; writing into it makes it a new condition."""
+    model, latents = DemoDiT(TINY), torch.randn(1, 3, 2, 8, 8)
+    cond = torch.tensor([[0, 1, 0]])
+    for _ in range(3):
+        model(latents, timestep=1.0, cond=cond)
+    assert [t for t, _ in model._checked] == [cond]
+    cond[0, 1] = 6
+    with pytest.raises(ValueError, match=r"cond slot 1 must be in \[-1, 5\]"):
+        model(latents, timestep=1.0, cond=cond)
+
+
 def test_bad_inputs_are_refused_with_the_value():
     model = DemoDiT(TINY)
     with pytest.raises(ValueError, match=r"cond slot 1 must be in \[-1, 5\]"):
