@@ -356,14 +356,16 @@ class DemoDiT(nn.Module):
     def _check_condition(self, given, cond: torch.Tensor) -> None:
         """Raises on indices outside a slot's table. Reading them back syncs a GPU, so a tensor passed again
         unchanged (a sampler's condition, every step) is checked once: the last few checked tensors are held (so
-        their memory is not reused by another) with their version counters (an in-place write counts)."""
-        if cond.device.type == "meta" or any(t is given and v == t._version for t, v in self._checked):
+        their memory is not reused by another) with their version counters (an in-place write counts). Inference
+        tensors have no version counter, so they are checked every time."""
+        tracked = isinstance(given, torch.Tensor) and not given.is_inference()
+        if cond.device.type == "meta" or (tracked and any(t is given and v == t._version for t, v in self._checked)):
             return
         for slot, n in enumerate(self.config.cond_vocab):
             idx = cond[:, slot]
             if bool(((idx < -1) | (idx >= n)).any()):
                 raise ValueError(f"cond slot {slot} must be in [-1, {n - 1}], got {idx.tolist()}")
-        if isinstance(given, torch.Tensor):
+        if tracked:
             self._checked = [(given, given._version), *self._checked][:4]
 
     def _rope(self, grid: tuple[int, int, int], device) -> torch.Tensor:

@@ -52,6 +52,12 @@ def test_a_condition_is_checked_once_but_an_in_place_write_is_seen():
     cond[0, 1] = 6
     with pytest.raises(ValueError, match=r"cond slot 1 must be in \[-1, 5\]"):
         model(latents, timestep=1.0, cond=cond)
+    with torch.inference_mode():  # no version counter there: checked on every call
+        cond = torch.tensor([[0, 1, 0]])
+        model(latents, timestep=1.0, cond=cond)
+        cond[0, 1] = 6
+        with pytest.raises(ValueError, match=r"cond slot 1 must be in \[-1, 5\]"):
+            model(latents, timestep=1.0, cond=cond)
 
 
 def test_bad_inputs_are_refused_with_the_value():
