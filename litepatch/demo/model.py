@@ -146,15 +146,24 @@ def rope_frequencies(grid: tuple[int, int, int], head_dim: int, theta: float, de
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotates ``x`` ``[B, H, S, D]`` by ``freqs`` ``[S, D/2]`` (adjacent pairs are complex numbers)."""
-    return _rotate(x, torch.view_as_real(freqs))
+    return _rotate(x, rope_rotation(freqs))
 
 
-def _rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """:func:`apply_rope` in real arithmetic, ``rotation`` = (cos, sin) ``[S, D/2, 2]``: the complex product of
-    each adjacent pair, written out so that a compiler can fuse it (complex tensors do not fuse)."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = rotation.unbind(-1)
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+def rope_rotation(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``freqs`` ``[S, D/2]`` as two fp32 ``[S, D]`` tables for :func:`_rotate`: each pair's cosine twice, and its
+    sine with the pair's first entry negated."""
+    cos, sin = torch.view_as_real(freqs).unbind(-1)
+    return cos.repeat_interleave(2, -1).contiguous(), torch.stack([-sin, sin], -1).flatten(-2).contiguous()
+
+
+def _rotate(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """:func:`apply_rope` in real arithmetic: the complex product of each adjacent pair ``(x0, x1)``, i.e.
+    ``(x0 cos - x1 sin, x1 cos + x0 sin)``, as ``x * cos + swapped(x) * signed_sin`` (bit for bit the same: a - b is
+    a + (-b)). Six kernels in eager mode where a stack of the two halves takes nine, and a compiler fuses it
+    (complex tensors do not fuse)."""
+    cos, signed_sin = rotation
+    x32 = x.float()
+    return (x32 * cos + x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * signed_sin).to(x.dtype)
 
 
 # ------------------------------------------------------------------ the elementwise parts of a block
@@ -163,7 +172,13 @@ def _rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim, in fp32, weighted; the result in ``x``'s dtype."""
+    """RMSNorm over the last dim, in fp32, weighted; the result in ``x``'s dtype.
+
+    ``F.rms_norm`` computes exactly this (in fp32, the weight applied before the cast back) and is one fused kernel
+    on a GPU where the formula below is eight; it needs ``x`` and ``weight`` of one dtype.
+    """
+    if weight.dtype == x.dtype:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
 
@@ -240,15 +255,17 @@ class _Projections(nn.Module):
 class WanSelfAttention(_Projections):
     """Self-attention over the video tokens with 3D RoPE; calls SDPA with ``[B, H, S, D]``."""
 
-    def query_key(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotated ``q`` and ``k`` ``[B, H, S, D]`` (what the attention scores are made of)."""
-        rotation = torch.view_as_real(freqs)
+    def query_key(
+        self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated ``q`` and ``k`` ``[B, H, S, D]`` (what the attention scores are made of); ``rotation`` from
+        :func:`rope_rotation`."""
         q = self.ops.rms_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, self.heads, rotation)
         k = self.ops.rms_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, self.heads, rotation)
         return q, k
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-        q, k = self.query_key(x, freqs)
+    def forward(self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q, k = self.query_key(x, rotation)
         v = self._split(self.v(x))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).flatten(2))
@@ -281,10 +298,11 @@ class DemoBlock(nn.Module):
 
     ops = EAGER_OPS
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor,
+                rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         ops = self.ops
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(1)  # each [B, dim]
-        y = self.self_attn(ops.modulated_norm(x, scale1, shift1, self.norm1.eps), freqs)
+        y = self.self_attn(ops.modulated_norm(x, scale1, shift1, self.norm1.eps), rotation)
         x = ops.gated_residual(x, gate1, y)
         x = x + self.cross_attn(self.norm3(x), context)
         y = self.ffn(ops.modulated_norm(x, scale2, shift2, self.norm2.eps))
@@ -368,10 +386,11 @@ class DemoDiT(nn.Module):
         if tracked:
             self._checked = [(given, given._version), *self._checked][:4]
 
-    def _rope(self, grid: tuple[int, int, int], device) -> torch.Tensor:
+    def _rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (grid, str(device))
-        if key not in self._freqs:
-            self._freqs[key] = rope_frequencies(grid, self.config.head_dim, self.config.rope_theta, device)
+        if key not in self._freqs:  # the RoPE tables of a grid, made once
+            freqs = rope_frequencies(grid, self.config.head_dim, self.config.rope_theta, device)
+            self._freqs[key] = rope_rotation(freqs)
         return self._freqs[key]
 
     def forward(
@@ -390,9 +409,9 @@ class DemoDiT(nn.Module):
         t_emb = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(x.dtype))
         e = self.time_projection(t_emb).unflatten(1, (6, cfg.dim))
         context = self.embed_condition(cond, batch, latents.device).to(x.dtype)
-        freqs = self._rope(grid, latents.device)
+        rotation = self._rope(grid, latents.device)
         for block in self.blocks:
-            x = block(x, e, context, freqs)
+            x = block(x, e, context, rotation)
         shift, scale = (self.head_modulation + t_emb[:, None]).unbind(1)
         x = self.head(self.head_norm(x) * (1 + scale[:, None]) + shift[:, None])
         return self._unpatchify(x, grid).to(latents.dtype)
@@ -501,8 +520,8 @@ def attention_locality(
     grid = tuple(s // p for s, p in zip(latents.shape[2:], model.config.patch))
     mask = neighbourhood_mask(grid, radius, latents.device)
     per_layer = []
-    for module, x, freqs in captured:
-        q, k = module.query_key(x, freqs)
+    for module, x, rotation in captured:
+        q, k = module.query_key(x, rotation)
         probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
         per_layer.append(float((probs * mask).sum(-1).mean()))
     return {"per_layer": per_layer, "mean": sum(per_layer) / len(per_layer), "uniform": float(mask.float().mean())}
