@@ -229,7 +229,8 @@ def cute_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`~litepatch.kernels.reference.reference_forward` (see the module docstring)."""
     lengths = _prefix_lengths(key_valid)
-    if lengths is False or TileConfig(block_m, block_n) != tiles_for_head_dim(q.shape[-1]):
+    tiles = tiles_for_head_dim(q.shape[-1])  # cached: no TileConfig is built per call
+    if lengths is False or (block_m, block_n) != (tiles.block_m, tiles.block_n):
         return triton_forward(
             q, k, v, keep, anchor, kept, must_q, must_k, key_valid, block_m=block_m, block_n=block_n,
             threshold=threshold, softmax_scale=softmax_scale, use_anchor=use_anchor, descending=descending,

@@ -332,7 +332,7 @@ class DemoDiT(nn.Module):
         self.head_norm = nn.LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
         self.head_modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self.head = nn.Linear(dim, cfg.in_channels * math.prod(cfg.patch))
-        self._freqs: dict = {}
+        self._rotations: dict = {}  # RoPE tables per (grid, device): _rope
         self._checked: list[tuple[torch.Tensor, int]] = []  # conditions already checked (_check_condition)
 
     def fuse_pointwise(self, enabled: bool = True, backend: str = "inductor") -> DemoDiT:
@@ -388,10 +388,10 @@ class DemoDiT(nn.Module):
 
     def _rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (grid, str(device))
-        if key not in self._freqs:  # the RoPE tables of a grid, made once
+        if key not in self._rotations:  # the RoPE tables of a grid, made once
             freqs = rope_frequencies(grid, self.config.head_dim, self.config.rope_theta, device)
-            self._freqs[key] = rope_rotation(freqs)
-        return self._freqs[key]
+            self._rotations[key] = rope_rotation(freqs)
+        return self._rotations[key]
 
     def forward(
         self, latents: torch.Tensor, timestep: torch.Tensor | float, cond: torch.Tensor | None = None
