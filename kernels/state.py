@@ -76,9 +76,13 @@ def normalize_ranges(ranges: Sequence[Sequence[int]] | None, length: int, what: 
     return tuple(sorted(out))
 
 
-def tiles_touched(ranges: TokenRanges, block: int, n_tiles: int) -> torch.Tensor:
-    """Bool ``[n_tiles]``: tiles holding at least one token of the ranges."""
-    touched = torch.zeros(n_tiles, dtype=torch.bool)
+def tiles_touched(ranges: TokenRanges, block: int, n_tiles: int, device=None) -> torch.Tensor:
+    """Bool ``[n_tiles]`` on ``device``: tiles holding at least one token of the ranges.
+
+    Made where it is used (a fill per range): a host-to-device copy would synchronise the device, at the first
+    call of every layer and branch of a generation.
+    """
+    touched = torch.zeros(n_tiles, dtype=torch.bool, device=device)
     for start, end in ranges:
         touched[start // block : (end - 1) // block + 1] = True
     return touched
@@ -266,9 +270,9 @@ class SkipState:
     def must_masks(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(bool ``[q_tiles]``, bool ``[k_tiles]``): tiles that may never be marked skippable."""
         if device not in self._must_masks:
-            must_q = tiles_touched(self.must_compute_queries, self.tiles.block_m, self.q_tiles)
-            must_k = tiles_touched(self.must_compute_keys, self.tiles.block_n, self.k_tiles)
-            self._must_masks[device] = (must_q.to(device), must_k.to(device))
+            self._must_masks[device] = (
+                tiles_touched(self.must_compute_queries, self.tiles.block_m, self.q_tiles, device),
+                tiles_touched(self.must_compute_keys, self.tiles.block_n, self.k_tiles, device))
         return self._must_masks[device]
 
     def read_list(self) -> torch.Tensor:

@@ -93,18 +93,19 @@ def _syncs_during(fn) -> int:
 
 @torch.inference_mode()
 def test_patched_forward_adds_at_most_the_timestep_read_as_host_sync():
-    """Multi-hour runs must not stall per attention call: the kept counts stay on the device, and the
-    only sync a patched forward adds is the step tracker reading the timestep. (The first sparse
-    forward of a generation also builds each layer's state, host-to-device copies included.)"""
+    """Multi-hour runs must not stall per attention call: the kept counts stay on the device, each layer's state is
+    built on the device, and the only sync a patched forward adds is the step tracker reading the timestep. The
+    first sparse forward of a generation (states created) counts too."""
     model, latents, text = _model_and_inputs()
     for t in (999, 900):
         _forward(model, latents, text, t)
     dense_syncs = _syncs_during(lambda: _forward(model, latents, text, 800))
     handle = litepatch.apply(model, threshold=0.0, warmup_steps=0)
     try:
-        _forward(model, latents, text, 999)  # creates the states
-        later = [_syncs_during(lambda t=t: _forward(model, latents, text, t)) for t in (900, 800, 700)]
+        _forward(model, latents, text, 999)  # compiles the kernels (their first loads are not what is counted)
+        handle.reset()  # a new generation: every state is created again in the next forward
+        syncs = [_syncs_during(lambda t=t: _forward(model, latents, text, t)) for t in (999, 900, 800, 700)]
         assert handle.stats().kept_fraction() < 1.0
     finally:
         handle.remove()
-    assert max(later) <= dense_syncs + 1, f"patched forwards: {later} syncs vs {dense_syncs} dense"
+    assert max(syncs) <= dense_syncs + 1, f"patched (the first makes the states): {syncs}, dense {dense_syncs}"
