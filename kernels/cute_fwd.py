@@ -184,29 +184,46 @@ def scratch_views(keep: torch.Tensor, k_tiles: int):
     return _VIEWS[key]
 
 
-_PREFIX_CACHE: list[tuple[torch.Tensor, tuple, torch.Tensor | bool]] = []  # a few recent masks, held alive
+_MASK_FACTS: list[tuple[torch.Tensor, tuple, dict]] = []  # a few recent masks, held alive, with what was derived
+
+
+def _facts_of(key_valid: torch.Tensor) -> dict:
+    """What has been derived from ``key_valid`` so far. A model passes the same mask to every layer of a forward,
+    so the answers are kept for the last few masks. The cache holds the mask tensors themselves (their memory
+    cannot be reused while cached) and keys them by storage, view and version counter (an in-place write
+    invalidates)."""
+    key = (key_valid.untyped_storage().data_ptr(), key_valid.storage_offset(), tuple(key_valid.shape),
+           key_valid.stride(), key_valid._version)
+    for held, held_key, facts in _MASK_FACTS:
+        if held_key == key:
+            return facts
+    facts = {}
+    _MASK_FACTS.insert(0, (key_valid, key, facts))
+    del _MASK_FACTS[4:]
+    return facts
 
 
 def _prefix_lengths(key_valid: torch.Tensor | None) -> torch.Tensor | None | bool:
     """int32 valid key lengths when ``key_valid`` is a prefix mask, ``None`` without a mask, ``False`` otherwise.
 
-    Telling a prefix mask needs one device sync; a model passes the same mask to every layer of a forward, so
-    the answer is kept for the last few masks. The cache holds the mask tensors themselves (their memory cannot
-    be reused while cached) and keys them by storage, view and version counter (an in-place write invalidates).
+    Telling a prefix mask needs one device sync, once per mask (:func:`_facts_of`).
     """
     if key_valid is None:
         return None
-    key = (key_valid.untyped_storage().data_ptr(), key_valid.storage_offset(), tuple(key_valid.shape),
-           key_valid.stride(), key_valid._version)
-    for held, held_key, answer in _PREFIX_CACHE:
-        if held_key == key:
-            return answer
-    lengths = key_valid.sum(-1, dtype=torch.int32)
-    prefix = torch.arange(key_valid.shape[-1], device=key_valid.device)[None, :] < lengths[:, None]
-    answer = lengths if torch.equal(prefix, key_valid) else False
-    _PREFIX_CACHE.insert(0, (key_valid, key, answer))
-    del _PREFIX_CACHE[4:]
-    return answer
+    facts = _facts_of(key_valid)
+    if "lengths" not in facts:
+        lengths = key_valid.sum(-1, dtype=torch.int32)
+        prefix = torch.arange(key_valid.shape[-1], device=key_valid.device)[None, :] < lengths[:, None]
+        facts["lengths"] = lengths if torch.equal(prefix, key_valid) else False
+    return facts["lengths"]
+
+
+def _tile_valid(key_valid: torch.Tensor, block_n: int, k_tiles: int) -> torch.Tensor:
+    """:func:`~litepatch.kernels.triton_fwd.tile_valid`, made once per mask and tile size (four small kernels)."""
+    facts = _facts_of(key_valid)
+    if (block_n, k_tiles) not in facts:
+        facts[block_n, k_tiles] = tile_valid(key_valid, block_n, k_tiles)
+    return facts[block_n, k_tiles]
 
 
 def cute_forward(
@@ -239,7 +256,7 @@ def cute_forward(
     batch, heads, q_tiles, n_words = keep.shape
     rows = batch * heads * q_tiles
     slot, count, tail, index, votes = scratch_views(keep, k_tiles)
-    valid_tiles = None if key_valid is None else tile_valid(key_valid, block_n, k_tiles)
+    valid_tiles = None if key_valid is None else _tile_valid(key_valid, block_n, k_tiles)
     kept.zero_()
     order = dict(USE_ANCHOR=use_anchor, DESCENDING=descending, KT_POW2=max(32, triton.next_power_of_2(k_tiles)),
                  HAS_KEY_MASK=valid_tiles is not None, num_warps=4 if k_tiles <= 1024 else 8)

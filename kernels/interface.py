@@ -32,6 +32,8 @@ def check_threshold(threshold: float, name: str = "threshold") -> float:
     The rule (a real number <= 0 in log2 units, ``-inf`` skips nothing; NaN and positive values refused)
     and its messages are :func:`litepatch.kernels.vocabulary.threshold_problem`, which recipe validation uses too.
     """
+    if type(threshold) is float and threshold <= 0.0:  # the common case, without the rule's slower checks
+        return threshold
     problem = threshold_problem(threshold, name)
     if problem:
         raise ValueError(problem)
@@ -39,6 +41,11 @@ def check_threshold(threshold: float, name: str = "threshold") -> float:
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    q_shape, k_shape = q.shape, k.shape
+    if (len(q_shape) == 4 and k_shape == v.shape and len(k_shape) == 4 and q.dtype == k.dtype == v.dtype
+            and q.dtype in SUPPORTED_DTYPES and q.device == k.device == v.device and q_shape[0] == k_shape[0]
+            and q_shape[2:] == k_shape[2:] and q_shape[1] and k_shape[1]):
+        return  # every rule below holds (one pass over the attributes: this runs on every call)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}")
@@ -169,14 +176,18 @@ def lite_attention(
     state.prepare(shape, tiles, q.device, must_q, must_k)
     must_q_mask, must_k_mask = state.must_masks(q.device)
     descending = state.descending(order)
-    # Under torch.compile the custom op: one opaque node that declares its mutations. Eager calls run
-    # its body directly: the op's Python dispatch alone costs ~70 us of host time per call.
-    forward = torch.ops.litepatch.lite_attention_fwd if torch.compiler.is_compiling() else _forward
-    out, lse = forward(
-        q, k, v, state.keep, state.anchor, state.kept, must_q_mask, must_k_mask, key_valid,
-        chosen.name, tiles.block_m, tiles.block_n, threshold if vote else -math.inf, scale, order == "anchor",
-        descending,
-    )
+    threshold = threshold if vote else -math.inf
+    if torch.compiler.is_compiling():  # the custom op: one opaque node that declares its mutations
+        out, lse = torch.ops.litepatch.lite_attention_fwd(
+            q, k, v, state.keep, state.anchor, state.kept, must_q_mask, must_k_mask, key_valid,
+            chosen.name, tiles.block_m, tiles.block_n, threshold, scale, order == "anchor", descending,
+        )
+    else:  # eager: the op's body directly (its Python dispatch alone costs ~70 us of host time per call)
+        out, lse = chosen.forward(
+            q, k, v, state.keep, state.anchor, state.kept, must_q_mask, must_k_mask, key_valid,
+            block_m=tiles.block_m, block_n=tiles.block_n, threshold=threshold, softmax_scale=scale,
+            use_anchor=order == "anchor", descending=descending,
+        )
     state.count_call()
     return (out, lse) if return_lse else out
 

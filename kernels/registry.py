@@ -94,6 +94,7 @@ def register_backend(backend: Backend) -> None:
     """Adds (or replaces) a backend; a backend file calls this when it is imported."""
     _REGISTERED[backend.name] = backend
     _NOT_LOADED.pop(backend.name, None)
+    _SELECTED.clear()
 
 
 def _load(name: str) -> Backend | None:
@@ -142,12 +143,33 @@ def _candidates(device_type: str) -> list[str]:
     return names + ["reference"] if device_type == "cpu" else names
 
 
+# select's answers (a backend, or the refusal's message) by everything a constraint reads: a model asks the same
+# few questions on every call, and walking the candidates cost several microseconds of host time per call
+_SELECTED: dict[tuple, Backend | str] = {}
+
+
 def select(q: torch.Tensor, seq_k: int, *, backend: str = "auto", key_padding: bool = False) -> Backend:
     """The backend that runs a call with ``q [B, S, H, D]`` and ``seq_k`` keys.
 
     ``backend="auto"``: the first of cute, triton (and, for CPU tensors only, reference) that accepts
     it. A name: that backend, if it accepts it. Raises :class:`BackendUnavailable` with every refusal.
     """
+    key = (backend, q.device, q.dtype, q.shape[-1], seq_k, key_padding)
+    answer = _SELECTED.get(key)
+    if answer is None or (type(answer) is Backend and _REGISTERED.get(answer.name) is not answer):  # new or dropped
+        try:
+            answer = _select(q, seq_k, backend, key_padding)
+        except BackendUnavailable as error:
+            answer = str(error)
+        if len(_SELECTED) >= 256:  # many sequence lengths: start over rather than grow
+            _SELECTED.clear()
+        _SELECTED[key] = answer
+    if type(answer) is str:
+        raise BackendUnavailable(answer)
+    return answer
+
+
+def _select(q: torch.Tensor, seq_k: int, backend: str, key_padding: bool) -> Backend:
     if backend != "auto":
         chosen = get(backend)
         reason = chosen.refusal(q, seq_k, key_padding)

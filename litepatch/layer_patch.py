@@ -31,6 +31,9 @@ from .parallel import ChunkKey
 from .runtime import CallPlan, Runtime
 
 
+_UNASKED = object()
+
+
 class LayerPatch:
     """The attachment of one attention module (``module._litepatch``, :data:`LAYER_ATTR`)."""
 
@@ -49,6 +52,7 @@ class LayerPatch:
         self._undo = None
         self._attachment: Attachment | None = None
         self._tiles: dict = {}
+        self._refusals: dict = {}
         self.call_index = 0
         self.installed = None  # the adapter's check that its interception is still in place (None: nothing to check)
 
@@ -101,21 +105,28 @@ class LayerPatch:
         q, k, v = call.q, call.k, call.v
         if call.problem:
             return call.problem
+        # everything but autograd depends only on this key: asked once per form of call, not on every call
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+               call.key_mask is not None)
+        refused = self._refusals.get(key, _UNASKED)
+        if refused is _UNASKED:
+            if len(self._refusals) >= 64:
+                self._refusals.clear()
+            refused = self._refusals[key] = self._refusal_of(q, k, v, call.key_mask is not None)
+        if refused:
+            return refused
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return "autograd is recording (the LiteAttention kernel has no backward)"
+        return None
+
+    def _refusal_of(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: bool) -> str | None:
         if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
             return f"key/value shapes {tuple(k.shape)}/{tuple(v.shape)} do not match query {tuple(q.shape)}"
         if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
             return f"query/key/value on {q.dtype}/{k.dtype}/{v.dtype}, {q.device}/{k.device}/{v.device}"
-        key = ("refusal", tuple(q.shape), q.dtype, q.device, k.shape[1], call.key_mask is not None)
-        if key not in self._tiles:
-            refused = registry.refusal(q, k.shape[1], backend=self.runtime.backend,
-                                       key_padding=call.key_mask is not None)
-            # the call as it is, then the registry's sentence (backend facts live there)
-            self._tiles[key] = refused and f"dtype {q.dtype}, head_dim {q.shape[-1]}, {q.device.type}: {refused}"
-        if self._tiles[key]:
-            return self._tiles[key]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            return "autograd is recording (the LiteAttention kernel has no backward)"
-        return None
+        refused = registry.refusal(q, k.shape[1], backend=self.runtime.backend, key_padding=key_padding)
+        # the call as it is, then the registry's sentence (backend facts live there)
+        return refused and f"dtype {q.dtype}, head_dim {q.shape[-1]}, {q.device}: {refused}"
 
     def make_plan(self, call_index: int = 0, chunk: tuple[int, int] | None = None) -> CallPlan:
         """Decides the coming call from the tracker (eager code, before the top-level forward runs).
@@ -237,4 +248,6 @@ class LayerPatch:
 
 def _sharded(ranges: list[tuple[int, int]], local: int, shards: int) -> list[tuple[int, int]]:
     """``ranges`` of one shard of ``local`` tokens, repeated for ``shards`` shards laid end to end."""
+    if shards == 1:
+        return list(ranges)
     return [(start + r * local, end + r * local) for r in range(shards) for start, end in ranges]

@@ -373,7 +373,7 @@ def _dispatch_interceptor(layer, cell: dict, sdpa, original):
 
 
 def _dispatch_problem(query, key, dropout_p, is_causal, enable_gqa, attention_kwargs) -> str | None:
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key)):
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dim() == key.dim() == 4):
         return "inputs are not [batch, seq, heads, head_dim] tensors"
     if is_causal:
         return "is_causal=True"

@@ -113,6 +113,28 @@ def test_auto_picks_the_reference_for_cpu_tensors_only():
     assert "reference" not in reason, "the CPU reference must never be chosen for non-CPU tensors"
 
 
+def test_remembered_selections_follow_registrations():
+    """select remembers its answers per kind of call; a backend registered or dropped later must still count."""
+    from litepatch.kernels.reference import reference_forward
+    from litepatch.kernels.registry import Backend, Constraints
+    from litepatch.kernels.state import TileConfig
+
+    q = torch.randn(1, 256, 2, 64)
+    assert registry.select(q, 256).name == "reference"
+    custom = Backend(name="test-remembered", forward=reference_forward, tiles=lambda head_dim: TileConfig(64, 32),
+                     constraints=Constraints(device_types=("cpu",), dtypes=(torch.float32,)))
+    registry.register_backend(custom)
+    try:
+        assert registry.select(q, 256) is custom  # a registered backend comes before the reference
+        with pytest.raises(BackendUnavailable, match="dtype float16"):
+            registry.select(q.half(), 256, backend="test-remembered")
+        with pytest.raises(BackendUnavailable, match="dtype float16"):  # a remembered refusal raises again
+            registry.select(q.half(), 256, backend="test-remembered")
+    finally:
+        registry._REGISTERED.pop("test-remembered")
+    assert registry.select(q, 256).name == "reference"
+
+
 def test_unknown_backend_names_the_known_ones():
     with pytest.raises(BackendUnavailable, match="unknown backend 'trition'.*reference"):
         registry.get("trition")

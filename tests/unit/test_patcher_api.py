@@ -355,6 +355,31 @@ def test_sdpa_behind_helper_methods_is_intercepted():
 
 
 # ----------------------------------------------------------------------------- step tracking
+def test_call_reader_binds_every_form_of_call_as_the_signature_does():
+    """The reader binds a form of call (positional count, keyword names) once and reuses it for later calls."""
+    import inspect
+
+    from litepatch.context import CallReader
+
+    def forward(hidden_states, timestep=None, *extra, encoder_hidden_states=None, **options):
+        return hidden_states
+
+    def bound(args, kwargs):
+        arguments = dict(inspect.signature(forward).bind_partial(*args, **kwargs).arguments)
+        arguments.update(arguments.pop("options", {}))
+        return arguments
+
+    reader = CallReader.for_forward(forward)
+    forms = [((1,), {}), ((1, 2, 3, 4), {"encoder_hidden_states": 5, "guidance": 6}),
+             ((), {"timestep": 2, "hidden_states": 1, "return_dict": False})]
+    for args, kwargs in forms * 2:  # the second time from the remembered layout
+        got = reader._arguments(args, kwargs)
+        assert got == bound(args, kwargs) and list(got) == list(bound(args, kwargs))
+    new_values = reader._arguments((7, 8, 9), {"encoder_hidden_states": 10, "guidance": 11})
+    assert new_values == {"hidden_states": 7, "timestep": 8, "extra": (9,), "encoder_hidden_states": 10, "guidance": 11}
+    assert reader._arguments((1,), {"hidden_states": 2}) == {"hidden_states": 2}  # does not bind: the keywords
+
+
 def test_step_tracker_schedule():
     tracker = StepTracker()
     seen = [(tracker.observe(t), tracker.generation, tracker.step, tracker.branch) for t in (999, 999, 500, 500, 10)]
