@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU work of a session on one lent H200, in stages, each time-boxed, each writing into $OUT as it ends (a stage
+# that fails or runs out of time keeps what the earlier ones wrote).
+#
+# Before the first call, on this machine (repository root):
+#   bash benchmarks/device_session.sh wheels       # .whl/: diffusers, omegaconf, optuna, pytest-xdist (+ deps)
+#   ../shared/tools/device-cutedsl                  # .cutedsl/a and .cutedsl/b: flash-attn-4 in two parts
+# Then three device calls, each within ~30 s of the previous one returning (the machine stays warm that long and
+# keeps /tmp; the carry limit of 64 MiB per call is why there are three):
+#   1) carry [".cutedsl/a"]   command: mkdir -p /tmp/cutedsl && cp .cutedsl/a/* /tmp/cutedsl/
+#   2) carry [".cutedsl/b"]   command: bash .cutedsl/b/install.sh
+#   3) carry [".whl"]         command: bash benchmarks/device_session.sh install verify kernel host
+# Later calls on the same warm machine: `bash benchmarks/device_session.sh e2e` (no carry needed); `demo` in a call
+# of its own, since a call brings back at most 8 files and the demo writes up to 8.
+#
+# Stages (give several; they run in this order of arguments):
+#   install  wheels from .whl/ into /tmp/site; the project installed without dependencies
+#   verify   GPU tests with a 150-case fuzz, and the CuTe protocol check             -> $OUT/gpu_tests.txt
+#   kernel   benchmarks/backends.py over the six shapes                              -> $OUT/backends.json
+#   host     benchmarks/patch_overhead.py, 7 interleaved rounds                      -> $OUT/patch_overhead.json
+#   e2e      benchmarks/e2e.py (Wan2.1-1.3B 480p, kept 1.0 / 0.5 / 0.25)              -> $OUT/e2e.json
+#   demo     benchmarks/demo_video_gpu.sh with the shipped weights, batched CFG       -> $OUT/demo/...
+# Environment: OUT (default $OUT of the device call, else bench-out/session), PY (default python3),
+# STAGE_SECONDS (time box per stage, default 540).
+set -uo pipefail
+PY=${PY:-python3}
+OUT=${OUT:-bench-out/session}
+BOX=${STAGE_SECONDS:-540}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
+status=0
+run() {  # run NAME LOGFILE COMMAND...: time-boxed, output to the terminal and the log
+  local name=$1 log=$2
+  shift 2
+  echo "=== $name ($(date +%T))" | tee -a "$log"
+  timeout "$BOX" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { echo "=== $name: exit $rc" | tee -a "$log"; status=1; }
+}
+
+for stage in "$@"; do
+  case $stage in
+    wheels)  # on this machine: the device has torch, numpy, pillow and pytest, not these (setuptools: the editable
+             # install below builds without isolation, so without a network)
+      rm -rf .whl && mkdir -p .whl
+      $PY -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform any -d .whl "diffusers>=0.42,<0.43" "omegaconf>=2.3" "optuna>=4.0" pytest-xdist "setuptools>=68" wheel
+      rm -f .whl/numpy-* .whl/pillow-* .whl/pytest-[0-9]* .whl/pluggy-* .whl/iniconfig-* .whl/pygments-*
+      grep -qxF '/.whl/' .gitignore || echo "warning: .whl/ is not ignored by git"
+      du -sh .whl ;;
+    install)
+      run install "$OUT/install.txt" bash -c "$PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+        && $PY -m pip install -q --no-deps --no-build-isolation -e . \
+        && $PY -c 'import diffusers, omegaconf, optuna, xdist, flash_attn.cute, litepatch.kernels.cute_fwd; print(\"ready\")'" ;;
+    verify)
+      run "GPU tests" "$OUT/gpu_tests.txt" env LITEPATCH_FUZZ_CASES=150 $PY -m pytest -q -x -n 8 tests/gpu
+      run "CuTe protocol" "$OUT/gpu_tests.txt" $PY -m pytest -q tests/unit/test_cute_protocol.py ;;
+    kernel)
+      run kernel "$OUT/log.txt" $PY benchmarks/backends.py --json "$OUT/backends.json" ;;
+    host)
+      run host "$OUT/log.txt" $PY benchmarks/patch_overhead.py --rounds 7 --json "$OUT/patch_overhead.json" ;;
+    e2e)
+      run e2e "$OUT/log.txt" $PY benchmarks/e2e.py --threshold=-1e30 --fractions 1.0 0.5 0.25 --json "$OUT/e2e.json" ;;
+    demo)
+      run demo "$OUT/log.txt" env OUT="$OUT/demo" CALIB_ARGS="--cfg-mode batched" \
+        bash benchmarks/demo_video_gpu.sh litepatch/assets/demo_video_dit.safetensors ;;
+    *)
+      echo "unknown stage $stage (wheels install verify kernel host e2e demo)"; status=1 ;;
+  esac
+done
+exit $status
