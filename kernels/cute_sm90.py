@@ -17,9 +17,10 @@ changes one thing: the online softmax of each visited key tile, taken over by :c
   reduces its valid rows' maxima and lane 0 folds ``(score, 65535 - visit position)`` packed in one int64
   into a per-q-tile slot with ``red.global.max.s64``.
 
-The consumer warpgroups count visits instead of reading each visit's key-tile index: the index is only loaded
-by the producer (for TMA), so the consumers' per-tile loop is flash-attn-4's plus the vote, with no global
-load and no address arithmetic (``benchmarks/cute_sass.py`` counts it). Visit positions map back to tiles in
+The consumer warpgroups count visits instead of using each visit's key-tile index (flash-attn-4's consumer reads
+it, and the compiler drops the read as it does in flash-attn-4's own loop, since nothing uses it there without a
+``score_mod``): the consumers' per-tile loop is flash-attn-4's plus the vote, with no global load and no address
+arithmetic (``benchmarks/cute_sass.py`` counts it). Visit positions map back to tiles in
 :mod:`litepatch.kernels.cute_fwd`'s commit kernel, which rebuilds each q-tile's visiting order.
 
 The read list arrives as flash-attn-4's "full block" lists, one per (batch row, head, q-tile), which the
@@ -85,9 +86,11 @@ LAST_POSITION = 65535  # the anchor slot keeps LAST_POSITION - position: the ear
 
 @dsl_user_op
 def _ordered_bits(x: Float32, *, loc=None, ip=None) -> Int32:
-    """An int32 whose signed order is the float order of ``x`` (for a packed atomic max)."""
+    """An int32 whose signed order is the float order of ``x`` (for a packed atomic max); -0.0 and +0.0 map to one
+    value, so that they tie (and the earliest visit wins) as they do in the reference's comparison."""
     bits = Vector.from_elements((Float32(x),), Float32, loc=loc, ip=ip).bitcast(Int32, loc=loc, ip=ip)
     bits = bits.to_elements(loc=loc, ip=ip)[0]
+    bits = bits & (Int32(bits == Int32(-2147483648)) - Int32(1))  # -0.0 (sign bit alone) -> +0.0
     return bits ^ ((bits >> 31) & Int32(0x7FFFFFFF))
 
 
