@@ -9,12 +9,12 @@ ascending, or all descending / ascending for ``order="alternate"``):
 
 1. :func:`_list_kernel` writes flash-attn-4's "full block" list in *reverse* visiting order (the kernel walks
    lists from last entry to first) and the visit position of the key sequence's last tile (the kernel masks it
-   by key length), zeroes the ``votes`` bitmask, sets the anchor slot to its minimum and sums the listed tiles
-   into ``kept``.
+   by key length), zeroes the ``votes`` bitmask and ``kept``, and sets the anchor slot to its minimum.
 2. :func:`_commit_kernel` rebuilds the same visiting order (``state.keep`` and ``state.anchor`` are unchanged
-   until then) and drops from ``keep`` the visited tiles no valid row voted for, except the first visited and
-   must-compute ones; it decodes the anchor slot's visit position into a tile. ``threshold=-inf`` calls drop
-   nothing.
+   until then), sums the visited tiles into ``kept`` and drops from ``keep`` the visited tiles no valid row voted
+   for, except the first visited and must-compute ones; it decodes the anchor slot's visit position into a tile.
+   ``threshold=-inf`` calls drop nothing. (Zeroing ``kept`` in one kernel and counting in the next, which the
+   stream orders after it, saves the launch of a separate zeroing kernel.)
 
 The lists, ``votes``, tail positions and slots live in one int32 scratch buffer per device shared by every
 layer (:func:`scratch_bytes`), not in the per-layer state, which keeps :mod:`litepatch.kernels.state`'s layout.
@@ -101,7 +101,7 @@ def _list_kernel(keep_ptr, anchor_ptr, tile_valid_ptr, idx_ptr, cnt_ptr, tail_pt
                                              heads, USE_ANCHOR, DESCENDING, KT_POW2, HAS_KEY_MASK)
     tl.store(idx_ptr + row.to(tl.int64) * k_tiles + (total - 1 - pos), j, mask=read)
     tl.store(cnt_ptr + row, total)
-    tl.atomic_add(kept_ptr, total.to(tl.int64))
+    tl.store(kept_ptr, tl.zeros((), tl.int64), mask=row == 0)  # the commit kernel, launched after, counts into it
     tl.store(tail_ptr + row, tl.sum(tl.where(read & (j == last), pos + 1, 0), axis=0) - 1)  # -1: not read
     w = tl.arange(0, KT_POW2 // 32)
     tl.store(votes_ptr + row.to(tl.int64) * n_words + w, tl.zeros_like(w), mask=w < n_words)
@@ -109,13 +109,14 @@ def _list_kernel(keep_ptr, anchor_ptr, tile_valid_ptr, idx_ptr, cnt_ptr, tail_pt
 
 
 @triton.jit
-def _commit_kernel(keep_ptr, anchor_ptr, tile_valid_ptr, must_q_ptr, must_k_ptr, votes_ptr, slot_ptr,
+def _commit_kernel(keep_ptr, anchor_ptr, tile_valid_ptr, must_q_ptr, must_k_ptr, votes_ptr, slot_ptr, kept_ptr,
                    q_tiles, k_tiles, n_words, heads,
                    USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
                    HAS_KEY_MASK: tl.constexpr, VOTE: tl.constexpr):
     row = tl.program_id(0)
     j, read, pos, total, last = _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles, n_words,
                                              heads, USE_ANCHOR, DESCENDING, KT_POW2, HAS_KEY_MASK)
+    tl.atomic_add(kept_ptr, total.to(tl.int64))
     slot = tl.load(slot_ptr + row)
     visited = slot != -9223372036854775807 - 1
     best = 65535 - (slot & 0xFFFF).to(tl.int32)  # the anchor's visit position (cute_sm90.LAST_POSITION)
@@ -257,7 +258,6 @@ def cute_forward(
     rows = batch * heads * q_tiles
     slot, count, tail, index, votes = scratch_views(keep, k_tiles)
     valid_tiles = None if key_valid is None else _tile_valid(key_valid, block_n, k_tiles)
-    kept.zero_()
     order = dict(USE_ANCHOR=use_anchor, DESCENDING=descending, KT_POW2=max(32, triton.next_power_of_2(k_tiles)),
                  HAS_KEY_MASK=valid_tiles is not None, num_warps=4 if k_tiles <= 1024 else 8)
     valid_tiles = valid_tiles if valid_tiles is not None else count  # a placeholder pointer without a key mask
@@ -268,8 +268,8 @@ def cute_forward(
         q, k, v, (no_mask_cnt, no_mask_idx, count, index), votes, slot, tail, softmax_scale=softmax_scale,
         threshold=threshold, seqused_k=lengths,
     )
-    _commit_kernel[(rows,)](keep, anchor, valid_tiles, must_q, must_k, votes, slot, q_tiles, k_tiles, n_words, heads,
-                            VOTE=threshold > -math.inf, **order)
+    _commit_kernel[(rows,)](keep, anchor, valid_tiles, must_q, must_k, votes, slot, kept, q_tiles, k_tiles, n_words,
+                            heads, VOTE=threshold > -math.inf, **order)
     return out, lse
 
 
