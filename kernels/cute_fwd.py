@@ -47,7 +47,7 @@ from flash_attn.cute import interface as _fa4
 from .cute_sm90 import TILE_N, run_sm90, tile_m_for
 from .registry import Backend, Constraints, register_backend
 from .state import TileConfig
-from .triton_fwd import MAX_K_TILES, _bit_or, tile_valid, triton_forward
+from .triton_fwd import MAX_K_TILES, _bit_or, mask_facts, mask_tiles, triton_forward
 
 HEAD_DIMS = (64, 128)  # verified on the H200; 96 compiles (mma_pv_is_rs off) but has not run there
 CONSTRAINTS = Constraints(
@@ -185,46 +185,19 @@ def scratch_views(keep: torch.Tensor, k_tiles: int):
     return _VIEWS[key]
 
 
-_MASK_FACTS: list[tuple[torch.Tensor, tuple, dict]] = []  # a few recent masks, held alive, with what was derived
-
-
-def _facts_of(key_valid: torch.Tensor) -> dict:
-    """What has been derived from ``key_valid`` so far. A model passes the same mask to every layer of a forward,
-    so the answers are kept for the last few masks. The cache holds the mask tensors themselves (their memory
-    cannot be reused while cached) and keys them by storage, view and version counter (an in-place write
-    invalidates)."""
-    key = (key_valid.untyped_storage().data_ptr(), key_valid.storage_offset(), tuple(key_valid.shape),
-           key_valid.stride(), key_valid._version)
-    for held, held_key, facts in _MASK_FACTS:
-        if held_key == key:
-            return facts
-    facts = {}
-    _MASK_FACTS.insert(0, (key_valid, key, facts))
-    del _MASK_FACTS[4:]
-    return facts
-
-
 def _prefix_lengths(key_valid: torch.Tensor | None) -> torch.Tensor | None | bool:
     """int32 valid key lengths when ``key_valid`` is a prefix mask, ``None`` without a mask, ``False`` otherwise.
 
-    Telling a prefix mask needs one device sync, once per mask (:func:`_facts_of`).
+    Telling a prefix mask needs one device sync, once per mask (:func:`~litepatch.kernels.triton_fwd.mask_facts`).
     """
     if key_valid is None:
         return None
-    facts = _facts_of(key_valid)
+    facts = mask_facts(key_valid)
     if "lengths" not in facts:
         lengths = key_valid.sum(-1, dtype=torch.int32)
         prefix = torch.arange(key_valid.shape[-1], device=key_valid.device)[None, :] < lengths[:, None]
         facts["lengths"] = lengths if torch.equal(prefix, key_valid) else False
     return facts["lengths"]
-
-
-def _tile_valid(key_valid: torch.Tensor, block_n: int, k_tiles: int) -> torch.Tensor:
-    """:func:`~litepatch.kernels.triton_fwd.tile_valid`, made once per mask and tile size (four small kernels)."""
-    facts = _facts_of(key_valid)
-    if (block_n, k_tiles) not in facts:
-        facts[block_n, k_tiles] = tile_valid(key_valid, block_n, k_tiles)
-    return facts[block_n, k_tiles]
 
 
 def cute_forward(
@@ -257,7 +230,7 @@ def cute_forward(
     batch, heads, q_tiles, n_words = keep.shape
     rows = batch * heads * q_tiles
     slot, count, tail, index, votes = scratch_views(keep, k_tiles)
-    valid_tiles = None if key_valid is None else _tile_valid(key_valid, block_n, k_tiles)
+    valid_tiles = None if key_valid is None else mask_tiles(key_valid, block_n, k_tiles)
     order = dict(USE_ANCHOR=use_anchor, DESCENDING=descending, KT_POW2=max(32, triton.next_power_of_2(k_tiles)),
                  HAS_KEY_MASK=valid_tiles is not None, num_warps=4 if k_tiles <= 1024 else 8)
     valid_tiles = valid_tiles if valid_tiles is not None else count  # a placeholder pointer without a key mask

@@ -109,7 +109,7 @@ def _visit_list_kernel(
     entry = tl.where(protected, j - 32768, j)
     tl.store(visit_ptr + row.to(tl.int64) * k_tiles + pos, entry.to(tl.int16), mask=bit)
     tl.store(count_ptr + row, total)
-    tl.atomic_add(kept_ptr, total.to(tl.int64))
+    tl.store(kept_ptr, tl.zeros((), tl.int64), mask=row == 0)  # the attention kernel, launched after, counts into it
 
 
 @triton.jit
@@ -149,7 +149,7 @@ def _finite(x):
 
 @triton.jit
 def _lite_fwd_kernel(
-    q_desc, k_desc, v_desc, out_ptr, lse_ptr, keep_ptr, anchor_ptr, visit_ptr, count_ptr, key_valid_ptr,
+    q_desc, k_desc, v_desc, out_ptr, lse_ptr, keep_ptr, anchor_ptr, visit_ptr, count_ptr, key_valid_ptr, kept_ptr,
     qk_scale, threshold,
     seq_q, seq_k, heads, q_tiles, k_tiles, n_words,
     q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch,
@@ -162,6 +162,7 @@ def _lite_fwd_kernel(
     h = pid_bh % heads
     row = pid_bh * q_tiles + pid_m
     n_visit = tl.load(count_ptr + row)
+    tl.atomic_add(kept_ptr, n_visit.to(tl.int64))
     visit_row = visit_ptr + row.to(tl.int64) * k_tiles
     keep_row = keep_ptr + row.to(tl.int64) * n_words
 
@@ -279,6 +280,43 @@ def tile_valid(key_valid: torch.Tensor, block_n: int, k_tiles: int) -> torch.Ten
     return padded.view(-1, k_tiles, block_n).any(-1).to(torch.uint8)
 
 
+_MASK_FACTS: list[tuple[torch.Tensor, tuple, dict]] = []  # a few recent masks, held alive, with what was derived
+
+
+def mask_facts(key_valid: torch.Tensor) -> dict:
+    """What the kernels derived from the key mask ``key_valid`` so far (a dict to fill).
+
+    A model passes the same mask to every layer of a forward, so the answers are kept for the last few masks. The
+    cache holds the mask tensors themselves (their memory cannot be reused while cached) and keys them by storage,
+    view and version counter (an in-place write invalidates).
+    """
+    key = (key_valid.untyped_storage().data_ptr(), key_valid.storage_offset(), tuple(key_valid.shape),
+           key_valid.stride(), key_valid._version)
+    for held, held_key, facts in _MASK_FACTS:
+        if held_key == key:
+            return facts
+    facts = {}
+    _MASK_FACTS.insert(0, (key_valid, key, facts))
+    del _MASK_FACTS[4:]
+    return facts
+
+
+def mask_tiles(key_valid: torch.Tensor, block_n: int, k_tiles: int) -> torch.Tensor:
+    """:func:`tile_valid`, made once per mask and tile size (four small kernels otherwise, per layer and call)."""
+    facts = mask_facts(key_valid)
+    if (block_n, k_tiles) not in facts:
+        facts[block_n, k_tiles] = tile_valid(key_valid, block_n, k_tiles)
+    return facts[block_n, k_tiles]
+
+
+def mask_bytes(key_valid: torch.Tensor) -> torch.Tensor:
+    """``key_valid`` as contiguous uint8 (what the attention kernel reads), made once per mask."""
+    facts = mask_facts(key_valid)
+    if "bytes" not in facts:
+        facts["bytes"] = key_valid.to(torch.uint8).contiguous()
+    return facts["bytes"]
+
+
 def triton_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -316,10 +354,9 @@ def triton_forward(
     device = q.device
     visit = torch.empty(rows * k_tiles, dtype=torch.int16, device=device)
     count = torch.empty(rows, dtype=torch.int32, device=device)
-    kept.zero_()
     has_mask = key_valid is not None
-    valid_tiles = tile_valid(key_valid, block_n, k_tiles) if has_mask else count
-    key_valid = key_valid.to(torch.uint8).contiguous() if has_mask else count
+    valid_tiles = mask_tiles(key_valid, block_n, k_tiles) if has_mask else count
+    key_valid = mask_bytes(key_valid) if has_mask else count
     _visit_list_kernel[(rows,)](
         keep, anchor, must_q, must_k, valid_tiles, visit, count, kept, q_tiles, k_tiles, n_words, heads,
         USE_ANCHOR=use_anchor, DESCENDING=descending, KT_POW2=max(16, triton.next_power_of_2(k_tiles)),
@@ -336,7 +373,7 @@ def triton_forward(
     skip_test = threshold > -math.inf
     _lite_fwd_kernel[(q_tiles, batch * heads)](
         _descriptor(q_t, q_view, padded_m), _descriptor(k_t, k_view, block_n), _descriptor(v_t, v_view, block_n),
-        out, lse, keep, anchor, visit, count, key_valid,
+        out, lse, keep, anchor, visit, count, key_valid, kept,
         softmax_scale * LOG2E, threshold if skip_test else 0.0,
         seq_q, seq_k, heads, q_tiles, k_tiles, n_words,
         *q_view[3:], *k_view[3:], *v_view[3:],
