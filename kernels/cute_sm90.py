@@ -250,10 +250,20 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
     @cute.jit
     def _mask_tail(self, mask_fn, acc_S: cute.Tensor, n_block: Int32, seqlen) -> None:
         """The key-length mask on the visit of the last key tile, wherever the list puts it. The visit's tile
-        index (``n_block``) is not read: the consumers count visits, and the last tile's index is known."""
+        index (``n_block``) is not read: the consumers count visits, and the last tile's index is known.
+
+        With the vote on, a branch skips the mask on other visits. Without the vote, that branch made ptxas wait for
+        the previous tile's PV product before the row maxima (``benchmarks/cute_sass.py`` at D=128: 78 of 571
+        instructions per tile under the PV wgmma); there every visit is masked as if it were tile 0 or the last
+        one, which masks nothing on the others (a second visit means two tiles, so every column of tile 0 is below
+        the key length): 270 of 592 instructions under PV, 322 exposed instead of 493."""
         visit = self._carry[1]
-        if visit[0] == visit[2]:
-            mask_fn(acc_S=acc_S, n_block=cute.ceil_div(seqlen.seqlen_k, self.tile_n) - 1, mask_seqlen=True)
+        if const_expr(self.vote):
+            if visit[0] == visit[2]:
+                mask_fn(acc_S=acc_S, n_block=cute.ceil_div(seqlen.seqlen_k, self.tile_n) - 1, mask_seqlen=True)
+        else:
+            last = cute.ceil_div(seqlen.seqlen_k, self.tile_n) - 1
+            mask_fn(acc_S=acc_S, n_block=cutlass.select_(visit[0] == visit[2], last, Int32(0)), mask_seqlen=True)
 
     def first_half_block_overlap(self, *, n_block, softmax, seqlen, mask_fn, **kwargs):
         vote = self._vote_for(softmax, mask_fn, seqlen)
