@@ -99,6 +99,15 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (words - ((words >> 31) << 32)).to(torch.int32)  # two's complement into int32
 
 
+def all_tiles_words(n: int, shape: tuple[int, ...], device) -> torch.Tensor:
+    """int32 ``[*shape, ceil(n / 32)]``: every one of ``n`` tiles listed (:func:`pack_bits` of all-True), in two
+    kernels: a state's first call makes these for every layer and branch."""
+    words = torch.full((*shape, max(1, math.ceil(n / 32))), -1, dtype=torch.int32, device=device)
+    if n % 32:
+        words[..., -1] = (1 << (n % 32)) - 1
+    return words
+
+
 def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: int32 ``[..., n_words]`` -> bool ``[..., n]``."""
     shifts = torch.arange(32, device=words.device, dtype=torch.int32)
@@ -192,8 +201,7 @@ class SkipState:
         self.must_compute_queries, self.must_compute_keys = must_q, must_k
         self._must_masks = {}
         batch, heads, seq_q, seq_k = self.shape
-        all_tiles = torch.ones(self.k_tiles, dtype=torch.bool, device=device)
-        self.keep = pack_bits(all_tiles).expand(batch, heads, self.q_tiles, -1).contiguous()
+        self.keep = all_tiles_words(self.k_tiles, (batch, heads, self.q_tiles), device)
         self.anchor = initial_anchor(seq_q, seq_k, tiles, device).expand(batch, heads, -1).contiguous()
         self.kept = torch.zeros((), dtype=torch.int64, device=device)
         self.calls = 0
@@ -296,6 +304,6 @@ def initial_anchor(seq_q: int, seq_k: int, tiles: TileConfig, device) -> torch.T
     if seq_q != seq_k:
         return torch.zeros(q_tiles, dtype=torch.int32, device=device)
     k_tiles = math.ceil(seq_k / tiles.block_n)
-    first_rows = torch.arange(q_tiles, device=device) * tiles.block_m
-    centre = torch.clamp(first_rows + tiles.block_m // 2, max=seq_q - 1)
-    return torch.clamp(centre // tiles.block_n, max=k_tiles - 1).to(torch.int32)
+    block_m = tiles.block_m
+    centre = torch.arange(block_m // 2, q_tiles * block_m, block_m, dtype=torch.int32, device=device)[:q_tiles]
+    return centre.clamp_(max=seq_q - 1).div_(tiles.block_n, rounding_mode="floor").clamp_(max=k_tiles - 1)

@@ -55,3 +55,15 @@ def test_with_heads_moves_lists_and_counts_the_next_calls_work():
     assert moved.kept_tiles() == int(mask[:, [2, 0]].sum())
     with pytest.raises(ValueError, match="not been used yet"):
         SkipState().with_heads(lambda t: t)
+
+
+@pytest.mark.parametrize("k_tiles", [1, 31, 32, 33, 64, 65, 591])
+def test_a_new_state_lists_every_tile(k_tiles):
+    """The first call's lists are made without pack_bits (fewer kernels); they must be the same words."""
+    from litepatch.kernels.state import TileConfig, pack_bits
+
+    state = SkipState()
+    state.initialize((2, 3, 200, k_tiles * 64), TileConfig(128, 64), torch.device("cpu"), (), ())
+    every_tile = pack_bits(torch.ones(k_tiles, dtype=torch.bool)).expand(2, 3, 2, -1)
+    assert torch.equal(state.buffers().keep, every_tile)
+    assert state.read_list().all()
