@@ -54,7 +54,7 @@ for stage in "$@"; do
         && $PY -m pip install -q --no-deps --no-build-isolation -e . \
         && $PY -c 'import diffusers, omegaconf, optuna, xdist, flash_attn.cute, litepatch.kernels.cute_fwd; print(\"ready\")'" ;;
     verify)
-      run "GPU tests" "$OUT/gpu_tests.txt" env LITEPATCH_FUZZ_CASES=150 $PY -m pytest -q -x -n 8 tests/gpu
+      run "GPU tests" "$OUT/gpu_tests.txt" env LITEPATCH_FUZZ_CASES=150 $PY -m pytest -q -n 8 tests/gpu
       run "CuTe protocol" "$OUT/gpu_tests.txt" $PY -m pytest -q tests/unit/test_cute_protocol.py ;;
     kernel)
       run kernel "$OUT/log.txt" $PY benchmarks/backends.py --json "$OUT/backends.json" ;;
