@@ -67,3 +67,15 @@ def test_a_new_state_lists_every_tile(k_tiles):
     every_tile = pack_bits(torch.ones(k_tiles, dtype=torch.bool)).expand(2, 3, 2, -1)
     assert torch.equal(state.buffers().keep, every_tile)
     assert state.read_list().all()
+
+
+@pytest.mark.parametrize("seq", [1, 17, 128, 129, 700, 4608])
+@pytest.mark.parametrize("block_m, block_n", [(128, 64), (192, 128), (16, 16)])
+def test_initial_anchor_is_the_key_tile_at_each_q_tiles_centre(seq, block_m, block_n):
+    from litepatch.kernels.state import TileConfig, initial_anchor
+
+    q_tiles, k_tiles = -(-seq // block_m), -(-seq // block_n)
+    expected = [min(min(qt * block_m + block_m // 2, seq - 1) // block_n, k_tiles - 1) for qt in range(q_tiles)]
+    anchor = initial_anchor(seq, seq, TileConfig(block_m, block_n), torch.device("cpu"))
+    assert anchor.dtype == torch.int32 and anchor.tolist() == expected
+    assert initial_anchor(seq, seq + 1, TileConfig(block_m, block_n), torch.device("cpu")).tolist() == [0] * q_tiles
