@@ -9,6 +9,8 @@ Per shape (bf16), all in one interleaved round per repetition:
 * kept fractions k: the read list set to a band of round(k·KT) key tiles around each q-tile's diagonal;
   time(k) / time(1) for the CuTe kernel with the vote on (``-1e30``) and for the Triton kernel;
 * vote overhead at k = 1: ``-1e30`` over ``-inf`` on the CuTe kernel;
+* the ``-inf`` kernel with its tail mask behind a branch over the one without
+  (``read_full_tail_branch_over_no_branch``: above 1, the branch-free mask that it runs is the faster);
 * where the dense gap goes (stages left out one at a time): flash-attn-4 dense; flash-attn-4's own block-sparse
   forward with every block listed (the library's cost of reading lists); ours at ``-inf`` (our list and commit
   kernels and the anchor tracking on top); ours at ``-1e30`` (the vote on top).
@@ -76,6 +78,10 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         "fa4": (None, lambda: flash_attn_4_dense(q, k, v)),
         "dense_attention": (None, lambda: dense_attention(q, k, v)),
         "ours_read_full": (None, lambda: lite_attention(q, k, v, full, threshold=-math.inf, backend="cute")),
+        # the same with the tail mask behind a branch (the vote-on variant's way): which of the two the -inf
+        # variant should use (kernels/cute_sm90.py, LiteAttentionForwardSm90._mask_tail)
+        "ours_read_full_tail_branch": (None, partial(_with_tail_branch, lambda: lite_attention(
+            q, k, v, full, threshold=-math.inf, backend="cute"))),
         "ours_first": (first.reset, first_call),
         "ours_vote_full": (None, lambda: lite_attention(q, k, v, full, threshold=-1e30, backend="cute")),
         "triton_dense": (None, lambda: lite_attention(q, k, v, full, threshold=-math.inf, backend="triton")),
@@ -119,12 +125,23 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         "first_over_fa4": median_ratio(times, "ours_first", "fa4"),
         "triton_over_cudnn": median_ratio(times, "cudnn", "triton_dense"),
         "vote_overhead_k1": median_ratio(times, "ours_vote_full", "ours_read_full") - 1.0,
+        "read_full_tail_branch_over_no_branch": median_ratio(times, "ours_read_full_tail_branch", "ours_read_full"),
         "read_k": {str(f): median_ratio(times, f"ours_read_k{f}", "ours_vote_full") for f in FRACTIONS},
         "compile_s": {str(key): sec for key, sec in COMPILE_SECONDS.items()},
         "triton_k": {str(f): median_ratio(times, f"triton_k{f}", "triton_dense") for f in FRACTIONS},
         "state_bytes": full.nbytes(),
     }
     return row
+
+
+def _with_tail_branch(call):
+    """``call()`` with the CuTe kernel compiled with its tail mask behind a branch (a separate compiled kernel)."""
+    from unittest import mock
+
+    from litepatch.kernels import cute_fwd
+
+    with mock.patch.object(cute_fwd, "run_sm90", partial(cute_fwd.run_sm90, tail_branch=True)):
+        return call()
 
 
 def _fa4_full_lists(batch, heads, q_tiles, k_tiles, tiles, device):
@@ -162,7 +179,8 @@ def main(argv=None) -> int:
               f"{row['ours_read_full_over_fa4']:>13.3f}{row['first_over_fa4']:>10.3f}{row['triton_over_cudnn']:>13.3f}"
               f"{100 * row['vote_overhead_k1']:>8.0f}%{row['fa4_sparse_full_over_fa4']:>14.3f}"
               f"{row['ours_read_full_over_fa4_sparse_full']:>15.3f}   " + " / ".join(f"{x:.3f}" for x in row["read_k"].values())
-              + "   (Triton: " + " / ".join(f"{x:.3f}" for x in row["triton_k"].values()) + ")", flush=True)
+              + "   (Triton: " + " / ".join(f"{x:.3f}" for x in row["triton_k"].values()) + ")"
+              + f"   -inf tail branch / no branch {row['read_full_tail_branch_over_no_branch']:.3f}", flush=True)
         torch.cuda.empty_cache()
     results["scratch_bytes"] = scratch_bytes()
     with open(args.json, "w") as fh:

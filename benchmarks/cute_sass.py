@@ -101,7 +101,7 @@ def kernel_stats(cubin: str) -> dict[str, int]:
     return {**stats, **loop_stats(main_loop(*instructions(sass)))}
 
 
-def compile_one(head_dim: int, vote: bool, baseline: bool, dump: Path) -> str:
+def compile_one(head_dim: int, vote: bool, baseline: bool, dump: Path, tail_branch: bool | None = None) -> str:
     """Compiles one configuration and returns its cubin (the one file in the dump folder)."""
     import math
 
@@ -121,7 +121,7 @@ def compile_one(head_dim: int, vote: bool, baseline: bool, dump: Path) -> str:
     cute_sm90.compile_sm90(
         q, k, v, torch.empty_like(q), torch.empty(batch, heads, seq), 0.1, None, lists, ints(batch, heads, q_tiles, 1),
         torch.zeros(batch, heads, q_tiles, dtype=torch.int64), ints(batch, heads, q_tiles), vote=vote,
-        baseline=baseline,
+        baseline=baseline, tail_branch=tail_branch,
         stream=cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=False),  # no GPU tensors to find a stream on
     )
     (cubin,) = dump.glob("*.cubin")
@@ -139,13 +139,14 @@ def main(argv=None) -> int:
                       FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED="0")
     kernels = {"flash-attn-4 block-sparse": dict(vote=False, baseline=True),
                "ours, vote off (-inf)": dict(vote=False, baseline=False),
+               "ours, vote off, tail branch": dict(vote=False, baseline=False, tail_branch=True),
                "ours, vote on": dict(vote=True, baseline=False)}
     results = {}
     for head_dim in args.head_dims:
         for name, config in kernels.items():
             stats = kernel_stats(compile_one(head_dim, dump=dump, **config))
             results[f"D{head_dim} {name}"] = stats
-            print(f"D={head_dim:<4} {name:<26} " + "  ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
+            print(f"D={head_dim:<4} {name:<28} " + "  ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
     shutil.rmtree(dump, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"arch": "sm_90a", "kernels": results}, indent=1))

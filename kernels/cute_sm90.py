@@ -221,13 +221,16 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
     """flash-attn-4's SM90 forward with LiteAttention's vote in each tile's softmax (block sparsity only).
 
     ``vote=False`` keeps the anchor tracking and leaves the lists alone (``threshold=-inf`` calls).
+    ``tail_branch``: whether the tail tile's key-length mask sits behind a branch (:meth:`_mask_tail`); by default
+    with the vote on only (benchmarks time both).
     """
 
-    def __init__(self, *args, vote: bool = True, **kwargs):
+    def __init__(self, *args, vote: bool = True, tail_branch: bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if not self.intra_wg_overlap:
             raise ValueError("LiteAttentionForwardSm90 needs intra_wg_overlap=True (flash-attn-4's SM90 default)")
         self.vote = vote
+        self.tail_branch = vote if tail_branch is None else tail_branch
 
     def mma_init(self):
         """Also allocates the registers that live across a q-tile's visits (before the consumers' tile loop,
@@ -258,7 +261,7 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
         one, which masks nothing on the others (a second visit means two tiles, so every column of tile 0 is below
         the key length): 270 of 592 instructions under PV, 322 exposed instead of 493."""
         visit = self._carry[1]
-        if const_expr(self.vote):
+        if const_expr(self.tail_branch):
             if visit[0] == visit[2]:
                 mask_fn(acc_S=acc_S, n_block=cute.ceil_div(seqlen.seqlen_k, self.tile_n) - 1, mask_seqlen=True)
         else:
@@ -297,9 +300,11 @@ _SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 COMPILE_SECONDS: dict[tuple, float] = {}  # first-call JIT time per configuration (reported by benchmarks)
 
 
-def _kernel(dtype: torch.dtype, head_dim: int, vote: bool, baseline: bool = False) -> FlashAttentionForwardSm90:
+def _kernel(dtype: torch.dtype, head_dim: int, vote: bool, baseline: bool = False,
+            tail_branch: bool | None = None) -> FlashAttentionForwardSm90:
     tile_m = tile_m_for(head_dim)
-    kind, extra = (FlashAttentionForwardSm90, {}) if baseline else (LiteAttentionForwardSm90, dict(vote=vote))
+    kind, extra = ((FlashAttentionForwardSm90, {}) if baseline
+                   else (LiteAttentionForwardSm90, dict(vote=vote, tail_branch=tail_branch)))
     return kind(
         _TORCH_TO_CUTE[dtype], head_dim, head_dim, 1, is_causal=False, is_local=False, pack_gqa=False,
         # one producer warpgroup, one consumer warpgroup per 64 query rows
@@ -322,13 +327,14 @@ def _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, 
 
 
 def compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, *, vote: bool, stream,
-                 baseline: bool = False):
+                 baseline: bool = False, tail_branch: bool | None = None):
     """Compiles the kernel for these inputs' configuration (dtype, head dim, vote, key lengths or not).
 
     ``baseline=True`` compiles flash-attn-4's own block-sparse forward with the same tiles and lists instead (no
-    vote, no anchor): what ``benchmarks/cute_sass.py`` compares the subclass against.
+    vote, no anchor): what ``benchmarks/cute_sass.py`` compares the subclass against. ``tail_branch``: see
+    :class:`LiteAttentionForwardSm90`.
     """
-    kernel = _kernel(q.dtype, q.shape[-1], vote, baseline)
+    kernel = _kernel(q.dtype, q.shape[-1], vote, baseline, tail_branch)
     args = _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, stream)
     if baseline:
         args[-4] = AuxData()  # flash-attn-4's default: no aux tensors
@@ -347,6 +353,7 @@ def run_sm90(
     softmax_scale: float,
     threshold: float,
     seqused_k: torch.Tensor | None,
+    tail_branch: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One LiteAttention call on ``[B, S, H, D]`` CUDA tensors; returns ``(out, lse [B, H, Sq])``.
 
@@ -354,18 +361,19 @@ def run_sm90(
     (mask lists empty), each list in reverse visiting order. ``votes`` (zeroed) receives per visit position
     whether a valid row needed the tile, ``slot`` (set to the int64 minimum) the packed anchor candidate, and
     ``tail`` holds the position of the key sequence's last tile in each list (-1: not listed).
-    ``threshold=-inf`` compiles the variant without the vote.
+    ``threshold=-inf`` compiles the variant without the vote. ``tail_branch`` (benchmarks): see
+    :class:`LiteAttentionForwardSm90`.
     """
     vote = threshold > -float("inf")
     batch, seq_q, heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
-    key = (_SOURCE, str(q.dtype), head_dim, vote, seqused_k is not None)
+    key = (_SOURCE, str(q.dtype), head_dim, vote, seqused_k is not None, tail_branch)
     if key not in _COMPILED:
         start = time.perf_counter()
         stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
         _COMPILED[key] = compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail,
-                                      vote=vote, stream=stream)
+                                      vote=vote, stream=stream, tail_branch=tail_branch)
         COMPILE_SECONDS[key] = time.perf_counter() - start
     _COMPILED[key](
         q, k, v, out, lse, softmax_scale, None, None, None, seqused_k, None, None, None, None,
