@@ -63,7 +63,7 @@ for stage in "$@"; do
     e2e)
       run e2e "$OUT/log.txt" $PY benchmarks/e2e.py --threshold=-1e30 --fractions 1.0 0.5 0.25 --json "$OUT/e2e.json" ;;
     demo)
-      run demo "$OUT/log.txt" env OUT="$OUT/demo" CALIB_ARGS="--cfg-mode batched" \
+      run demo "$OUT/log.txt" env OUT="$OUT/demo" CALIB_ARGS="--cfg-mode batched" DEMO_ARGS="--cfg-mode batched" \
         bash benchmarks/demo_video_gpu.sh litepatch/assets/demo_video_dit.safetensors ;;
     *)
       echo "unknown stage $stage (wheels install verify kernel host e2e demo)"; status=1 ;;

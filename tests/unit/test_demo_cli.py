@@ -47,6 +47,16 @@ def test_demo_end_to_end_writes_both_pngs(tmp_path, capsys):
     assert heat.width > 0 and heat.height > 0
 
 
+def test_demo_with_batched_cfg_labels_its_one_branch(tmp_path, capsys):
+    assert _run(["--steps", "3", "--threshold", "0", "--warmup-steps", "1", "--cfg-mode", "batched",
+                 "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if "PSNR vs dense" in line)
+    assert "cond+unc" in header and "uncond" not in header
+    rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2] and float(rows[2][2]) < 1.0  # step 1 writes the first list
+
+
 def test_demo_rejects_bad_values(tmp_path):
     with pytest.raises(ValueError, match="names no shape"):
         _run(["--prompt", "red moving left", "--steps", "1", "--out", str(tmp_path)])
