@@ -131,7 +131,7 @@ def per_call_host_us(iters: int = 2000) -> dict[str, float]:
         "triton_forward (2 launches)": lambda: registry.get("triton").forward(*args, **kw),
         "torch.ops.litepatch.lite_attention_fwd": lambda: torch.ops.litepatch.lite_attention_fwd(
             *args, None, "triton", kw["block_m"], kw["block_n"], -4.0, kw["softmax_scale"], True, False),
-        "lite_attention (checks + state + custom op)": lambda: lite_attention(q, k, v, state, threshold=-4.0),
+        "lite_attention (checks + state + backend)": lambda: lite_attention(q, k, v, state, threshold=-4.0),
     }
     out = {}
     for name, fn in candidates.items():
