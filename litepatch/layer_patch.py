@@ -126,7 +126,7 @@ class LayerPatch:
             return f"query/key/value on {q.dtype}/{k.dtype}/{v.dtype}, {q.device}/{k.device}/{v.device}"
         refused = registry.refusal(q, k.shape[1], backend=self.runtime.backend, key_padding=key_padding)
         # the call as it is, then the registry's sentence (backend facts live there)
-        return refused and f"dtype {q.dtype}, head_dim {q.shape[-1]}, {q.device}: {refused}"
+        return refused and f"dtype {q.dtype}, head_dim {q.shape[-1]}, {q.device.type}: {refused}"
 
     def make_plan(self, call_index: int = 0, chunk: tuple[int, int] | None = None) -> CallPlan:
         """Decides the coming call from the tracker (eager code, before the top-level forward runs).
