@@ -9,9 +9,11 @@
 # keeps /tmp; the carry limit of 64 MiB per call is why there are three):
 #   1) carry [".cutedsl/a"]   command: mkdir -p /tmp/cutedsl && cp .cutedsl/a/* /tmp/cutedsl/
 #   2) carry [".cutedsl/b"]   command: bash .cutedsl/b/install.sh
-#   3) carry [".whl"]         command: bash benchmarks/device_session.sh install verify kernel host
-# Later calls on the same warm machine: `bash benchmarks/device_session.sh e2e` (no carry needed); `demo` in a call
-# of its own, since a call brings back at most 8 files and the demo writes up to 8.
+#   3) carry [".whl"]         command: bash benchmarks/device_session.sh install verify
+# Then, on the same warm machine (no carry), one call per line, since a call may run 10 minutes at most:
+#   bash benchmarks/device_session.sh kernel
+#   bash benchmarks/device_session.sh host e2e
+#   bash benchmarks/device_session.sh demo          # brings back up to 8 files: a call of its own
 #
 # Stages (give several; they run in this order of arguments):
 #   install  wheels from .whl/ into /tmp/site; the project installed without dependencies
