@@ -15,9 +15,12 @@ patcher's host time alone: interception, plan, registry checks, stats record. Tw
 * ``sparse path``: calls that go to the (null) kernel; added host time = (patched - unpatched) / calls, the
   unpatched model's SDPA replaced by a null function for the run, so neither side computes attention.
 
+``--cpu --breakdown`` also prints where a sparse forward's patcher time goes, function by function.
+
 Example:
     $ python benchmarks/patch_overhead.py --json bench-out/patch_overhead.json
     $ python benchmarks/patch_overhead.py --cpu --iters 200
+    $ python benchmarks/patch_overhead.py --cpu --rounds 1 --breakdown
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="print the host profile of patched forwards")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="with --cpu: host time of the patcher's functions inside sparse forwards, per call")
     parser.add_argument("--cpu", action="store_true", help="CPU, null kernel: the patcher's host time alone")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (medians are printed)")
     args = parser.parse_args()
@@ -300,6 +305,8 @@ def cpu_main(args) -> None:
         "sparse path (null kernel vs a null SDPA)": statistics.median(sparse_diffs),
     }
     rows.update(per_layer_call_us(model, latents, args.rounds, null_sdpa))
+    if args.breakdown:
+        print_breakdown(model, latents, text, layers, null_sdpa)
     print(f"CPU (1 thread), tiny Wan (2 heads x 16), {layers} self-attention layers, 64 tokens, fp32; unpatched "
           f"forward {unpatched:.0f} us, SDPA alone {sdpa_us:.1f} us per call; medians of {args.rounds} rounds")
     for name, us in rows.items():
@@ -308,6 +315,62 @@ def cpu_main(args) -> None:
         with open(args.json, "w") as f:
             json.dump({"device": "cpu", "layers": layers, "unpatched_us": unpatched, "sdpa_us": sdpa_us,
                        "added_host_us_per_call": rows}, f, indent=1)
+
+
+# The patcher's functions on a sparse call's path, by where they live: (module, owner attribute or None, name).
+BREAKDOWN = (
+    ("litepatch.root_patch", "RootPatch", "pre_hook"), ("litepatch.context", "CallReader", "read"),
+    ("litepatch.context", "StepTracker", "observe"), ("litepatch.runtime", "Runtime", "flush"),
+    ("litepatch.layer_patch", "LayerPatch", "make_plan"), ("litepatch.layer_patch", "LayerPatch", "attend"),
+    ("litepatch.layer_patch", "LayerPatch", "_refusal"), ("litepatch.layer_patch", None, "lite_attention"),
+    ("litepatch.kernels.interface", None, "_check_inputs"), ("litepatch.kernels.registry", None, "select"),
+    ("litepatch.kernels.state", "SkipState", "prepare"),
+)
+
+
+def print_breakdown(model, latents, text, layers: int, null_sdpa, forwards: int = 300) -> None:
+    """Microseconds per forward spent in each of :data:`BREAKDOWN` during sparse forwards (null kernel, null SDPA),
+    measured inside real forwards: cache-cold, as a model runs them (isolated micro-benchmarks read 2-3x lower).
+    Nested functions count in their callers too; each wrapper adds about half a microsecond."""
+    import collections
+    import functools
+    import importlib
+    from unittest import mock
+
+    import litepatch
+
+    spent, calls, patches = collections.Counter(), collections.Counter(), []
+    for module_name, owner_name, name in BREAKDOWN:
+        module = importlib.import_module(module_name)
+        owner = getattr(module, owner_name) if owner_name else module
+        label = f"{owner_name}.{name}" if owner_name else name
+
+        def timed(*args, _f=getattr(owner, name), _label=label, **kwargs):
+            start = time.perf_counter_ns()
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                spent[_label] += time.perf_counter_ns() - start
+                calls[_label] += 1
+
+        patches.append(mock.patch.object(owner, name, functools.wraps(getattr(owner, name))(timed)))
+    for patch in patches:  # before apply: the root's forward hook binds pre_hook when it is installed
+        patch.start()
+    try:
+        handle = litepatch.apply(model, threshold=-4.0, warmup_steps=0, backend=NULL_BACKEND)
+        with torch.inference_mode(), mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", null_sdpa):
+            for i in range(30 + forwards):
+                if i == 30:
+                    spent.clear(), calls.clear()
+                model(hidden_states=latents, timestep=torch.full((1,), 999.0), encoder_hidden_states=text,
+                      return_dict=False)
+        handle.remove()
+    finally:
+        for patch in patches:
+            patch.stop()
+    print(f"where a sparse forward's patcher time goes ({layers} layers, null kernel, {forwards} forwards):")
+    for label, ns in spent.most_common():
+        print(f"  {label:<28} {ns / forwards / 1e3:7.1f} us per forward  ({calls[label] / forwards:.0f} calls)")
 
 
 if __name__ == "__main__":
