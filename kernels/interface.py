@@ -44,7 +44,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     q_shape, k_shape = q.shape, k.shape
     if (len(q_shape) == 4 and k_shape == v.shape and len(k_shape) == 4 and q.dtype == k.dtype == v.dtype
             and q.dtype in SUPPORTED_DTYPES and q.device == k.device == v.device and q_shape[0] == k_shape[0]
-            and q_shape[2:] == k_shape[2:] and q_shape[1] and k_shape[1]):
+            and q_shape[2] == k_shape[2] and q_shape[3] == k_shape[3] and q_shape[1] and k_shape[1]):
         return  # every rule below holds (one pass over the attributes: this runs on every call)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
