@@ -45,9 +45,10 @@ import triton.language as tl
 from flash_attn.cute import interface as _fa4
 
 from .cute_sm90 import TILE_N, run_sm90, tile_m_for
+from .key_masks import mask_facts, mask_tiles
 from .registry import Backend, Constraints, register_backend
 from .state import TileConfig
-from .triton_fwd import MAX_K_TILES, _bit_or, mask_facts, mask_tiles, triton_forward
+from .triton_fwd import MAX_K_TILES, _bit_or, triton_forward
 
 HEAD_DIMS = (64, 128)  # verified on the H200; 96 compiles (mma_pv_is_rs off) but has not run there
 CONSTRAINTS = Constraints(
@@ -188,7 +189,7 @@ def scratch_views(keep: torch.Tensor, k_tiles: int):
 def _prefix_lengths(key_valid: torch.Tensor | None) -> torch.Tensor | None | bool:
     """int32 valid key lengths when ``key_valid`` is a prefix mask, ``None`` without a mask, ``False`` otherwise.
 
-    Telling a prefix mask needs one device sync, once per mask (:func:`~litepatch.kernels.triton_fwd.mask_facts`).
+    Telling a prefix mask needs one device sync, once per mask (:func:`~litepatch.kernels.key_masks.mask_facts`).
     """
     if key_valid is None:
         return None

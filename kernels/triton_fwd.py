@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .key_masks import mask_bytes, mask_tiles
 from .registry import Backend, Constraints, register_backend
 from .state import TileConfig
 
@@ -271,50 +272,6 @@ CONSTRAINTS = Constraints(
     cuda_archs=(8, 9, 10, 12),  # TMA descriptors are emulated before Hopper
     max_k_tiles=MAX_K_TILES,
 )
-
-
-def tile_valid(key_valid: torch.Tensor, block_n: int, k_tiles: int) -> torch.Tensor:
-    """uint8 ``[B, k_tiles]``: 1 where the key tile holds at least one valid key."""
-    padded = key_valid.new_zeros(key_valid.shape[0], k_tiles * block_n)
-    padded[:, : key_valid.shape[1]] = key_valid
-    return padded.view(-1, k_tiles, block_n).any(-1).to(torch.uint8)
-
-
-_MASK_FACTS: list[tuple[torch.Tensor, tuple, dict]] = []  # a few recent masks, held alive, with what was derived
-
-
-def mask_facts(key_valid: torch.Tensor) -> dict:
-    """What the kernels derived from the key mask ``key_valid`` so far (a dict to fill).
-
-    A model passes the same mask to every layer of a forward, so the answers are kept for the last few masks. The
-    cache holds the mask tensors themselves (their memory cannot be reused while cached) and keys them by storage,
-    view and version counter (an in-place write invalidates).
-    """
-    key = (key_valid.untyped_storage().data_ptr(), key_valid.storage_offset(), tuple(key_valid.shape),
-           key_valid.stride(), key_valid._version)
-    for held, held_key, facts in _MASK_FACTS:
-        if held_key == key:
-            return facts
-    facts = {}
-    _MASK_FACTS.insert(0, (key_valid, key, facts))
-    del _MASK_FACTS[4:]
-    return facts
-
-
-def mask_tiles(key_valid: torch.Tensor, block_n: int, k_tiles: int) -> torch.Tensor:
-    """:func:`tile_valid`, made once per mask and tile size (four small kernels otherwise, per layer and call)."""
-    facts = mask_facts(key_valid)
-    if (block_n, k_tiles) not in facts:
-        facts[block_n, k_tiles] = tile_valid(key_valid, block_n, k_tiles)
-    return facts[block_n, k_tiles]
-
-
-def mask_bytes(key_valid: torch.Tensor) -> torch.Tensor:
-    """``key_valid`` as contiguous uint8 (what the attention kernel reads), made once per mask."""
-    facts = mask_facts(key_valid)
-    if "bytes" not in facts:
-        facts["bytes"] = key_valid.to(torch.uint8).contiguous()
-    return facts["bytes"]
 
 
 def triton_forward(
