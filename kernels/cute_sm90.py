@@ -261,11 +261,11 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
         one, which masks nothing on the others (a second visit means two tiles, so every column of tile 0 is below
         the key length): 270 of 592 instructions under PV, 322 exposed instead of 493."""
         visit = self._carry[1]
+        last = cute.ceil_div(seqlen.seqlen_k, self.tile_n) - 1
         if const_expr(self.tail_branch):
             if visit[0] == visit[2]:
-                mask_fn(acc_S=acc_S, n_block=cute.ceil_div(seqlen.seqlen_k, self.tile_n) - 1, mask_seqlen=True)
+                mask_fn(acc_S=acc_S, n_block=last, mask_seqlen=True)
         else:
-            last = cute.ceil_div(seqlen.seqlen_k, self.tile_n) - 1
             mask_fn(acc_S=acc_S, n_block=cutlass.select_(visit[0] == visit[2], last, Int32(0)), mask_seqlen=True)
 
     def first_half_block_overlap(self, *, n_block, softmax, seqlen, mask_fn, **kwargs):

@@ -305,5 +305,5 @@ def initial_anchor(seq_q: int, seq_k: int, tiles: TileConfig, device) -> torch.T
         return torch.zeros(q_tiles, dtype=torch.int32, device=device)
     k_tiles = math.ceil(seq_k / tiles.block_n)
     block_m = tiles.block_m
-    centre = torch.arange(block_m // 2, q_tiles * block_m, block_m, dtype=torch.int32, device=device)[:q_tiles]
+    centre = torch.arange(block_m // 2, q_tiles * block_m, block_m, dtype=torch.int32, device=device)  # q_tiles
     return centre.clamp_(max=seq_q - 1).div_(tiles.block_n, rounding_mode="floor").clamp_(max=k_tiles - 1)
