@@ -130,8 +130,36 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         "compile_s": {str(key): sec for key, sec in COMPILE_SECONDS.items()},
         "triton_k": {str(f): median_ratio(times, f"triton_k{f}", "triton_dense") for f in FRACTIONS},
         "state_bytes": full.nbytes(),
+        # GPU time per kernel inside one call (where ours' gap to flash-attn-4 dense goes: main kernel vs the small
+        # list and commit kernels)
+        "kernels_us": {key: _kernel_times_or_error(calls[key][1]) for key in ("fa4", "ours_read_full", "ours_vote_full")},
     }
     return row
+
+
+def _kernel_times_or_error(call) -> dict:
+    try:  # a profiler failure only drops the breakdown
+        return kernel_times(call)
+    except Exception as exc:  # noqa: BLE001
+        return {"error": repr(exc)}
+
+
+def kernel_times(call, reps: int = 5) -> dict[str, float]:
+    """Mean GPU microseconds per call of each CUDA kernel ``call`` launches (torch.profiler, after one warm call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            call()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        gpu_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA and gpu_us > 0:
+            totals[event.key[:80]] = gpu_us / reps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
 def _with_tail_branch(call):
@@ -181,6 +209,8 @@ def main(argv=None) -> int:
               f"{row['ours_read_full_over_fa4_sparse_full']:>15.3f}   " + " / ".join(f"{x:.3f}" for x in row["read_k"].values())
               + "   (Triton: " + " / ".join(f"{x:.3f}" for x in row["triton_k"].values()) + ")"
               + f"   -inf tail branch / no branch {row['read_full_tail_branch_over_no_branch']:.3f}", flush=True)
+        for key, kernels in row["kernels_us"].items():
+            print(f"    {key}: " + ", ".join(f"{name} {us}" for name, us in kernels.items()), flush=True)
         torch.cuda.empty_cache()
     results["scratch_bytes"] = scratch_bytes()
     with open(args.json, "w") as fh:
