@@ -14,6 +14,7 @@
 #   bash benchmarks/device_session.sh kernel
 #   bash benchmarks/device_session.sh host e2e
 #   bash benchmarks/device_session.sh demo          # brings back up to 8 files: a call of its own
+# (`host` also prints cProfile's top functions of patched forwards.)
 #
 # Stages (give several; they run in this order of arguments):
 #   install  wheels from .whl/ into /tmp/site; the project installed without dependencies
@@ -48,7 +49,10 @@ for stage in "$@"; do
       $PY -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform any -d .whl "diffusers>=0.42,<0.43" "omegaconf>=2.3" "optuna>=4.0" pytest-xdist "setuptools>=68" wheel
-      rm -f .whl/numpy-* .whl/pillow-* .whl/pytest-[0-9]* .whl/pluggy-* .whl/iniconfig-* .whl/pygments-*
+      # the device's own: numpy, pillow, pytest; huggingface_hub too (its transformers 5.17 refuses hub 2.x, and
+      # diffusers' model imports go through that check)
+      rm -f .whl/numpy-* .whl/pillow-* .whl/pytest-[0-9]* .whl/pluggy-* .whl/iniconfig-* .whl/pygments-* \
+        .whl/huggingface_hub-*
       grep -qxF '/.whl/' .gitignore || echo "warning: .whl/ is not ignored by git"
       du -sh .whl ;;
     install)
@@ -61,11 +65,12 @@ for stage in "$@"; do
     kernel)
       run kernel "$OUT/log.txt" $PY benchmarks/backends.py --json "$OUT/backends.json" ;;
     host)
-      run host "$OUT/log.txt" $PY benchmarks/patch_overhead.py --rounds 7 --json "$OUT/patch_overhead.json" ;;
+      run host "$OUT/log.txt" $PY benchmarks/patch_overhead.py --rounds 7 --profile --json "$OUT/patch_overhead.json" ;;
     e2e)
       run e2e "$OUT/log.txt" $PY benchmarks/e2e.py --threshold=-1e30 --fractions 1.0 0.5 0.25 --json "$OUT/e2e.json" ;;
     demo)
       run demo "$OUT/log.txt" env OUT="$OUT/demo" CALIB_ARGS="--cfg-mode batched" DEMO_ARGS="--cfg-mode batched" \
+        FRONTIER_SECONDS="${FRONTIER_SECONDS:-90}" \
         bash benchmarks/demo_video_gpu.sh litepatch/assets/demo_video_dit.safetensors ;;
     *)
       echo "unknown stage $stage (wheels install verify kernel host e2e demo)"; status=1 ;;

@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -136,14 +135,19 @@ def _commit_kernel(keep_ptr, anchor_ptr, tile_valid_ptr, must_q_ptr, must_k_ptr,
     tl.store(anchor_ptr + row, anchor)
 
 
-@functools.cache  # asked on every call: one TileConfig per head dim
+_TILES = {tile_m: TileConfig(tile_m, TILE_N) for tile_m in {tile_m_for(64), tile_m_for(128)}}
+
+
 def tiles_for_head_dim(head_dim: int) -> TileConfig:
     """The backend's tiles (they fix the skip-state layout): those of its kernel at ``head_dim``.
+
+    Asked on every call, so it returns a prebuilt config rather than building one (no ``functools.cache``:
+    torch 2.11's dynamo binds a cached function kept in a dataclass field as a method, a fullgraph break).
 
     >>> tiles_for_head_dim(128), tiles_for_head_dim(64)
     (TileConfig(block_m=128, block_n=128), TileConfig(block_m=192, block_n=128))
     """
-    return TileConfig(tile_m_for(head_dim), TILE_N)
+    return _TILES[tile_m_for(head_dim)]
 
 
 _SCRATCH: dict[torch.device, torch.Tensor] = {}

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 diffusers = pytest.importorskip("diffusers")
 litepatch = pytest.importorskip("litepatch")
 triton_fwd = pytest.importorskip("litepatch.kernels.triton_fwd")
+from litepatch.kernels import registry  # noqa: E402
 
 TINY_WAN = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16,
@@ -38,7 +39,8 @@ def _forward(model, latents, text, t):
 
 @torch.inference_mode()
 def test_apply_to_wan_on_cuda_runs_the_gpu_kernel_and_skips():
-    """``-inf`` equals dense; threshold 0 then runs the GPU kernel, whose 128x128 tiles are the states'."""
+    """``-inf`` equals dense; threshold 0 then runs the GPU kernel, whose tiles are the states' (the default
+    backend's at head dim 64: CuTe's 192x128 on sm90, Triton's 128x128 elsewhere)."""
     model, latents, text = _model_and_inputs()
     dense = [_forward(model, latents, text, t) for t in (999, 900, 800, 700)]
     handle = litepatch.apply(model, threshold=-math.inf, warmup_steps=0)
@@ -51,7 +53,8 @@ def test_apply_to_wan_on_cuda_runs_the_gpu_kernel_and_skips():
         sparse = [_forward(model, latents, text, t) for t in (999, 900, 800, 700)]
         states = [st for branches in handle.skip_states().values() for st in branches.values()]
         assert states and all(st.keep.is_cuda for st in states)
-        assert all(st.tiles == triton_fwd.tiles_for_head_dim(64) for st in states)
+        q = torch.empty(1, 1, 2, 64, device="cuda", dtype=torch.bfloat16)
+        assert all(st.tiles == registry.tiles(q, latents.shape[2] * 24 * 24) for st in states)
         assert handle.stats().kept_fraction() < 1.0, "threshold 0 skipped nothing on the Wan model"
         for got in sparse:
             assert torch.isfinite(got).all()
