@@ -9,6 +9,7 @@ Per shape (bf16), all in one interleaved round per repetition:
 * kept fractions k: the read list set to a band of round(k·KT) key tiles around each q-tile's diagonal;
   time(k) / time(1) for the CuTe kernel with the vote on (``-1e30``) and for the Triton kernel;
 * vote overhead at k = 1: ``-1e30`` over ``-inf`` on the CuTe kernel;
+* what the ``-inf`` kernel's tail mask and anchor tracking cost (``ablation_gain``: kernels compiled without them);
 * the ``-inf`` kernel with its tail mask behind a branch over the one without
   (``read_full_tail_branch_over_no_branch``: above 1, the branch-free mask that it runs is the faster);
 * where the dense gap goes (stages left out one at a time): flash-attn-4 dense; flash-attn-4's own block-sparse
@@ -83,6 +84,14 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         "ours_read_full_tail_branch": (None, partial(_with_tail_branch, lambda: lite_attention(
             q, k, v, full, threshold=-math.inf, backend="cute"))),
         "ours_first": (first.reset, first_call),
+        # what the tail tile's key-length mask and the anchor tracking cost at -inf (these kernels compute wrong
+        # results: timing only)
+        "ours_read_full_no_tail": (None, partial(_ablated, dict(mask_tail=False), lambda: lite_attention(
+            q, k, v, full, threshold=-math.inf, backend="cute"))),
+        "ours_read_full_no_anchor": (None, partial(_ablated, dict(ablate=("anchor",)), lambda: lite_attention(
+            q, k, v, full, threshold=-math.inf, backend="cute"))),
+        "ours_read_full_neither": (None, partial(_ablated, dict(mask_tail=False, ablate=("anchor",)), lambda: (
+            lite_attention(q, k, v, full, threshold=-math.inf, backend="cute")))),
         "ours_vote_full": (None, lambda: lite_attention(q, k, v, full, threshold=-1e30, backend="cute")),
         "triton_dense": (None, lambda: lite_attention(q, k, v, full, threshold=-math.inf, backend="triton")),
     }
@@ -126,6 +135,9 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         "triton_over_cudnn": median_ratio(times, "cudnn", "triton_dense"),
         "vote_overhead_k1": median_ratio(times, "ours_vote_full", "ours_read_full") - 1.0,
         "read_full_tail_branch_over_no_branch": median_ratio(times, "ours_read_full_tail_branch", "ours_read_full"),
+        # time(ours -inf) / time(ours -inf without the part): above 1, the part costs that much
+        "ablation_gain": {part: median_ratio(times, "ours_read_full", f"ours_read_full_{part}")
+                          for part in ("no_tail", "no_anchor", "neither")},
         "read_k": {str(f): median_ratio(times, f"ours_read_k{f}", "ours_vote_full") for f in FRACTIONS},
         "compile_s": {str(key): sec for key, sec in COMPILE_SECONDS.items()},
         "triton_k": {str(f): median_ratio(times, f"triton_k{f}", "triton_dense") for f in FRACTIONS},
@@ -135,6 +147,17 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         "kernels_us": {key: _kernel_times_or_error(calls[key][1]) for key in ("fa4", "ours_read_full", "ours_vote_full")},
     }
     return row
+
+
+def _ablated(options, call):
+    """``call()`` with the CuTe kernel compiled with ``options`` (``mask_tail=False``, ``ablate=...``:
+    ``kernels/cute_sm90.py``); where the keys do not fill their last tile, its results are wrong (timing only)."""
+    from unittest import mock
+
+    from litepatch.kernels import cute_fwd
+
+    with mock.patch.object(cute_fwd, "run_sm90", partial(cute_fwd.run_sm90, **options)):
+        return call()
 
 
 def _kernel_times_or_error(call) -> dict:
@@ -209,6 +232,7 @@ def main(argv=None) -> int:
               f"{row['ours_read_full_over_fa4_sparse_full']:>15.3f}   " + " / ".join(f"{x:.3f}" for x in row["read_k"].values())
               + "   (Triton: " + " / ".join(f"{x:.3f}" for x in row["triton_k"].values()) + ")"
               + f"   -inf tail branch / no branch {row['read_full_tail_branch_over_no_branch']:.3f}", flush=True)
+        print("    -inf over -inf without: " + ", ".join(f"{k} {v:.3f}" for k, v in row["ablation_gain"].items()))
         for key, kernels in row["kernels_us"].items():
             print(f"    {key}: " + ", ".join(f"{name} {us}" for name, us in kernels.items()), flush=True)
         torch.cuda.empty_cache()

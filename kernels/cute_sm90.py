@@ -27,7 +27,7 @@ The read list arrives as flash-attn-4's "full block" lists, one per (batch row, 
 kernel walks from last entry to first: :mod:`litepatch.kernels.cute_fwd` writes them in reverse visiting
 order, and the position of the key sequence's last (partial) tile in each, which this kernel masks by key
 length wherever the visiting order puts it (:meth:`LiteAttentionForwardSm90._mask_tail`; flash-attn-4 masks
-the first visit only). Afterwards it drops from ``state.keep`` the visited tiles no row voted for, except the
+the first visit only), unless the keys fill their last tile (a length that is a multiple of 128, no key lengths). Afterwards it drops from ``state.keep`` the visited tiles no row voted for, except the
 ones that may never be dropped (the first visited, must-compute tiles), and decodes the anchor.
 
 Extra inputs travel in flash-attn-4's ``AuxData`` (meant for ``score_mod`` tensors): ``tensors = (votes int32
@@ -81,6 +81,7 @@ def tile_m_for(head_dim: int) -> int:
     return 192 if head_dim <= 64 else 128
 
 
+ABLATIONS = frozenset({"anchor"})  # parts LiteAttentionForwardSm90(ablate=...) can leave out, for timing
 LAST_POSITION = 65535  # the anchor slot keeps LAST_POSITION - position: the earliest visit wins ties under max
 
 
@@ -102,7 +103,7 @@ class _TileVote:
     whether it lies inside the query sequence, and ``visit = (position, pending vote bits, tail position)``."""
 
     def __init__(self, softmax, carry, *, batch_idx, head_idx, m_block, thr_mma, seqlen_q, aux_data, vote: bool,
-                 tile_m: int, tile_n: int):
+                 tile_m: int, tile_n: int, track_anchor: bool = True):
         self.softmax, self.carry = softmax, carry
         self.row_max, self.row_sum = softmax.row_max, softmax.row_sum
         self.scale_log2 = softmax.scale_log2
@@ -111,6 +112,7 @@ class _TileVote:
         self.votes, self.slot, self.tail = aux_data.tensors
         (self.threshold,) = aux_data.scalars
         self.vote, self.tile_m, self.tile_n = vote, tile_m, tile_n
+        self.track_anchor = track_anchor
 
     def __getattr__(self, name):  # rescale_O, finalize, reset, ...: the softmax's own
         return getattr(self.softmax, name)
@@ -155,7 +157,8 @@ class _TileVote:
                 best_pos[r] = Int32(0)
             else:
                 cur = cute.arch.fmax(prev, tile_max)
-                best_pos[r] = position if tile_max > prev else best_pos[r]  # ties: the earlier visit
+                if const_expr(self.track_anchor):
+                    best_pos[r] = position if tile_max > prev else best_pos[r]  # ties: the earlier visit
             row_max[r] = cur
             if const_expr(check_inf):
                 cur = 0.0 if cur == -Float32.inf else cur
@@ -223,14 +226,24 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
     ``vote=False`` keeps the anchor tracking and leaves the lists alone (``threshold=-inf`` calls).
     ``tail_branch``: whether the tail tile's key-length mask sits behind a branch (:meth:`_mask_tail`); by default
     with the vote on only (benchmarks time both).
+    ``mask_tail=False``: no key-length mask after the first visit, for keys that fill their last tile (every
+    column of every tile is a key; flash-attn-4 still masks the first visit, which then masks nothing).
+    ``ablate`` (benchmarks only, results wrong): leave out ``"anchor"`` (the per-row position of the maximum), to
+    time what it costs.
     """
 
-    def __init__(self, *args, vote: bool = True, tail_branch: bool | None = None, **kwargs):
+    def __init__(self, *args, vote: bool = True, tail_branch: bool | None = None, mask_tail: bool = True,
+                 ablate: tuple[str, ...] = (), **kwargs):
         super().__init__(*args, **kwargs)
         if not self.intra_wg_overlap:
             raise ValueError("LiteAttentionForwardSm90 needs intra_wg_overlap=True (flash-attn-4's SM90 default)")
+        unknown = set(ablate) - ABLATIONS
+        if unknown:
+            raise ValueError(f"unknown ablation(s) {sorted(unknown)}: choose from {sorted(ABLATIONS)}")
         self.vote = vote
         self.tail_branch = vote if tail_branch is None else tail_branch
+        self.mask_tail = mask_tail
+        self.ablate = frozenset(ablate)
 
     def mma_init(self):
         """Also allocates the registers that live across a q-tile's visits (before the consumers' tile loop,
@@ -247,6 +260,7 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
             softmax, self._carry, batch_idx=bound["batch_idx"], head_idx=bound["head_idx"],
             m_block=bound["m_block"], thr_mma=bound["thr_mma"], seqlen_q=seqlen.seqlen_q,
             aux_data=bound["aux_data"], vote=self.vote, tile_m=self.tile_m, tile_n=self.tile_n,
+            track_anchor="anchor" not in self.ablate,
         )
         return self._current
 
@@ -277,7 +291,7 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
     def mma_one_n_block_intrawg_overlap(self, smem_pipe_read, *, n_block, softmax, seqlen, mask_fn, **kwargs):
         self._carry[1][0] = self._carry[1][0] + 1  # this visit's position
         vote = self._vote_for(softmax, mask_fn, seqlen)
-        tail = partial(self._mask_tail, mask_fn, seqlen=seqlen)
+        tail = partial(self._mask_tail, mask_fn, seqlen=seqlen) if self.mask_tail else None
         return FlashAttentionForwardSm90.mma_one_n_block_intrawg_overlap(
             self, smem_pipe_read, n_block=n_block, softmax=vote, seqlen=seqlen, mask_fn=tail, **kwargs)
 
@@ -301,10 +315,11 @@ COMPILE_SECONDS: dict[tuple, float] = {}  # first-call JIT time per configuratio
 
 
 def _kernel(dtype: torch.dtype, head_dim: int, vote: bool, baseline: bool = False,
-            tail_branch: bool | None = None) -> FlashAttentionForwardSm90:
+            tail_branch: bool | None = None, mask_tail: bool = True,
+            ablate: tuple[str, ...] = ()) -> FlashAttentionForwardSm90:
     tile_m = tile_m_for(head_dim)
-    kind, extra = ((FlashAttentionForwardSm90, {}) if baseline
-                   else (LiteAttentionForwardSm90, dict(vote=vote, tail_branch=tail_branch)))
+    kind, extra = ((FlashAttentionForwardSm90, {}) if baseline else (LiteAttentionForwardSm90, dict(
+        vote=vote, tail_branch=tail_branch, mask_tail=mask_tail, ablate=ablate)))
     return kind(
         _TORCH_TO_CUTE[dtype], head_dim, head_dim, 1, is_causal=False, is_local=False, pack_gqa=False,
         # one producer warpgroup, one consumer warpgroup per 64 query rows
@@ -327,14 +342,15 @@ def _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, 
 
 
 def compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, *, vote: bool, stream,
-                 baseline: bool = False, tail_branch: bool | None = None):
+                 baseline: bool = False, tail_branch: bool | None = None, mask_tail: bool = True,
+                 ablate: tuple[str, ...] = ()):
     """Compiles the kernel for these inputs' configuration (dtype, head dim, vote, key lengths or not).
 
     ``baseline=True`` compiles flash-attn-4's own block-sparse forward with the same tiles and lists instead (no
     vote, no anchor): what ``benchmarks/cute_sass.py`` compares the subclass against. ``tail_branch``: see
     :class:`LiteAttentionForwardSm90`.
     """
-    kernel = _kernel(q.dtype, q.shape[-1], vote, baseline, tail_branch)
+    kernel = _kernel(q.dtype, q.shape[-1], vote, baseline, tail_branch, mask_tail, ablate)
     args = _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, stream)
     if baseline:
         args[-4] = AuxData()  # flash-attn-4's default: no aux tensors
@@ -354,6 +370,8 @@ def run_sm90(
     threshold: float,
     seqused_k: torch.Tensor | None,
     tail_branch: bool | None = None,
+    mask_tail: bool | None = None,
+    ablate: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One LiteAttention call on ``[B, S, H, D]`` CUDA tensors; returns ``(out, lse [B, H, Sq])``.
 
@@ -361,19 +379,23 @@ def run_sm90(
     (mask lists empty), each list in reverse visiting order. ``votes`` (zeroed) receives per visit position
     whether a valid row needed the tile, ``slot`` (set to the int64 minimum) the packed anchor candidate, and
     ``tail`` holds the position of the key sequence's last tile in each list (-1: not listed).
-    ``threshold=-inf`` compiles the variant without the vote. ``tail_branch`` (benchmarks): see
-    :class:`LiteAttentionForwardSm90`.
+    ``threshold=-inf`` compiles the variant without the vote; keys that fill their last tile (no ``seqused_k``,
+    length a multiple of the tile) the variant without the tail mask. ``tail_branch``, ``mask_tail`` (forced) and
+    ``ablate`` (benchmarks): see :class:`LiteAttentionForwardSm90`.
     """
     vote = threshold > -float("inf")
     batch, seq_q, heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
-    key = (_SOURCE, str(q.dtype), head_dim, vote, seqused_k is not None, tail_branch)
+    if mask_tail is None:
+        mask_tail = seqused_k is not None or k.shape[1] % TILE_N != 0
+    key = (_SOURCE, str(q.dtype), head_dim, vote, seqused_k is not None, tail_branch, mask_tail, tuple(sorted(ablate)))
     if key not in _COMPILED:
         start = time.perf_counter()
         stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
         _COMPILED[key] = compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail,
-                                      vote=vote, stream=stream, tail_branch=tail_branch)
+                                      vote=vote, stream=stream, tail_branch=tail_branch, mask_tail=mask_tail,
+                                      ablate=ablate)
         COMPILE_SECONDS[key] = time.perf_counter() - start
     _COMPILED[key](
         q, k, v, out, lse, softmax_scale, None, None, None, seqused_k, None, None, None, None,
