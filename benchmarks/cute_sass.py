@@ -101,7 +101,7 @@ def kernel_stats(cubin: str) -> dict[str, int]:
     return {**stats, **loop_stats(main_loop(*instructions(sass)))}
 
 
-def compile_one(head_dim: int, vote: bool, baseline: bool, dump: Path, tail_branch: bool | None = None,
+def compile_one(head_dim: int, vote: bool, baseline: bool, dump: Path, tail_mode: str | None = None,
                 mask_tail: bool = True, ablate: tuple[str, ...] = ()) -> str:
     """Compiles one configuration and returns its cubin (the one file in the dump folder)."""
     import math
@@ -122,7 +122,7 @@ def compile_one(head_dim: int, vote: bool, baseline: bool, dump: Path, tail_bran
     cute_sm90.compile_sm90(
         q, k, v, torch.empty_like(q), torch.empty(batch, heads, seq), 0.1, None, lists, ints(batch, heads, q_tiles, 1),
         torch.zeros(batch, heads, q_tiles, dtype=torch.int64), ints(batch, heads, q_tiles), vote=vote,
-        baseline=baseline, tail_branch=tail_branch, mask_tail=mask_tail, ablate=ablate,
+        baseline=baseline, tail_mode=tail_mode, mask_tail=mask_tail, ablate=ablate,
         stream=cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=False),  # no GPU tensors to find a stream on
     )
     (cubin,) = dump.glob("*.cubin")
@@ -140,8 +140,9 @@ def main(argv=None) -> int:
                       FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED="0")
     kernels = {"flash-attn-4 block-sparse": dict(vote=False, baseline=True),
                "ours, vote off (-inf)": dict(vote=False, baseline=False),
-               "ours, vote off, tail branch": dict(vote=False, baseline=False, tail_branch=True),
+               "ours, vote off, tail branch": dict(vote=False, baseline=False, tail_mode="branch"),
                "ours, vote on": dict(vote=True, baseline=False),
+               "ours, vote on, peeled tail": dict(vote=True, baseline=False, tail_mode="peel"),
                # keys that fill their last tile (exact there); without the anchor tracking (counts only)
                "ours, vote off, no tail mask": dict(vote=False, baseline=False, mask_tail=False),
                "ours, vote on, no tail mask": dict(vote=True, baseline=False, mask_tail=False),

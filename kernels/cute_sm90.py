@@ -81,7 +81,8 @@ def tile_m_for(head_dim: int) -> int:
     return 192 if head_dim <= 64 else 128
 
 
-ABLATIONS = frozenset({"anchor"})  # parts LiteAttentionForwardSm90(ablate=...) can leave out, for timing
+ABLATIONS = frozenset({"anchor"})
+TAIL_MODES = ("branch", "select", "peel")  # LiteAttentionForwardSm90(tail_mode=...)  # parts LiteAttentionForwardSm90(ablate=...) can leave out, for timing
 LAST_POSITION = 65535  # the anchor slot keeps LAST_POSITION - position: the earliest visit wins ties under max
 
 
@@ -224,15 +225,18 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
     """flash-attn-4's SM90 forward with LiteAttention's vote in each tile's softmax (block sparsity only).
 
     ``vote=False`` keeps the anchor tracking and leaves the lists alone (``threshold=-inf`` calls).
-    ``tail_branch``: whether the tail tile's key-length mask sits behind a branch (:meth:`_mask_tail`); by default
-    with the vote on only (benchmarks time both).
+    ``tail_mode``: how the tail tile's key-length mask runs after the first visit (:meth:`_mask_tail`):
+    ``"peel"`` (one uniform branch around two copies of the whole visit, one with the mask and one without: the
+    other visits run the loop of keys that fill their last tile; the default with the vote), ``"branch"`` (the
+    mask behind a branch inside the visit) or ``"select"`` (the mask on every visit, no branch; the default
+    without the vote). ``benchmarks/backends.py`` times them.
     ``mask_tail=False``: no key-length mask after the first visit, for keys that fill their last tile (every
     column of every tile is a key; flash-attn-4 still masks the first visit, which then masks nothing).
     ``ablate`` (benchmarks only, results wrong): leave out ``"anchor"`` (the per-row position of the maximum), to
     time what it costs.
     """
 
-    def __init__(self, *args, vote: bool = True, tail_branch: bool | None = None, mask_tail: bool = True,
+    def __init__(self, *args, vote: bool = True, tail_mode: str | None = None, mask_tail: bool = True,
                  ablate: tuple[str, ...] = (), **kwargs):
         super().__init__(*args, **kwargs)
         if not self.intra_wg_overlap:
@@ -241,7 +245,9 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
         if unknown:
             raise ValueError(f"unknown ablation(s) {sorted(unknown)}: choose from {sorted(ABLATIONS)}")
         self.vote = vote
-        self.tail_branch = vote if tail_branch is None else tail_branch
+        if tail_mode not in (None, *TAIL_MODES):
+            raise ValueError(f"tail_mode {tail_mode!r}: choose from {TAIL_MODES}")
+        self.tail_mode = tail_mode or ("peel" if vote else "select")
         self.mask_tail = mask_tail
         self.ablate = frozenset(ablate)
 
@@ -276,7 +282,7 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
         the key length): 270 of 592 instructions under PV, 322 exposed instead of 493."""
         visit = self._carry[1]
         last = cute.ceil_div(seqlen.seqlen_k, self.tile_n) - 1
-        if const_expr(self.tail_branch):
+        if const_expr(self.tail_mode == "branch"):
             if visit[0] == visit[2]:
                 mask_fn(acc_S=acc_S, n_block=last, mask_seqlen=True)
         else:
@@ -288,12 +294,33 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
         return FlashAttentionForwardSm90.first_half_block_overlap(
             self, n_block=n_block, softmax=vote, seqlen=seqlen, mask_fn=mask_fn, **kwargs)
 
+    @cute.jit
+    def _mask_last(self, mask_fn, acc_S: cute.Tensor, n_block: Int32, seqlen) -> None:
+        """The key-length mask of the last key tile (``n_block``, the listed index, is not read)."""
+        mask_fn(acc_S=acc_S, n_block=cute.ceil_div(seqlen.seqlen_k, self.tile_n) - 1, mask_seqlen=True)
+
     def mma_one_n_block_intrawg_overlap(self, smem_pipe_read, *, n_block, softmax, seqlen, mask_fn, **kwargs):
         self._carry[1][0] = self._carry[1][0] + 1  # this visit's position
         vote = self._vote_for(softmax, mask_fn, seqlen)
+        if self.mask_tail and self.tail_mode == "peel":
+            return self._peeled_visit(smem_pipe_read, n_block=n_block, softmax=vote, seqlen=seqlen,
+                                      masked=partial(self._mask_last, mask_fn, seqlen=seqlen), **kwargs)
         tail = partial(self._mask_tail, mask_fn, seqlen=seqlen) if self.mask_tail else None
         return FlashAttentionForwardSm90.mma_one_n_block_intrawg_overlap(
             self, smem_pipe_read, n_block=n_block, softmax=vote, seqlen=seqlen, mask_fn=tail, **kwargs)
+
+    @cute.jit
+    def _peeled_visit(self, smem_pipe_read, *, n_block, softmax, seqlen, masked, **kwargs):
+        """One visit, as two whole copies behind one uniform branch: the tail's with the mask, every other
+        visit's without any (each copy keeps its wgmma waits inside it)."""
+        visit = self._carry[1]
+        if visit[0] == visit[2]:
+            smem_pipe_read = FlashAttentionForwardSm90.mma_one_n_block_intrawg_overlap(
+                self, smem_pipe_read, n_block=n_block, softmax=softmax, seqlen=seqlen, mask_fn=masked, **kwargs)
+        else:
+            smem_pipe_read = FlashAttentionForwardSm90.mma_one_n_block_intrawg_overlap(
+                self, smem_pipe_read, n_block=n_block, softmax=softmax, seqlen=seqlen, mask_fn=None, **kwargs)
+        return smem_pipe_read
 
     def last_half_block_overlap(self, *, kv_consumer_state, softmax, **kwargs):
         """Runs once per q-tile with visits, after the last one: sends the votes and the anchor candidate."""
@@ -315,11 +342,11 @@ COMPILE_SECONDS: dict[tuple, float] = {}  # first-call JIT time per configuratio
 
 
 def _kernel(dtype: torch.dtype, head_dim: int, vote: bool, baseline: bool = False,
-            tail_branch: bool | None = None, mask_tail: bool = True,
+            tail_mode: str | None = None, mask_tail: bool = True,
             ablate: tuple[str, ...] = ()) -> FlashAttentionForwardSm90:
     tile_m = tile_m_for(head_dim)
     kind, extra = ((FlashAttentionForwardSm90, {}) if baseline else (LiteAttentionForwardSm90, dict(
-        vote=vote, tail_branch=tail_branch, mask_tail=mask_tail, ablate=ablate)))
+        vote=vote, tail_mode=tail_mode, mask_tail=mask_tail, ablate=ablate)))
     return kind(
         _TORCH_TO_CUTE[dtype], head_dim, head_dim, 1, is_causal=False, is_local=False, pack_gqa=False,
         # one producer warpgroup, one consumer warpgroup per 64 query rows
@@ -342,15 +369,15 @@ def _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, 
 
 
 def compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, *, vote: bool, stream,
-                 baseline: bool = False, tail_branch: bool | None = None, mask_tail: bool = True,
+                 baseline: bool = False, tail_mode: str | None = None, mask_tail: bool = True,
                  ablate: tuple[str, ...] = ()):
     """Compiles the kernel for these inputs' configuration (dtype, head dim, vote, key lengths or not).
 
     ``baseline=True`` compiles flash-attn-4's own block-sparse forward with the same tiles and lists instead (no
-    vote, no anchor): what ``benchmarks/cute_sass.py`` compares the subclass against. ``tail_branch``: see
+    vote, no anchor): what ``benchmarks/cute_sass.py`` compares the subclass against. ``tail_mode``: see
     :class:`LiteAttentionForwardSm90`.
     """
-    kernel = _kernel(q.dtype, q.shape[-1], vote, baseline, tail_branch, mask_tail, ablate)
+    kernel = _kernel(q.dtype, q.shape[-1], vote, baseline, tail_mode, mask_tail, ablate)
     args = _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, stream)
     if baseline:
         args[-4] = AuxData()  # flash-attn-4's default: no aux tensors
@@ -369,7 +396,7 @@ def run_sm90(
     softmax_scale: float,
     threshold: float,
     seqused_k: torch.Tensor | None,
-    tail_branch: bool | None = None,
+    tail_mode: str | None = None,
     mask_tail: bool | None = None,
     ablate: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,7 +407,7 @@ def run_sm90(
     whether a valid row needed the tile, ``slot`` (set to the int64 minimum) the packed anchor candidate, and
     ``tail`` holds the position of the key sequence's last tile in each list (-1: not listed).
     ``threshold=-inf`` compiles the variant without the vote; keys that fill their last tile (no ``seqused_k``,
-    length a multiple of the tile) the variant without the tail mask. ``tail_branch``, ``mask_tail`` (forced) and
+    length a multiple of the tile) the variant without the tail mask. ``tail_mode``, ``mask_tail`` (forced) and
     ``ablate`` (benchmarks): see :class:`LiteAttentionForwardSm90`.
     """
     vote = threshold > -float("inf")
@@ -389,12 +416,12 @@ def run_sm90(
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     if mask_tail is None:
         mask_tail = seqused_k is not None or k.shape[1] % TILE_N != 0
-    key = (_SOURCE, str(q.dtype), head_dim, vote, seqused_k is not None, tail_branch, mask_tail, tuple(sorted(ablate)))
+    key = (_SOURCE, str(q.dtype), head_dim, vote, seqused_k is not None, tail_mode, mask_tail, tuple(sorted(ablate)))
     if key not in _COMPILED:
         start = time.perf_counter()
         stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
         _COMPILED[key] = compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail,
-                                      vote=vote, stream=stream, tail_branch=tail_branch, mask_tail=mask_tail,
+                                      vote=vote, stream=stream, tail_mode=tail_mode, mask_tail=mask_tail,
                                       ablate=ablate)
         COMPILE_SECONDS[key] = time.perf_counter() - start
     _COMPILED[key](
