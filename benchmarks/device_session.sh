@@ -24,7 +24,7 @@
 #   e2e      benchmarks/e2e.py (Wan2.1-1.3B 480p, kept 1.0 / 0.5 / 0.25)              -> $OUT/e2e.json
 #   demo     benchmarks/demo_video_gpu.sh with the shipped weights, batched CFG       -> $OUT/demo/...
 # Environment: OUT (default $OUT of the device call, else bench-out/session), PY (default python3),
-# STAGE_SECONDS (time box per stage, default 540).
+# STAGE_SECONDS (time box per stage, default 540), KERNEL_ARGS (extra backends.py arguments, e.g. "--shapes ...").
 set -uo pipefail
 PY=${PY:-python3}
 OUT=${OUT:-bench-out/session}
@@ -63,7 +63,7 @@ for stage in "$@"; do
       run "GPU tests" "$OUT/gpu_tests.txt" env LITEPATCH_FUZZ_CASES=150 $PY -m pytest -q -n 8 tests/gpu
       run "CuTe protocol" "$OUT/gpu_tests.txt" $PY -m pytest -q tests/unit/test_cute_protocol.py ;;
     kernel)
-      run kernel "$OUT/log.txt" $PY benchmarks/backends.py --json "$OUT/backends.json" ;;
+      run kernel "$OUT/log.txt" $PY benchmarks/backends.py --json "$OUT/backends.json" ${KERNEL_ARGS:-} ;;
     host)
       run host "$OUT/log.txt" $PY benchmarks/patch_overhead.py --rounds 7 --profile --json "$OUT/patch_overhead.json" ;;
     e2e)
