@@ -169,6 +169,8 @@ def _cute_rows(q, k, v, state, args, kw) -> dict:
 
     if "cute" not in registry.available_backends() or registry.get("cute").refusal(q, k.shape[1]) is not None:
         return {}
+    from unittest import mock
+
     from litepatch.kernels import cute_fwd
     from litepatch.kernels.cute_sm90 import run_sm90
 
@@ -178,7 +180,26 @@ def _cute_rows(q, k, v, state, args, kw) -> dict:
     lists = (*cute_fwd.no_masked_blocks(q.device, batch, heads, q_tiles), count, index)
     cute_forward = registry.get("cute").forward
     cute_forward(*args, **kw)  # the lists above now hold this call's
+    out, lse = run_sm90(q, k, v, lists, votes, slot, tail, softmax_scale=kw["softmax_scale"], threshold=-4.0,
+                        seqused_k=None)
+
+    def without_cute_call():  # the list and commit launches and the Python around them
+        with mock.patch.object(cute_fwd, "run_sm90", lambda *a, **k: (out, lse)):
+            cute_forward(*args, **kw)
+
+    keep_, anchor_, kept_, must_q, must_k = args[3], args[4], args[5], args[6], args[7]
+    order = dict(USE_ANCHOR=True, DESCENDING=False, KT_POW2=max(32, 1 << (state.k_tiles - 1).bit_length()),
+                 HAS_KEY_MASK=False, num_warps=4)
+    n_words = keep.shape[-1]
+
+    def list_launch():  # one Triton launch, as cute_forward makes it
+        cute_fwd._list_kernel[(batch * heads * q_tiles,)](
+            keep_, anchor_, count, index, count, tail, votes, slot, kept_, q_tiles, state.k_tiles, n_words, heads,
+            **order)
+
     return {
+        "cute_forward minus its CuTe call (mocked)": without_cute_call,
+        "one Triton launch (the list kernel)": list_launch,
         "flash-attn-4 dense (_flash_attn_fwd)": lambda: cute_fwd.flash_attn_4_dense(q, k, v),
         "CuTe LiteAttention call alone (run_sm90)": lambda: run_sm90(
             q, k, v, lists, votes, slot, tail, softmax_scale=kw["softmax_scale"], threshold=-4.0, seqused_k=None),
