@@ -10,8 +10,8 @@ Per shape (bf16), all in one interleaved round per repetition:
   time(k) / time(1) for the CuTe kernel with the vote on (``-1e30``) and for the Triton kernel;
 * vote overhead at k = 1: ``-1e30`` over ``-inf`` on the CuTe kernel;
 * what the ``-inf`` kernel's tail mask and anchor tracking cost (``ablation_gain``: kernels compiled without them);
-* the voting kernel with its tail mask behind a branch over the one with the visit peeled (the default)
-  (``vote_branch_over_peel``: above 1, peeling is the faster);
+* the voting kernel with its tail mask on every visit over the one with it behind a branch (the default)
+  (``vote_select_over_branch``: above 1, the branch is the faster);
 * where the dense gap goes (stages left out one at a time): flash-attn-4 dense; flash-attn-4's own block-sparse
   forward with every block listed (the library's cost of reading lists); ours at ``-inf`` (our list and commit
   kernels and the anchor tracking on top); ours at ``-1e30`` (the vote on top).
@@ -79,11 +79,9 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         "fa4": (None, lambda: flash_attn_4_dense(q, k, v)),
         "dense_attention": (None, lambda: dense_attention(q, k, v)),
         "ours_read_full": (None, lambda: lite_attention(q, k, v, full, threshold=-math.inf, backend="cute")),
-        # the voting call with its tail mask peeled (two copies of the visit behind one branch) instead of behind
-        # a branch inside the visit (kernels/cute_sm90.py, LiteAttentionForwardSm90 tail_mode)
-        "ours_vote_full_peel": (None, partial(_ablated, dict(tail_mode="peel"), lambda: lite_attention(
-            q, k, v, full, threshold=-1e30, backend="cute"))),
-        "ours_vote_full_branch": (None, partial(_ablated, dict(tail_mode="branch"), lambda: lite_attention(
+        # the voting call with its tail mask on every visit without a branch (the -inf variant's way) instead of
+        # behind a branch (kernels/cute_sm90.py, LiteAttentionForwardSm90 tail_mode)
+        "ours_vote_full_select": (None, partial(_ablated, dict(tail_mode="select"), lambda: lite_attention(
             q, k, v, full, threshold=-1e30, backend="cute"))),
         "ours_first": (first.reset, first_call),
         # what the tail tile's key-length mask and the anchor tracking cost at -inf (these kernels compute wrong
@@ -136,7 +134,7 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         "first_over_fa4": median_ratio(times, "ours_first", "fa4"),
         "triton_over_cudnn": median_ratio(times, "cudnn", "triton_dense"),
         "vote_overhead_k1": median_ratio(times, "ours_vote_full", "ours_read_full") - 1.0,
-        "vote_branch_over_peel": median_ratio(times, "ours_vote_full_branch", "ours_vote_full_peel"),
+        "vote_select_over_branch": median_ratio(times, "ours_vote_full_select", "ours_vote_full"),
         # time(ours -inf) / time(ours -inf without the part): above 1, the part costs that much
         "ablation_gain": {part: median_ratio(times, "ours_read_full", f"ours_read_full_{part}")
                           for part in ("no_tail", "no_anchor", "neither")},
@@ -223,7 +221,7 @@ def main(argv=None) -> int:
               f"{100 * row['vote_overhead_k1']:>8.0f}%{row['fa4_sparse_full_over_fa4']:>14.3f}"
               f"{row['ours_read_full_over_fa4_sparse_full']:>15.3f}   " + " / ".join(f"{x:.3f}" for x in row["read_k"].values())
               + "   (Triton: " + " / ".join(f"{x:.3f}" for x in row["triton_k"].values()) + ")"
-              + f"   vote: tail branch / peeled {row['vote_branch_over_peel']:.3f}", flush=True)
+              + f"   vote: tail select / branch {row['vote_select_over_branch']:.3f}", flush=True)
         print("    -inf over -inf without: " + ", ".join(f"{k} {v:.3f}" for k, v in row["ablation_gain"].items()))
         for key, kernels in row["kernels_us"].items():
             print(f"    {key}: " + ", ".join(f"{name} {us}" for name, us in kernels.items()), flush=True)

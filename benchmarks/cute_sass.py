@@ -142,7 +142,6 @@ def main(argv=None) -> int:
                "ours, vote off (-inf)": dict(vote=False, baseline=False),
                "ours, vote off, tail branch": dict(vote=False, baseline=False, tail_mode="branch"),
                "ours, vote on": dict(vote=True, baseline=False),
-               "ours, vote on, peeled tail": dict(vote=True, baseline=False, tail_mode="peel"),
                # keys that fill their last tile (exact there); without the anchor tracking (counts only)
                "ours, vote off, no tail mask": dict(vote=False, baseline=False, mask_tail=False),
                "ours, vote on, no tail mask": dict(vote=True, baseline=False, mask_tail=False),

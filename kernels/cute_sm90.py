@@ -82,7 +82,7 @@ def tile_m_for(head_dim: int) -> int:
 
 
 ABLATIONS = frozenset({"anchor"})
-TAIL_MODES = ("branch", "select", "peel")  # LiteAttentionForwardSm90(tail_mode=...)  # parts LiteAttentionForwardSm90(ablate=...) can leave out, for timing
+TAIL_MODES = ("branch", "select")  # LiteAttentionForwardSm90(tail_mode=...)  # parts LiteAttentionForwardSm90(ablate=...) can leave out, for timing
 LAST_POSITION = 65535  # the anchor slot keeps LAST_POSITION - position: the earliest visit wins ties under max
 
 
@@ -226,10 +226,10 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
 
     ``vote=False`` keeps the anchor tracking and leaves the lists alone (``threshold=-inf`` calls).
     ``tail_mode``: how the tail tile's key-length mask runs after the first visit (:meth:`_mask_tail`):
-    ``"peel"`` (one uniform branch around two copies of the whole visit, one with the mask and one without: the
-    other visits run the loop of keys that fill their last tile; the default with the vote), ``"branch"`` (the
-    mask behind a branch inside the visit) or ``"select"`` (the mask on every visit, no branch; the default
-    without the vote). ``benchmarks/backends.py`` times them.
+    ``"branch"`` (the mask behind a branch inside the visit; the default with the vote) or ``"select"`` (the mask
+    on every visit, no branch; the default without the vote). ``benchmarks/backends.py`` times both with the vote.
+    (Peeling the tail visit, one uniform branch around two whole copies of the visit, ran 6-8 % slower than
+    ``"branch"`` on the H200 at Wan 480p and 720p, although its other visits had 75 instructions fewer.)
     ``mask_tail=False``: no key-length mask after the first visit, for keys that fill their last tile (every
     column of every tile is a key; flash-attn-4 still masks the first visit, which then masks nothing).
     ``ablate`` (benchmarks only, results wrong): leave out ``"anchor"`` (the per-row position of the maximum), to
@@ -247,7 +247,7 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
         self.vote = vote
         if tail_mode not in (None, *TAIL_MODES):
             raise ValueError(f"tail_mode {tail_mode!r}: choose from {TAIL_MODES}")
-        self.tail_mode = tail_mode or ("peel" if vote else "select")
+        self.tail_mode = tail_mode or ("branch" if vote else "select")
         self.mask_tail = mask_tail
         self.ablate = frozenset(ablate)
 
@@ -294,33 +294,12 @@ class LiteAttentionForwardSm90(FlashAttentionForwardSm90):
         return FlashAttentionForwardSm90.first_half_block_overlap(
             self, n_block=n_block, softmax=vote, seqlen=seqlen, mask_fn=mask_fn, **kwargs)
 
-    @cute.jit
-    def _mask_last(self, mask_fn, acc_S: cute.Tensor, n_block: Int32, seqlen) -> None:
-        """The key-length mask of the last key tile (``n_block``, the listed index, is not read)."""
-        mask_fn(acc_S=acc_S, n_block=cute.ceil_div(seqlen.seqlen_k, self.tile_n) - 1, mask_seqlen=True)
-
     def mma_one_n_block_intrawg_overlap(self, smem_pipe_read, *, n_block, softmax, seqlen, mask_fn, **kwargs):
         self._carry[1][0] = self._carry[1][0] + 1  # this visit's position
         vote = self._vote_for(softmax, mask_fn, seqlen)
-        if self.mask_tail and self.tail_mode == "peel":
-            return self._peeled_visit(smem_pipe_read, n_block=n_block, softmax=vote, seqlen=seqlen,
-                                      masked=partial(self._mask_last, mask_fn, seqlen=seqlen), **kwargs)
         tail = partial(self._mask_tail, mask_fn, seqlen=seqlen) if self.mask_tail else None
         return FlashAttentionForwardSm90.mma_one_n_block_intrawg_overlap(
             self, smem_pipe_read, n_block=n_block, softmax=vote, seqlen=seqlen, mask_fn=tail, **kwargs)
-
-    @cute.jit
-    def _peeled_visit(self, smem_pipe_read, *, n_block, softmax, seqlen, masked, **kwargs):
-        """One visit, as two whole copies behind one uniform branch: the tail's with the mask, every other
-        visit's without any (each copy keeps its wgmma waits inside it)."""
-        visit = self._carry[1]
-        if visit[0] == visit[2]:
-            smem_pipe_read = FlashAttentionForwardSm90.mma_one_n_block_intrawg_overlap(
-                self, smem_pipe_read, n_block=n_block, softmax=softmax, seqlen=seqlen, mask_fn=masked, **kwargs)
-        else:
-            smem_pipe_read = FlashAttentionForwardSm90.mma_one_n_block_intrawg_overlap(
-                self, smem_pipe_read, n_block=n_block, softmax=softmax, seqlen=seqlen, mask_fn=None, **kwargs)
-        return smem_pipe_read
 
     def last_half_block_overlap(self, *, kv_consumer_state, softmax, **kwargs):
         """Runs once per q-tile with visits, after the last one: sends the votes and the anchor candidate."""
