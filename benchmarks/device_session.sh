@@ -14,7 +14,7 @@
 #   bash benchmarks/device_session.sh kernel
 #   bash benchmarks/device_session.sh host e2e
 #   bash benchmarks/device_session.sh demo          # brings back up to 8 files: a call of its own
-# (`host` also prints cProfile's top functions of patched forwards.)
+# (`host` also prints cProfile's top functions of patched forwards and the per-function breakdown.)
 #
 # Stages (give several; they run in this order of arguments):
 #   install  wheels from .whl/ into /tmp/site; the project installed without dependencies
@@ -65,7 +65,7 @@ for stage in "$@"; do
     kernel)
       run kernel "$OUT/log.txt" $PY benchmarks/backends.py --json "$OUT/backends.json" ${KERNEL_ARGS:-} ;;
     host)
-      run host "$OUT/log.txt" $PY benchmarks/patch_overhead.py --rounds 7 --profile --json "$OUT/patch_overhead.json" ;;
+      run host "$OUT/log.txt" $PY benchmarks/patch_overhead.py --rounds 7 --profile --breakdown --json "$OUT/patch_overhead.json" ;;
     e2e)
       run e2e "$OUT/log.txt" $PY benchmarks/e2e.py --threshold=-1e30 --fractions 1.0 0.5 0.25 --json "$OUT/e2e.json" ;;
     demo)

@@ -3,8 +3,7 @@
 A tiny diffusers Wan transformer (random weights) at a short sequence is host-bound: its forward time is
 launch and Python overhead, so ``(patched - unpatched) / attention calls`` is what the patcher adds per
 call (interception, plan, state lookup, two kernel launches, stats record), for threshold -inf (the
-kernel without the skip test) and -4. ``syncs`` counts the host-device synchronisations torch reports in
-one forward.
+kernel without the skip test) and -4.
 
 On a machine without a GPU, ``--cpu`` measures the same on CPU with a *null* LiteAttention backend (registered
 for the run: it returns its query as the output and leaves the skip state as it is), so the numbers are the
@@ -15,10 +14,13 @@ patcher's host time alone: interception, plan, registry checks, stats record. Tw
 * ``sparse path``: calls that go to the (null) kernel; added host time = (patched - unpatched) / calls, the
   unpatched model's SDPA replaced by a null function for the run, so neither side computes attention.
 
-``--cpu --breakdown`` also prints where a sparse forward's patcher time goes, function by function.
+``--breakdown`` also prints where a sparse forward's patcher time goes, function by function: with ``--cpu``
+around the null kernel and SDPA, on a GPU around its kernels (there ``_scalar`` is the timestep read, the one
+host-device sync per forward).
 
 Example:
     $ python benchmarks/patch_overhead.py --json bench-out/patch_overhead.json
+    $ python benchmarks/patch_overhead.py --rounds 1 --breakdown
     $ python benchmarks/patch_overhead.py --cpu --iters 200
     $ python benchmarks/patch_overhead.py --cpu --rounds 1 --breakdown
 """
@@ -45,7 +47,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="print the host profile of patched forwards")
     parser.add_argument("--breakdown", action="store_true",
-                        help="with --cpu: host time of the patcher's functions inside sparse forwards, per call")
+                        help="host time of the patcher's functions inside sparse forwards, per forward (on the CPU "
+                             "with --cpu: null kernel and SDPA; else the GPU's kernels)")
     parser.add_argument("--cpu", action="store_true", help="CPU, null kernel: the patcher's host time alone")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (medians are printed)")
     args = parser.parse_args()
@@ -87,6 +90,8 @@ def main() -> None:
             handle = litepatch.apply(model, threshold=threshold, warmup_steps=0)
             added[threshold].append((per_forward_ms() - unpatched) / layers * 1e3)
             handle.remove()
+    if args.breakdown:
+        print_breakdown(model, latents, text, layers, forwards=100, backend=None)
     if args.profile:
         import cProfile
         import pstats
@@ -345,14 +350,18 @@ BREAKDOWN = (
     ("litepatch.layer_patch", "LayerPatch", "make_plan"), ("litepatch.layer_patch", "LayerPatch", "attend"),
     ("litepatch.layer_patch", "LayerPatch", "_refusal"), ("litepatch.layer_patch", None, "lite_attention"),
     ("litepatch.kernels.interface", None, "_check_inputs"), ("litepatch.kernels.registry", None, "select"),
-    ("litepatch.kernels.state", "SkipState", "prepare"),
+    ("litepatch.kernels.state", "SkipState", "prepare"), ("litepatch.context", None, "_scalar"),
 )
 
 
-def print_breakdown(model, latents, text, layers: int, null_sdpa, forwards: int = 300) -> None:
-    """Microseconds per forward spent in each of :data:`BREAKDOWN` during sparse forwards (null kernel, null SDPA),
-    measured inside real forwards: cache-cold, as a model runs them (isolated micro-benchmarks read 2-3x lower).
-    Nested functions count in their callers too; each wrapper adds about half a microsecond."""
+def print_breakdown(model, latents, text, layers: int, null_sdpa=None, forwards: int = 300,
+                    backend: str | None = NULL_BACKEND) -> None:
+    """Microseconds per forward spent in each of :data:`BREAKDOWN` during sparse forwards, measured inside real
+    forwards: cache-cold, as a model runs them (isolated micro-benchmarks read 2-3x lower). On the CPU with the null
+    kernel and a null SDPA; on CUDA (``backend=None``, ``null_sdpa=None``) with the real ones, where ``_scalar`` is
+    the timestep read, a host-device sync. Nested functions count in their callers too; each wrapper adds about half
+    a microsecond."""
+    import contextlib
     import collections
     import functools
     import importlib
@@ -378,20 +387,33 @@ def print_breakdown(model, latents, text, layers: int, null_sdpa, forwards: int 
     for patch in patches:  # before apply: the root's forward hook binds pre_hook when it is installed
         patch.start()
     try:
-        handle = litepatch.apply(model, threshold=-4.0, warmup_steps=0, backend=NULL_BACKEND)
-        with torch.inference_mode(), mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", null_sdpa):
-            for i in range(30 + forwards):
+        handle = litepatch.apply(model, threshold=-4.0, warmup_steps=0, backend=backend)
+        sdpa = (contextlib.nullcontext() if null_sdpa is None
+                else mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", null_sdpa))
+        timesteps = [torch.full((1,), 999.0 - i, device=latents.device) for i in range(30 + forwards)]
+        with torch.inference_mode(), sdpa:
+            for i, timestep in enumerate(timesteps):
                 if i == 30:
                     spent.clear(), calls.clear()
-                model(hidden_states=latents, timestep=torch.full((1,), 999.0), encoder_hidden_states=text,
-                      return_dict=False)
+                    _synchronize(latents.device)
+                    start = time.perf_counter()
+                model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)
+            _synchronize(latents.device)
+            per_forward_us = (time.perf_counter() - start) / forwards * 1e6
         handle.remove()
     finally:
         for patch in patches:
             patch.stop()
-    print(f"where a sparse forward's patcher time goes ({layers} layers, null kernel, {forwards} forwards):")
+    kernel = "null kernel" if null_sdpa is not None else f"{latents.device.type} kernels"
+    print(f"where a sparse forward's patcher time goes ({layers} layers, {kernel}, {forwards} forwards, "
+          f"{per_forward_us:.0f} us per forward):")
     for label, ns in spent.most_common():
         print(f"  {label:<28} {ns / forwards / 1e3:7.1f} us per forward  ({calls[label] / forwards:.0f} calls)")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":
