@@ -181,14 +181,13 @@ def _cute_rows(q, k, v, state, args, kw) -> dict:
         with mock.patch.object(cute_fwd, "run_sm90", lambda *a, **k: (out, lse)):
             cute_forward(*args, **kw)
 
-    keep_, anchor_, kept_, must_q, must_k = args[3], args[4], args[5], args[6], args[7]
-    order = dict(USE_ANCHOR=True, DESCENDING=False, KT_POW2=max(32, 1 << (state.k_tiles - 1).bit_length()),
-                 HAS_KEY_MASK=False, num_warps=4)
-    n_words = keep.shape[-1]
+    anchor, kept = args[4], args[5]
+    order = cute_fwd.launch_options(state.k_tiles, use_anchor=kw["use_anchor"], descending=kw["descending"],
+                                    key_mask=False)
 
     def list_launch():  # one Triton launch, as cute_forward makes it
         cute_fwd._list_kernel[(batch * heads * q_tiles,)](
-            keep_, anchor_, count, index, count, tail, votes, slot, kept_, q_tiles, state.k_tiles, n_words, heads,
+            keep, anchor, count, index, count, tail, votes, slot, kept, q_tiles, state.k_tiles, keep.shape[-1], heads,
             **order)
 
     return {
@@ -361,8 +360,8 @@ def print_breakdown(model, latents, text, layers: int, null_sdpa=None, forwards:
     kernel and a null SDPA; on CUDA (``backend=None``, ``null_sdpa=None``) with the real ones, where ``_scalar`` is
     the timestep read, a host-device sync. Nested functions count in their callers too; each wrapper adds about half
     a microsecond."""
-    import contextlib
     import collections
+    import contextlib
     import functools
     import importlib
     from unittest import mock

@@ -205,6 +205,12 @@ def _prefix_lengths(key_valid: torch.Tensor | None) -> torch.Tensor | None | boo
     return facts["lengths"]
 
 
+def launch_options(k_tiles: int, *, use_anchor: bool, descending: bool, key_mask: bool) -> dict:
+    """The compile-time options of one call's list and commit kernels (the visiting order they rebuild)."""
+    return dict(USE_ANCHOR=use_anchor, DESCENDING=descending, KT_POW2=max(32, triton.next_power_of_2(k_tiles)),
+                HAS_KEY_MASK=key_mask, num_warps=4 if k_tiles <= 1024 else 8)
+
+
 def cute_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -236,8 +242,7 @@ def cute_forward(
     rows = batch * heads * q_tiles
     slot, count, tail, index, votes = scratch_views(keep, k_tiles)
     valid_tiles = None if key_valid is None else mask_tiles(key_valid, block_n, k_tiles)
-    order = dict(USE_ANCHOR=use_anchor, DESCENDING=descending, KT_POW2=max(32, triton.next_power_of_2(k_tiles)),
-                 HAS_KEY_MASK=valid_tiles is not None, num_warps=4 if k_tiles <= 1024 else 8)
+    order = launch_options(k_tiles, use_anchor=use_anchor, descending=descending, key_mask=valid_tiles is not None)
     valid_tiles = valid_tiles if valid_tiles is not None else count  # a placeholder pointer without a key mask
     _list_kernel[(rows,)](keep, anchor, valid_tiles, index, count, tail, votes, slot, kept, q_tiles, k_tiles, n_words,
                           heads, **order)

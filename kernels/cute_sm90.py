@@ -27,8 +27,9 @@ The read list arrives as flash-attn-4's "full block" lists, one per (batch row, 
 kernel walks from last entry to first: :mod:`litepatch.kernels.cute_fwd` writes them in reverse visiting
 order, and the position of the key sequence's last (partial) tile in each, which this kernel masks by key
 length wherever the visiting order puts it (:meth:`LiteAttentionForwardSm90._mask_tail`; flash-attn-4 masks
-the first visit only), unless the keys fill their last tile (a length that is a multiple of 128, no key lengths). Afterwards it drops from ``state.keep`` the visited tiles no row voted for, except the
-ones that may never be dropped (the first visited, must-compute tiles), and decodes the anchor.
+the first visit only), unless the keys fill their last tile (a length that is a multiple of 128, no key
+lengths). Afterwards it drops from ``state.keep`` the visited tiles no row voted for, except the ones that may
+never be dropped (the first visited, must-compute tiles), and decodes the anchor.
 
 Extra inputs travel in flash-attn-4's ``AuxData`` (meant for ``score_mod`` tensors): ``tensors = (votes int32
 [B, H, QT, n_words], slot int64 [B, H, QT], tail int32 [B, H, QT])``, ``scalars = (threshold,)``.
@@ -81,8 +82,8 @@ def tile_m_for(head_dim: int) -> int:
     return 192 if head_dim <= 64 else 128
 
 
-ABLATIONS = frozenset({"anchor"})
-TAIL_MODES = ("branch", "select")  # LiteAttentionForwardSm90(tail_mode=...)  # parts LiteAttentionForwardSm90(ablate=...) can leave out, for timing
+ABLATIONS = frozenset({"anchor"})  # parts LiteAttentionForwardSm90(ablate=...) can leave out, for timing
+TAIL_MODES = ("branch", "select")  # LiteAttentionForwardSm90(tail_mode=...)
 LAST_POSITION = 65535  # the anchor slot keeps LAST_POSITION - position: the earliest visit wins ties under max
 
 
@@ -353,8 +354,8 @@ def compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot
     """Compiles the kernel for these inputs' configuration (dtype, head dim, vote, key lengths or not).
 
     ``baseline=True`` compiles flash-attn-4's own block-sparse forward with the same tiles and lists instead (no
-    vote, no anchor): what ``benchmarks/cute_sass.py`` compares the subclass against. ``tail_mode``: see
-    :class:`LiteAttentionForwardSm90`.
+    vote, no anchor): what ``benchmarks/cute_sass.py`` compares the subclass against. ``tail_mode``, ``mask_tail``
+    and ``ablate``: see :class:`LiteAttentionForwardSm90`.
     """
     kernel = _kernel(q.dtype, q.shape[-1], vote, baseline, tail_mode, mask_tail, ablate)
     args = _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, stream)
