@@ -20,7 +20,7 @@
 #   install  wheels from .whl/ into /tmp/site; the project installed without dependencies
 #   verify   GPU tests with a 150-case fuzz, and the CuTe protocol check             -> $OUT/gpu_tests.txt
 #   kernel   benchmarks/backends.py over the six shapes                              -> $OUT/backends.json
-#   host     benchmarks/patch_overhead.py, 7 interleaved rounds                      -> $OUT/patch_overhead.json
+#   host     benchmarks/patch_overhead.py, 150 paired rounds                         -> $OUT/patch_overhead.json
 #   e2e      benchmarks/e2e.py (Wan2.1-1.3B 480p, kept 1.0 / 0.5 / 0.25)              -> $OUT/e2e.json
 #   demo     benchmarks/demo_video_gpu.sh with the shipped weights, batched CFG       -> $OUT/demo/...
 # Environment: OUT (default $OUT of the device call, else bench-out/session), PY (default python3),
@@ -65,7 +65,7 @@ for stage in "$@"; do
     kernel)
       run kernel "$OUT/log.txt" $PY benchmarks/backends.py --json "$OUT/backends.json" ${KERNEL_ARGS:-} ;;
     host)
-      run host "$OUT/log.txt" $PY benchmarks/patch_overhead.py --rounds 7 --profile --breakdown --json "$OUT/patch_overhead.json" ;;
+      run host "$OUT/log.txt" $PY benchmarks/patch_overhead.py --profile --breakdown --json "$OUT/patch_overhead.json" ;;
     e2e)
       run e2e "$OUT/log.txt" $PY benchmarks/e2e.py --threshold=-1e30 --fractions 1.0 0.5 0.25 --json "$OUT/e2e.json" ;;
     demo)

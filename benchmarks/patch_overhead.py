@@ -14,20 +14,27 @@ patcher's host time alone: interception, plan, registry checks, stats record. Tw
 * ``sparse path``: calls that go to the (null) kernel; added host time = (patched - unpatched) / calls, the
   unpatched model's SDPA replaced by a null function for the run, so neither side computes attention.
 
+Whole forwards are timed in paired rounds (:class:`ForwardClock`): each round runs a short block of forwards on
+every model (unpatched and patched copies of one model) in a rotating order, synchronised around each block, and
+the printed number is the median of the per-round differences with its quartiles. Runs of the earlier form (all
+of one model's forwards, then all of the other's) drifted with the host: the same tree read +93 and +358 us per
+call on one H200, and 36 or 125 us on this repository's CPU.
+
 ``--breakdown`` also prints where a sparse forward's patcher time goes, function by function: with ``--cpu``
 around the null kernel and SDPA, on a GPU around its kernels (there ``_scalar`` is the timestep read, the one
 host-device sync per forward).
 
 Example:
     $ python benchmarks/patch_overhead.py --json bench-out/patch_overhead.json
-    $ python benchmarks/patch_overhead.py --rounds 1 --breakdown
-    $ python benchmarks/patch_overhead.py --cpu --iters 200
-    $ python benchmarks/patch_overhead.py --cpu --rounds 1 --breakdown
+    $ python benchmarks/patch_overhead.py --rounds 10 --breakdown
+    $ python benchmarks/patch_overhead.py --cpu
+    $ python benchmarks/patch_overhead.py --cpu --rounds 10 --breakdown
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 import warnings
@@ -43,18 +50,21 @@ TINY_WAN = dict(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=2, help="forwards per model and round")
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="print the host profile of patched forwards")
     parser.add_argument("--breakdown", action="store_true",
                         help="host time of the patcher's functions inside sparse forwards, per forward (on the CPU "
                              "with --cpu: null kernel and SDPA; else the GPU's kernels)")
     parser.add_argument("--cpu", action="store_true", help="CPU, null kernel: the patcher's host time alone")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (medians are printed)")
+    parser.add_argument("--rounds", type=int, default=150,
+                        help="paired rounds (medians and quartiles of the per-round differences are printed)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     if args.cpu:
         return cpu_main(args)
+    import statistics
+
     import diffusers
 
     import litepatch
@@ -63,62 +73,100 @@ def main() -> None:
     model = diffusers.WanTransformer3DModel(**TINY_WAN).to("cuda", torch.bfloat16).eval()
     latents = torch.randn(1, 16, 2, 32, 32, device="cuda", dtype=torch.bfloat16)  # 512 tokens
     text = torch.randn(1, 16, 32, device="cuda", dtype=torch.bfloat16)
-    timesteps = [torch.full((1,), 999.0 - i, device="cuda") for i in range(args.iters)]
-
-    @torch.inference_mode()
-    def per_forward_ms() -> float:
-        for t in timesteps[:5]:
-            model(hidden_states=latents, timestep=t, encoder_hidden_states=text, return_dict=False)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for t in timesteps:
-            model(hidden_states=latents, timestep=t, encoder_hidden_states=text, return_dict=False)
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / len(timesteps) * 1e3
-
-    # Interleaved rounds, medians of the per-round differences: single passes of this benchmark on one H200 read
-    # +93 and +358 us per call for the same tree, the unpatched forward alone drifting from 9.9 to 15.9 ms.
-    import statistics
 
     layers = TINY_WAN["num_layers"]
     thresholds = (float("-inf"), -4.0)
-    unpatched_runs, added = [], {threshold: [] for threshold in thresholds}
-    for _ in range(args.rounds):
-        unpatched = per_forward_ms()
-        unpatched_runs.append(unpatched)
-        for threshold in thresholds:
-            handle = litepatch.apply(model, threshold=threshold, warmup_steps=0)
-            added[threshold].append((per_forward_ms() - unpatched) / layers * 1e3)
-            handle.remove()
+    models = {"unpatched": model}
+    for threshold in thresholds:  # copies made before any patch: the same weights, patched once each
+        models[f"patched {threshold}"] = copy.deepcopy(model)
+        litepatch.apply(models[f"patched {threshold}"], threshold=threshold, warmup_steps=0)
+    clock = ForwardClock(latents, text, args.iters, torch.cuda.synchronize)
+    times = clock.paired_rounds(models, args.rounds)
+    added = {name: added_per_call(times[name], times["unpatched"], layers) for name in models if name != "unpatched"}
     if args.breakdown:
         print_breakdown(model, latents, text, layers, forwards=100, backend=None)
     if args.profile:
         import cProfile
         import pstats
 
-        handle = litepatch.apply(model, threshold=-4.0, warmup_steps=0)
         profiler = cProfile.Profile()
-        profiler.runcall(per_forward_ms)
+        profiler.runcall(clock.paired_rounds, {"patched -4.0": models["patched -4.0"]}, 3)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-        handle.remove()
-    unpatched_ms = statistics.median(unpatched_runs)
-    added_us = {f"patched {threshold}": statistics.median(added[threshold]) for threshold in thresholds}
+    unpatched_ms = statistics.median(times["unpatched"]) / 1e3
     calls = per_call_host_us()
-    print(f"{torch.cuda.get_device_name()}, tiny Wan, {layers} self-attention layers, 512 tokens; medians of "
-          f"{args.rounds} interleaved rounds")
+    print(f"{torch.cuda.get_device_name()}, tiny Wan, {layers} self-attention layers, 512 tokens; {args.rounds} "
+          f"rounds of {args.iters} forwards per model, paired")
     print(f"{'unpatched':<16} {unpatched_ms:7.2f} ms per forward")
-    for threshold in thresholds:
-        name, spread = f"patched {threshold}", sorted(added[threshold])
-        print(f"{name:<16} {added_us[name]:+7.0f} us per attention call (rounds {spread[0]:+.0f} .. {spread[-1]:+.0f})")
+    for name, (median, low, high) in added.items():
+        print(f"{name:<16} {median:+7.0f} us per attention call (quartiles of the paired rounds {low:+.0f} .. {high:+.0f})")
     print("host time per attention call, [1, 512, 2, 64] bf16 (the GPU part is a few microseconds):")
     for name, us in calls.items():
         print(f"  {name:<44} {us:7.1f} us")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "layers": layers, "rounds": args.rounds,
-                       "unpatched_ms_per_forward": unpatched_ms, "added_us_per_attention_call": added_us,
-                       "added_us_per_round": {str(t): v for t, v in added.items()}, "host_us_per_call": calls},
-                      f, indent=1)
+                       "forwards_per_round": args.iters, "unpatched_ms_per_forward": unpatched_ms,
+                       "added_us_per_attention_call": {name: v[0] for name, v in added.items()},
+                       "added_us_quartiles": {name: v[1:] for name, v in added.items()},
+                       "us_per_forward_per_round": times, "host_us_per_call": calls}, f, indent=1)
+
+
+class ForwardClock:
+    """Per-forward wall time of several models, measured in paired rounds.
+
+    Each round times one block of ``forwards`` forwards per model (the models in a rotating order), synchronised
+    before and after each block, so every model's blocks meet the same drift of the host's speed; a round's
+    difference between two models is then a paired sample. Each model sees a generation that never ends: its
+    timesteps keep decreasing from round to round, as in one long denoising loop.
+    """
+
+    def __init__(self, latents: torch.Tensor, text: torch.Tensor, forwards: int, synchronize):
+        self.latents, self.text, self.forwards, self.synchronize = latents, text, forwards, synchronize
+        self._made: dict[str, int] = {}
+
+    def _timesteps(self, name: str) -> list[torch.Tensor]:
+        first = self._made.get(name, 0)
+        self._made[name] = first + self.forwards
+        return [torch.full((1,), 999.0 - 1e-3 * n, device=self.latents.device)
+                for n in range(first, first + self.forwards)]
+
+    @torch.inference_mode()
+    def _block_us(self, name: str, model, setting) -> float:
+        timesteps = self._timesteps(name)
+        with setting():
+            self.synchronize()
+            start = time.perf_counter()
+            for t in timesteps:
+                model(hidden_states=self.latents, timestep=t, encoder_hidden_states=self.text, return_dict=False)
+            self.synchronize()
+        return (time.perf_counter() - start) / self.forwards * 1e6
+
+    def paired_rounds(self, models: dict, rounds: int, settings: dict | None = None) -> dict[str, list[float]]:
+        """Microseconds per forward of each model (``name -> module``), one number per round; ``settings`` (name ->
+        context manager factory) is entered around that model's blocks. One untimed round first."""
+        import contextlib
+
+        settings = settings or {}
+        names = list(models)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for index in range(-1, rounds):
+            shift = index % len(names)
+            for name in names[shift:] + names[:shift]:
+                us = self._block_us(name, models[name], settings.get(name, contextlib.nullcontext))
+                if index >= 0:
+                    times[name].append(us)
+        return times
+
+
+def added_per_call(patched: list[float], unpatched: list[float], layers: int) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile) of the paired rounds' added microseconds per attention call."""
+    import statistics
+
+    diffs = [(p - u) / layers for p, u in zip(patched, unpatched)]
+    if len(diffs) < 2:
+        return diffs[0], diffs[0], diffs[0]
+    low, _, high = statistics.quantiles(diffs, n=4)
+    return statistics.median(diffs), low, high
 
 
 @torch.inference_mode()
@@ -167,6 +215,7 @@ def _cute_rows(q, k, v, state, args, kw) -> dict:
 
     from litepatch.kernels import cute_fwd
     from litepatch.kernels.cute_sm90 import run_sm90
+    from litepatch.kernels.launch import launch
 
     keep = state.buffers().keep
     batch, heads, q_tiles, _ = keep.shape
@@ -185,14 +234,19 @@ def _cute_rows(q, k, v, state, args, kw) -> dict:
     order = cute_fwd.launch_options(state.k_tiles, use_anchor=kw["use_anchor"], descending=kw["descending"],
                                     key_mask=False)
 
-    def list_launch():  # one Triton launch, as cute_forward makes it
-        cute_fwd._list_kernel[(batch * heads * q_tiles,)](
-            keep, anchor, count, index, count, tail, votes, slot, kept, q_tiles, state.k_tiles, keep.shape[-1], heads,
-            **order)
+    list_args = ((batch * heads * q_tiles,), keep, anchor, count, index, count, tail, votes, slot, kept, q_tiles,
+                 state.k_tiles, keep.shape[-1], heads)
+
+    def list_launch():  # one Triton launch, bound by Triton
+        cute_fwd._list_kernel[list_args[0]](*list_args[1:], **order)
+
+    def reused_launch():  # the same launch as cute_forward makes it (litepatch.kernels.launch)
+        launch(cute_fwd._list_kernel, *list_args, **order)
 
     return {
         "cute_forward minus its CuTe call (mocked)": without_cute_call,
-        "one Triton launch (the list kernel)": list_launch,
+        "one Triton launch (the list kernel), bound": list_launch,
+        "the same launch, reused (as cute_forward)": reused_launch,
         "flash-attn-4 dense (_flash_attn_fwd)": lambda: cute_fwd.flash_attn_4_dense(q, k, v),
         "CuTe LiteAttention call alone (run_sm90)": lambda: run_sm90(
             q, k, v, lists, votes, slot, tail, softmax_scale=kw["softmax_scale"], threshold=-4.0, seqused_k=None),
@@ -280,22 +334,6 @@ def cpu_main(args) -> None:
     text = torch.randn(1, 16, 16)
     layers = TINY_WAN["num_layers"]
 
-    @torch.inference_mode()
-    def per_forward_us(same_step: bool) -> float:
-        def call(i):
-            t = torch.full((1,), 999.0 if same_step else 999.0 - i)
-            model(hidden_states=latents, timestep=t, encoder_hidden_states=text, return_dict=False)
-
-        for i in range(10):
-            call(i)
-        best = float("inf")
-        for _ in range(3):  # best of 3 repeats
-            start = time.perf_counter()
-            for i in range(args.iters):
-                call(i)
-            best = min(best, (time.perf_counter() - start) / args.iters * 1e6)
-        return best
-
     q = torch.randn(1, 2, 64, 16)
     with torch.inference_mode():
         for _ in range(100):
@@ -310,32 +348,30 @@ def cpu_main(args) -> None:
     def null_sdpa(query, key, value, **kwargs):  # the unpatched model's attention, computing nothing
         return query
 
-    dense_diffs, sparse_diffs, unpatched_times = [], [], []
-    for _ in range(args.rounds):  # interleaved rounds, medians: the host is shared and its speed drifts
-        unpatched = per_forward_us(False)
-        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", null_sdpa):
-            unpatched_null = per_forward_us(True)
-        handle = litepatch.apply(model, threshold=-4.0, warmup_steps=10**6, backend=NULL_BACKEND)
-        dense = per_forward_us(False)
-        handle.configure(warmup_steps=0)
-        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", null_sdpa):
-            sparse = per_forward_us(True)  # cross-attention stays dense: null there too, as on the unpatched side
-        handle.remove()
-        unpatched_times.append(unpatched)
-        dense_diffs.append((dense - unpatched) / layers)
-        sparse_diffs.append((sparse - unpatched_null) / layers)
-    unpatched = statistics.median(unpatched_times)
+    def null_attention():
+        return mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", null_sdpa)
+
+    models = {name: copy.deepcopy(model) for name in ("unpatched", "warm-up", "unpatched, null SDPA", "sparse")}
+    litepatch.apply(models["warm-up"], threshold=-4.0, warmup_steps=10**6, backend=NULL_BACKEND)
+    litepatch.apply(models["sparse"], threshold=-4.0, warmup_steps=0, backend=NULL_BACKEND)
+    # cross-attention stays dense: null there too, as on the unpatched side
+    settings = {"unpatched, null SDPA": null_attention, "sparse": null_attention}
+    times = ForwardClock(latents, text, args.iters, lambda: None).paired_rounds(models, args.rounds, settings)
+    unpatched = statistics.median(times["unpatched"])
     rows = {
-        "dense path (warm-up: the model's own SDPA)": statistics.median(dense_diffs),
-        "sparse path (null kernel vs a null SDPA)": statistics.median(sparse_diffs),
+        "dense path (warm-up: the model's own SDPA)": added_per_call(times["warm-up"], times["unpatched"], layers),
+        "sparse path (null kernel vs a null SDPA)": added_per_call(times["sparse"], times["unpatched, null SDPA"],
+                                                                   layers),
     }
-    rows.update(per_layer_call_us(model, latents, args.rounds, null_sdpa))
+    rows.update(per_layer_call_us(model, latents, min(args.rounds, 5), null_sdpa))
     if args.breakdown:
         print_breakdown(model, latents, text, layers, null_sdpa)
     print(f"CPU (1 thread), tiny Wan (2 heads x 16), {layers} self-attention layers, 64 tokens, fp32; unpatched "
-          f"forward {unpatched:.0f} us, SDPA alone {sdpa_us:.1f} us per call; medians of {args.rounds} rounds")
-    for name, us in rows.items():
-        print(f"  {name:<44} +{us:6.1f} us host time per attention call")
+          f"forward {unpatched:.0f} us, SDPA alone {sdpa_us:.1f} us per call; {args.rounds} paired rounds of {args.iters} forwards")
+    for name, value in rows.items():
+        median, low, high = value if isinstance(value, tuple) else (value, value, value)
+        quartiles = f"  (quartiles {low:+.1f} .. {high:+.1f})" if isinstance(value, tuple) else ""
+        print(f"  {name:<44} {median:+6.1f} us host time per attention call{quartiles}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": "cpu", "layers": layers, "unpatched_us": unpatched, "sdpa_us": sdpa_us,

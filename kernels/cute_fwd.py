@@ -16,6 +16,9 @@ ascending, or all descending / ascending for ``order="alternate"``):
    ``threshold=-inf`` calls drop nothing. (Zeroing ``kept`` in one kernel and counting in the next, which the
    stream orders after it, saves the launch of a separate zeroing kernel.)
 
+Both launch through :func:`litepatch.kernels.launch.launch`: a layer passes the same tensors at every step, so
+Triton's per-call binding runs once per (layer, branch, shape).
+
 The lists, ``votes``, tail positions and slots live in one int32 scratch buffer per device shared by every
 layer (:func:`scratch_bytes`), not in the per-layer state, which keeps :mod:`litepatch.kernels.state`'s layout.
 
@@ -45,6 +48,7 @@ from flash_attn.cute import interface as _fa4
 
 from .cute_sm90 import TILE_N, run_sm90, tile_m_for
 from .key_masks import mask_facts, mask_tiles
+from .launch import launch
 from .registry import Backend, Constraints, register_backend
 from .state import TileConfig
 from .triton_fwd import MAX_K_TILES, _bit_or, triton_forward
@@ -244,15 +248,15 @@ def cute_forward(
     valid_tiles = None if key_valid is None else mask_tiles(key_valid, block_n, k_tiles)
     order = launch_options(k_tiles, use_anchor=use_anchor, descending=descending, key_mask=valid_tiles is not None)
     valid_tiles = valid_tiles if valid_tiles is not None else count  # a placeholder pointer without a key mask
-    _list_kernel[(rows,)](keep, anchor, valid_tiles, index, count, tail, votes, slot, kept, q_tiles, k_tiles, n_words,
-                          heads, **order)
+    launch(_list_kernel, (rows,), keep, anchor, valid_tiles, index, count, tail, votes, slot, kept, q_tiles, k_tiles,
+           n_words, heads, **order)
     no_mask_cnt, no_mask_idx = no_masked_blocks(q.device, batch, heads, q_tiles)
     out, lse = run_sm90(
         q, k, v, (no_mask_cnt, no_mask_idx, count, index), votes, slot, tail, softmax_scale=softmax_scale,
         threshold=threshold, seqused_k=lengths,
     )
-    _commit_kernel[(rows,)](keep, anchor, valid_tiles, must_q, must_k, votes, slot, kept, q_tiles, k_tiles, n_words,
-                            heads, VOTE=threshold > -math.inf, **order)
+    launch(_commit_kernel, (rows,), keep, anchor, valid_tiles, must_q, must_k, votes, slot, kept, q_tiles, k_tiles,
+           n_words, heads, VOTE=threshold > -math.inf, **order)
     return out, lse
 
 

@@ -327,3 +327,29 @@ def test_prefix_mask_verdict_follows_in_place_writes():
             ref = reference()
             assert float((out.float() - ref).norm() / ref.norm()) < 1e-2, f"step {step}"
         mask[1, 10] = False  # in place: no longer valid keys then padding
+
+
+@pytest.mark.skipif(not CUTE_RUNS, reason="needs sm90 and flash-attn-4 (pip install 'litepatch[cuda]')")
+@pytest.mark.parametrize("threshold", [-math.inf, -3.0])
+def test_reused_triton_launches_match_bound_ones(threshold):
+    """The list and commit kernels launched through their reused compiled form (every call after a layer's first)
+    give the same outputs and states, bit for bit, as launches that Triton binds each time."""
+    from litepatch.kernels import launch as launch_module
+
+    gen = torch.Generator(device=DEVICE).manual_seed(17)
+    q, k, v = _inputs(gen, 2, 1500, 1500, 2, 128, torch.bfloat16, "bshd")
+    runs = {}
+    for mode in ("reused", "bound"):
+        state, outputs = SkipState(), []
+        for _ in range(3):
+            if mode == "bound":
+                launch_module._RUNNERS.clear()
+            outputs.append(lite_attention(q, k, v, state, threshold=threshold, backend="cute", return_lse=True))
+            if mode == "reused":
+                assert launch_module.cached_launches() >= 2  # the list and commit kernels
+        runs[mode] = (outputs, state)
+    (reused, state), (bound, bound_state) = runs["reused"], runs["bound"]
+    for (out, lse), (out_b, lse_b) in zip(reused, bound):
+        assert torch.equal(out, out_b) and torch.equal(lse, lse_b)
+    assert torch.equal(state.keep, bound_state.keep) and torch.equal(state.anchor, bound_state.anchor)
+    assert int(state.kept) == int(bound_state.kept)

@@ -1,0 +1,104 @@
+"""litepatch.kernels.launch: a Triton kernel's compiled form reused only for calls Triton would specialise alike.
+
+A fake kernel stands in for Triton's JIT function (``kernel[grid](...)`` returns a compiled kernel whose
+``compiled[grid](...)`` launches with every parameter in signature order), so the rule runs without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from litepatch.kernels import launch as launch_module
+from litepatch.kernels.launch import launch
+
+
+class FakeCompiled:
+    packed_metadata = ()
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("reused", grid, args))
+
+
+class FakeKernel:
+    """Parameters ``ptr, n, FLAG, WIDTH`` (the last two constexpr)."""
+
+    arg_names = ["ptr", "n", "FLAG", "WIDTH"]
+
+    def __init__(self, compiles=True):
+        self.log = []
+        self.compiles = compiles
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("triton", grid, args, kwargs))
+            return FakeCompiled(self.log) if self.compiles else None
+        return run
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch):
+    monkeypatch.setattr(launch_module, "_RUNNERS", {})
+    monkeypatch.setattr(launch_module, "_current_device", lambda: 0)
+
+
+def kinds(kernel):
+    return [entry[0] for entry in kernel.log]
+
+
+def test_an_identical_call_reuses_the_compiled_kernel_with_parameters_in_signature_order():
+    kernel, x = FakeKernel(), torch.zeros(4)
+    launch(kernel, (3,), x, 5, WIDTH=32, FLAG=True, num_warps=4)
+    launch(kernel, (3,), x, 5, WIDTH=32, FLAG=True, num_warps=4)
+    assert kinds(kernel) == ["triton", "reused"]
+    _, grid, args = kernel.log[1]
+    assert grid == (3,) and args[0] is x and args[1:] == (5, True, 32)  # constexprs by name, not by call order
+
+
+@pytest.mark.parametrize("change", ["address", "dtype", "int", "constexpr", "option", "grid", "device"])
+def test_anything_triton_specialises_on_goes_through_triton_again(change, monkeypatch):
+    kernel = FakeKernel()
+    buffer = torch.zeros(8, dtype=torch.int32)
+    call = dict(tensor=buffer[:4], n=5, FLAG=True, num_warps=4, grid=(3,))
+    launch(kernel, call["grid"], call["tensor"], call["n"], FLAG=call["FLAG"], WIDTH=32, num_warps=call["num_warps"])
+    changed = dict(call, **{
+        "address": dict(tensor=buffer[1:5]),
+        "dtype": dict(tensor=buffer[:4].view(torch.float32)),
+        "int": dict(n=6),
+        "constexpr": dict(FLAG=False),
+        "option": dict(num_warps=8),
+        "grid": dict(grid=(4,)),
+        "device": {},
+    }[change])
+    if change == "device":
+        monkeypatch.setattr(launch_module, "_current_device", lambda: 1)
+    launch(kernel, changed["grid"], changed["tensor"], changed["n"], FLAG=changed["FLAG"], WIDTH=32,
+           num_warps=changed["num_warps"])
+    assert kinds(kernel) == ["triton", "triton"]
+
+
+def test_without_a_compiled_kernel_every_call_goes_through_triton():
+    kernel, x = FakeKernel(compiles=False), torch.zeros(4)  # Triton's interpreter returns nothing
+    for _ in range(3):
+        launch(kernel, (1,), x, 5, FLAG=True, WIDTH=32)
+    assert kinds(kernel) == ["triton"] * 3 and launch_module.cached_launches() == 0
+
+
+def test_a_parameter_left_to_its_default_is_left_to_triton():
+    kernel, x = FakeKernel(), torch.zeros(4)
+    for _ in range(2):
+        launch(kernel, (1,), x, 5, FLAG=True)  # WIDTH not given: Triton fills its default
+    assert kinds(kernel) == ["triton", "triton"]
+
+
+def test_the_cache_starts_over_when_full(monkeypatch):
+    monkeypatch.setattr(launch_module, "MAX_KEYS", 2)
+    kernel, x = FakeKernel(), torch.zeros(4)
+    for n in (1, 2, 3):
+        launch(kernel, (1,), x, n, FLAG=True, WIDTH=32)
+    assert launch_module.cached_launches() == 1
+    launch(kernel, (1,), x, 3, FLAG=True, WIDTH=32)
+    assert kinds(kernel)[-1] == "reused"
