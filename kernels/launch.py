@@ -24,14 +24,9 @@ import torch
 
 MAX_KEYS = 4096  # distinct (layer, branch, shape) calls remembered; past it the cache starts over
 
+# call key (what Triton specialises on: each tensor's address and dtype, any other argument's value) ->
+# (the compiled kernel's launcher for the grid, the names of the parameters passed by keyword, in order)
 _RUNNERS: dict[tuple, tuple[Callable, tuple[str, ...]]] = {}
-
-
-def _identity(value) -> object:
-    """What specialisation depends on: a tensor's address and dtype, any other argument's value."""
-    if isinstance(value, torch.Tensor):
-        return value.data_ptr(), value.dtype
-    return value
 
 
 def _current_device() -> int:
@@ -48,7 +43,8 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     ``kwargs`` hold the kernel's trailing (constexpr) parameters by name and Triton's launch options
     (``num_warps``, ...).
     """
-    key = (kernel, grid, _current_device(), *map(_identity, args), *kwargs.items())
+    key = (kernel, grid, _current_device(),
+           *[(a.data_ptr(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args], *kwargs.items())
     entry = _RUNNERS.get(key)
     if entry is not None:
         runner, trailing = entry
