@@ -112,12 +112,13 @@ class Recipe:
     def threshold_for(self, layer_name: str, step: int) -> float | None:
         """Threshold of ``layer_name`` at denoising ``step`` (0-based), or ``None`` when it stays dense."""
         threshold = _scheduled(self.schedule, step, self.threshold)
-        for pattern, setting in self.layers.items():
-            if fnmatch.fnmatchcase(layer_name, pattern):
-                if setting.dense:
-                    return None
-                base = setting.threshold if setting.threshold is not None else threshold
-                threshold = _scheduled(setting.schedule, step, base)
+        layers = self.layers
+        for pattern in _matching(layer_name, tuple(layers)):
+            setting = layers[pattern]
+            if setting.dense:
+                return None
+            base = setting.threshold if setting.threshold is not None else threshold
+            threshold = _scheduled(setting.schedule, step, base)
         return threshold
 
     def sparse_anywhere(self) -> bool:
@@ -126,6 +127,21 @@ class Recipe:
         for setting in self.layers.values():
             values += [v for v in [setting.threshold, *setting.schedule] if v is not None]
         return any(v > -math.inf for v in values)
+
+
+_MATCHES: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+
+
+def _matching(layer_name: str, patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """The patterns of ``patterns`` that match ``layer_name``, in order; remembered, since a patched model asks for
+    every layer on every forward (a calibrated recipe names each layer: L x L pattern tests per forward)."""
+    key = (layer_name, patterns)
+    found = _MATCHES.get(key)
+    if found is None:
+        if len(_MATCHES) >= 4096:
+            _MATCHES.clear()
+        found = _MATCHES[key] = tuple(p for p in patterns if fnmatch.fnmatchcase(layer_name, p))
+    return found
 
 
 def _scheduled(schedule: list[float], step: int, default: float) -> float:

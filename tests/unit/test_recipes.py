@@ -158,6 +158,21 @@ def test_loads_accepts_minus_inf_and_resolves_thresholds():
     assert recipes.loads(text) == recipe
 
 
+def test_thresholds_follow_layer_settings_changed_in_place():
+    """Which patterns match a layer is remembered (a forward asks for every layer), never what they set."""
+    from litepatch.recipes.schema import LayerSetting, Recipe
+
+    recipe = Recipe(threshold=-6.0, layers={"blocks.1.*": LayerSetting(threshold=-3.0)})
+    assert recipe.threshold_for("blocks.1.attn1", 0) == -3.0
+    recipe.layers["blocks.1.*"].threshold = -4.0
+    assert recipe.threshold_for("blocks.1.attn1", 0) == -4.0
+    recipe.layers["blocks.*"] = LayerSetting(dense=True)  # a pattern added after the first question
+    assert recipe.threshold_for("blocks.1.attn1", 0) is None
+    del recipe.layers["blocks.*"]
+    recipe.layers["blocks.1.*"].schedule = [-9.0, -8.0]
+    assert recipe.threshold_for("blocks.1.attn1", 1) == -8.0 and recipe.threshold_for("blocks.2.attn1", 1) == -6.0
+
+
 def test_validate_checks_recipe_objects():
     assert recipes.validate(Recipe(name="ok", threshold=-3)).name == "ok"
     with pytest.raises(RecipeValidationError, match="threshold is NaN"):
