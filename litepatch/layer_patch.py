@@ -164,10 +164,8 @@ class LayerPatch:
             kept = total
         else:
             kept, total = plan.state.kept_count(), plan.state.total_tiles()
-        self.runtime.log.add(
-            layer=self.name, step=plan.step, branch=plan.branch, generation=plan.generation, dense=dense,
-            reason=reason or plan.dense_reason, kept=kept, total=total,
-        )
+        self.runtime.log.add(self.name, plan.step, plan.branch, plan.generation, dense, reason or plan.dense_reason,
+                             kept, total)
 
     def _current_plan(self) -> CallPlan:
         plan = self.plan

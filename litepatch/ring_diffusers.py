@@ -33,7 +33,6 @@ Example (what a user writes; everything above happens inside):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 
@@ -156,5 +155,5 @@ class RingCall:
         for chunk in range(self.layout.ring_degree):
             if layer.last_call is not None:
                 layer.flush()
-            chunk_plan = dataclasses.replace(plan, branch=ChunkKey(plan.branch, shard, chunk))
+            chunk_plan = plan._replace(branch=ChunkKey(plan.branch, shard, chunk))
             layer.last_call = (chunk_plan, reason, total)

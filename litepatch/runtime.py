@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from litepatch.kernels import SkipState
 
@@ -40,9 +40,10 @@ class Runtime:
             layer.flush()
 
 
-@dataclass(frozen=True)
-class CallPlan:
-    """What a layer does in the coming call: dense (``state is None``, with a reason) or sparse."""
+class CallPlan(NamedTuple):
+    """What a layer does in the coming call: dense (``state is None``, with a reason) or sparse.
+
+    A named tuple rather than a frozen dataclass: every layer makes one per forward (0.45 vs 1.3 us each)."""
 
     step: int
     branch: object

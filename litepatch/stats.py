@@ -21,35 +21,35 @@ import torch
 RECORD_KEYS = (
     "layer", "step", "branch", "generation", "kept_fraction", "dense", "reason", "kept_tiles", "total_tiles",
 )
+RAW_FIELDS = ("layer", "step", "branch", "generation", "dense", "reason", "kept", "total")  # CallLog.raw tuples
+KEPT = RAW_FIELDS.index("kept")
 
 
 @dataclass
 class CallLog:
-    """Raw per-call records; ``kept`` may be a device tensor until :meth:`freeze`."""
+    """Raw per-call records, tuples in :data:`RAW_FIELDS` order (every layer adds one per forward); ``kept`` may be
+    a device tensor until :meth:`freeze`."""
 
-    raw: list[dict] = field(default_factory=list)
+    raw: list[tuple] = field(default_factory=list)
 
-    def add(self, *, layer: str, step: int, branch, generation: int, dense: bool, reason: str,
+    def add(self, layer: str, step: int, branch, generation: int, dense: bool, reason: str,
             kept: torch.Tensor | int, total: int) -> None:
-        self.raw.append(
-            {"layer": layer, "step": step, "branch": branch, "generation": generation, "dense": dense,
-             "reason": reason, "kept": kept, "total": total}
-        )
+        self.raw.append((layer, step, branch, generation, dense, reason, kept, total))
 
     def clear(self) -> None:
         self.raw.clear()
 
     def freeze(self) -> list[dict]:
-        tensors = [r["kept"] for r in self.raw if isinstance(r["kept"], torch.Tensor)]
+        tensors = [r[KEPT] for r in self.raw if isinstance(r[KEPT], torch.Tensor)]
         # One transfer for all calls: the counts stay on the device until here.
         values = iter(torch.stack([t.detach().to(torch.int64) for t in tensors]).tolist() if tensors else [])
         records = []
-        for r in self.raw:
-            kept = next(values) if isinstance(r["kept"], torch.Tensor) else int(r["kept"])
-            total = int(r["total"])
+        for layer, step, branch, generation, dense, reason, kept, total in self.raw:
+            kept = next(values) if isinstance(kept, torch.Tensor) else int(kept)
+            total = int(total)
             records.append(
-                {"layer": r["layer"], "step": r["step"], "branch": r["branch"], "generation": r["generation"],
-                 "kept_fraction": kept / total if total else 1.0, "dense": r["dense"], "reason": r["reason"],
+                {"layer": layer, "step": step, "branch": branch, "generation": generation,
+                 "kept_fraction": kept / total if total else 1.0, "dense": dense, "reason": reason,
                  "kept_tiles": kept, "total_tiles": total}
             )
         return records
