@@ -168,3 +168,16 @@ def test_calibration_smoke_run_writes_report_recipe_and_plot(tiny_video_weights,
     assert recipe.measured.psnr == round(result["recipe"]["worst_psnr"], 2)
     assert "Per held-out sample" in (out / "calibration.md").read_text()
     assert Image.open(out / "time_vs_quality.png").width > 0
+
+
+def test_forward_census_counts_attention_and_the_fused_forward_moves_less():
+    """benchmarks/demo_forward_census.py: one attention kernel per attention call, and fuse_pointwise() taking over
+    the elementwise work (if a block stops calling its PointwiseOps, the fused count stops falling)."""
+    census = _script("demo_forward_census")
+    cfg = preset("small")
+    eager, fused = (census.census("small", 1, fused=f) for f in (False, True))
+    assert eager.kernels["attention"] == fused.kernels["attention"] == 2 * cfg.layers  # self and cross
+    for name in ("rms_rope", "rms_heads", "modulated_norm", "gated_residual"):
+        assert fused.kernels[f"fused {name}"] > 0
+    assert sum(fused.kernels.values()) < 0.7 * sum(eager.kernels.values())
+    assert sum(fused.moved.values()) < 0.6 * sum(eager.moved.values())
