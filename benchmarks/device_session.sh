@@ -22,7 +22,7 @@
 #   kernel   benchmarks/backends.py over the six shapes                              -> $OUT/backends.json
 #   host     benchmarks/patch_overhead.py, 150 paired rounds                         -> $OUT/patch_overhead.json
 #   e2e      benchmarks/e2e.py (Wan2.1-1.3B 480p, kept 1.0 / 0.5 / 0.25)              -> $OUT/e2e.json
-#   demo     benchmarks/demo_video_gpu.sh with the shipped weights, batched CFG       -> $OUT/demo/...
+#   demo     benchmarks/demo_video_gpu.sh, shipped weights, batched CFG, fused pointwise -> $OUT/demo/...
 # Environment: OUT (default $OUT of the device call, else bench-out/session), PY (default python3),
 # STAGE_SECONDS (time box per stage, default 540), KERNEL_ARGS (extra backends.py arguments, e.g. "--shapes ...").
 set -uo pipefail
@@ -69,7 +69,8 @@ for stage in "$@"; do
     e2e)
       run e2e "$OUT/log.txt" $PY benchmarks/e2e.py --threshold=-1e30 --fractions 1.0 0.5 0.25 --json "$OUT/e2e.json" ;;
     demo)
-      run demo "$OUT/log.txt" env OUT="$OUT/demo" CALIB_ARGS="--cfg-mode batched" DEMO_ARGS="--cfg-mode batched" \
+      run demo "$OUT/log.txt" env OUT="$OUT/demo" CALIB_ARGS="--cfg-mode batched --fuse-pointwise" \
+        DEMO_ARGS="--cfg-mode batched --fuse-pointwise" \
         FRONTIER_SECONDS="${FRONTIER_SECONDS:-90}" \
         bash benchmarks/demo_video_gpu.sh litepatch/assets/demo_video_dit.safetensors ;;
     *)
