@@ -319,6 +319,9 @@ _TORCH_TO_CUTE = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float
 _COMPILED = get_jit_cache("litepatch-sm90")
 _SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 COMPILE_SECONDS: dict[tuple, float] = {}  # first-call JIT time per configuration (reported by benchmarks)
+# the compiled kernels this process has called, by configuration: one dict lookup per call, where the compile cache
+# (on disk when enabled) takes three with a string key
+_READY: dict[tuple, object] = {}
 
 
 def _kernel(dtype: torch.dtype, head_dim: int, vote: bool, baseline: bool = False,
@@ -396,15 +399,20 @@ def run_sm90(
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     if mask_tail is None:
         mask_tail = seqused_k is not None or k.shape[1] % TILE_N != 0
-    key = (_SOURCE, str(q.dtype), head_dim, vote, seqused_k is not None, tail_mode, mask_tail, tuple(sorted(ablate)))
-    if key not in _COMPILED:
-        start = time.perf_counter()
-        stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-        _COMPILED[key] = compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail,
-                                      vote=vote, stream=stream, tail_mode=tail_mode, mask_tail=mask_tail,
-                                      ablate=ablate)
-        COMPILE_SECONDS[key] = time.perf_counter() - start
-    _COMPILED[key](
+    ready_key = (q.dtype, head_dim, vote, seqused_k is not None, tail_mode, mask_tail, tuple(ablate))
+    kernel = _READY.get(ready_key)
+    if kernel is None:
+        key = (_SOURCE, str(q.dtype), head_dim, vote, seqused_k is not None, tail_mode, mask_tail,
+               tuple(sorted(ablate)))
+        if key not in _COMPILED:
+            start = time.perf_counter()
+            stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+            _COMPILED[key] = compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail,
+                                          vote=vote, stream=stream, tail_mode=tail_mode, mask_tail=mask_tail,
+                                          ablate=ablate)
+            COMPILE_SECONDS[key] = time.perf_counter() - start
+        kernel = _READY[ready_key] = _COMPILED[key]
+    kernel(
         q, k, v, out, lse, softmax_scale, None, None, None, seqused_k, None, None, None, None,
         (*lists, None, None, None, None), AuxData([votes, slot, tail], (threshold if vote else 0.0,)),
         None, None,
