@@ -10,7 +10,8 @@ other argument's value and the launch options. The first call of a key goes thro
 finds the kernel and returns it; later calls launch that compiled kernel through its own launcher
 (``compiled[grid]``, which keeps Triton's stream and profiler hooks). The same addresses, dtypes and values are
 what Triton specialises on, so the reused kernel is the one Triton would pick. Where Triton returns no compiled
-kernel (``TRITON_INTERPRET=1``) every call goes through Triton.
+kernel (``TRITON_INTERPRET=1``), or is older than 3.3 (whose launchers take another argument list), every call
+goes through Triton.
 
 Example:
     >>> launch(_list_kernel, (rows,), keep, anchor, ..., USE_ANCHOR=True, num_warps=4)
@@ -27,6 +28,20 @@ MAX_KEYS = 4096  # distinct (layer, branch, shape) calls remembered; past it the
 # call key (what Triton specialises on: each tensor's address and dtype, any other argument's value) ->
 # (the compiled kernel's launcher for the grid, the names of the parameters passed by keyword, in order)
 _RUNNERS: dict[tuple, tuple[Callable, tuple[str, ...]]] = {}
+
+
+def _triton_launches_with_every_parameter() -> bool:
+    """Whether a compiled kernel's launcher takes every parameter, constexprs included, in signature order: Triton
+    3.3 and later (before, only the others; this module then leaves every launch to Triton)."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 3)
+
+
+REUSABLE = _triton_launches_with_every_parameter()
 
 
 def _current_device() -> int:
@@ -51,8 +66,8 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
         runner(*args, *[kwargs[name] for name in trailing])
         return
     compiled = kernel[grid](*args, **kwargs)
-    trailing = tuple(kernel.arg_names[len(args):])
-    if getattr(compiled, "packed_metadata", None) is None or not set(trailing) <= kwargs.keys():
+    trailing = tuple(getattr(kernel, "arg_names", ())[len(args):])
+    if not REUSABLE or getattr(compiled, "packed_metadata", None) is None or not set(trailing) <= kwargs.keys():
         return  # no compiled kernel (the interpreter), or a parameter left to its default: Triton binds it
     if len(_RUNNERS) >= MAX_KEYS:
         _RUNNERS.clear()

@@ -43,6 +43,7 @@ class FakeKernel:
 def fresh_cache(monkeypatch):
     monkeypatch.setattr(launch_module, "_RUNNERS", {})
     monkeypatch.setattr(launch_module, "_current_device", lambda: 0)
+    monkeypatch.setattr(launch_module, "REUSABLE", True)
 
 
 def kinds(kernel):
@@ -102,3 +103,11 @@ def test_the_cache_starts_over_when_full(monkeypatch):
     assert launch_module.cached_launches() == 1
     launch(kernel, (1,), x, 3, FLAG=True, WIDTH=32)
     assert kinds(kernel)[-1] == "reused"
+
+
+def test_triton_before_3_3_is_left_to_bind_every_launch(monkeypatch):
+    monkeypatch.setattr(launch_module, "REUSABLE", False)  # its launchers take only the non-constexpr parameters
+    kernel, x = FakeKernel(), torch.zeros(4)
+    for _ in range(2):
+        launch(kernel, (1,), x, 5, FLAG=True, WIDTH=32)
+    assert kinds(kernel) == ["triton", "triton"]
