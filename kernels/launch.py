@@ -42,14 +42,12 @@ def _triton_launches_with_every_parameter() -> bool:
 
 
 REUSABLE = _triton_launches_with_every_parameter()
+_HAS_CUDA = torch.cuda.is_available()
 
 
 def _current_device() -> int:
     """The device Triton launches on (-1 without CUDA: Triton's interpreter on the CPU)."""
     return torch.cuda.current_device() if _HAS_CUDA else -1
-
-
-_HAS_CUDA = torch.cuda.is_available()
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
