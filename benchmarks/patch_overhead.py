@@ -2,8 +2,8 @@
 
 A tiny diffusers Wan transformer (random weights) at a short sequence is host-bound: its forward time is
 launch and Python overhead, so ``(patched - unpatched) / attention calls`` is what the patcher adds per
-call (interception, plan, state lookup, two kernel launches, stats record), for threshold -inf (the
-kernel without the skip test) and -4.
+call (interception, plan, state lookup, the list, attention and commit launches, stats record) at threshold -4,
+and the interception alone at -inf (nothing to skip: the call runs the model's own attention).
 
 On a machine without a GPU, ``--cpu`` measures the same on CPU with a *null* LiteAttention backend (registered
 for the run: it returns its query as the output and leaves the skip state as it is), so the numbers are the

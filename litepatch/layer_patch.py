@@ -224,11 +224,9 @@ class LayerPatch:
             self._warn(reason)
             self.last_call = (plan, reason, self._dense_total(call) if q.dim() == 4 and k.dim() == 4 else 0)
             return None
-        if plan.state is None or plan.threshold == -math.inf:
-            out = fast_dense(call)
-            if out is not None or plan.state is None:
-                self.last_call = (plan, plan.dense_reason or "threshold -inf skips nothing", self._dense_total(call))
-                return out
+        if plan.state is None or plan.threshold == -math.inf:  # nothing to skip: the fastest exact dense kernel
+            self.last_call = (plan, plan.dense_reason or "threshold -inf skips nothing", self._dense_total(call))
+            return fast_dense(call)
         out = lite_attention(
             q, k, call.v, plan.state,
             threshold=plan.threshold,

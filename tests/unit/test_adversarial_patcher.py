@@ -100,7 +100,7 @@ def test_dtype_moves_after_apply_keep_working():
     x = torch.randn(1, 300, 64)
     expected = _run(model.to(torch.bfloat16), {"x": x.to(torch.bfloat16)})
     model.float()
-    handle = litepatch.apply(model, threshold=float("-inf"))
+    handle = litepatch.apply(model, threshold=tm.NOTHING_DROPPED)
     _run(model, {"x": x})
     model.to(torch.bfloat16)  # moved while patched
     out = _run(model, {"x": x.to(torch.bfloat16)})

@@ -111,7 +111,7 @@ def worker(rank, world):
         # Flux's last op is diffusers' output all-gather, which returns an AsyncCollectiveTensor: clone() waits for
         # it (torch.save of the result would read the buffer before gloo has filled it)
         dense = model(**inputs)[0].clone()
-        handle = litepatch.apply(model, threshold=-math.inf, warmup_steps=0)
+        handle = litepatch.apply(model, threshold=tm.NOTHING_DROPPED, warmup_steps=0)
         res["flux_exact"] = model(**inputs)[0].clone(), dense
     res["flux_must_keys"] = {
         name: [state.must_compute_keys for state in branches.values()]

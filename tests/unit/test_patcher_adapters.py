@@ -40,7 +40,7 @@ def test_multihead_attention_self_and_cross_classified_and_self_routed():
         "blocks.1.attn": "self", "blocks.1.cross_attn": "cross"}
     assert infos["blocks.0.attn"].adapter == "nn.MultiheadAttention" and infos["blocks.0.attn"].head_dim == 32
     reference = _run(model, inputs)
-    handle = litepatch.apply(model, threshold=float("-inf"))
+    handle = litepatch.apply(model, threshold=tm.NOTHING_DROPPED)
     torch.testing.assert_close(_run(model, inputs), reference, rtol=1e-5, atol=1e-5)
     records = handle.stats().records
     assert [r["layer"] for r in records] == ["blocks.0.attn", "blocks.1.attn"] and not any(r["dense"] for r in records)
@@ -57,7 +57,7 @@ def test_multihead_attention_key_padding_mask_is_sparse_and_need_weights_falls_b
     padding = torch.zeros(1, inputs["x"].shape[1], dtype=torch.bool)
     padding[:, -40:] = True  # PyTorch's convention: True = padding
     reference = _run(model, inputs, key_padding_mask=padding)
-    handle = litepatch.apply(model, threshold=float("-inf"))
+    handle = litepatch.apply(model, threshold=tm.NOTHING_DROPPED)
     torch.testing.assert_close(_run(model, inputs, key_padding_mask=padding), reference, rtol=1e-5, atol=1e-5)
     assert not any(r["dense"] for r in handle.stats().records)
     handle.remove()
@@ -106,7 +106,7 @@ def test_attention_defined_without_source_is_found_from_its_bytecode():
     assert [(i.name, i.kind, i.adapter) for i in litepatch.inspect(model)] == [("0", "self", "sdpa-call")]
     x = torch.randn(1, 256, 64)
     reference = _run(model, {"input": x})
-    handle = litepatch.apply(model, threshold=float("-inf"))
+    handle = litepatch.apply(model, threshold=tm.NOTHING_DROPPED)
     torch.testing.assert_close(_run(model, {"input": x}), reference, rtol=1e-5, atol=1e-5)
     assert len(handle.stats().records) == 1
     handle.remove()
@@ -156,7 +156,7 @@ def test_a_user_adapter_finds_intercepts_and_is_removed():
                                                             ("1", "self", "manual-attention")]
     x = torch.randn(1, 256, 64)
     reference = _run(model, {"input": x})
-    handle = litepatch.apply(model, threshold=float("-inf"), adapter=ManualAttentionAdapter())
+    handle = litepatch.apply(model, threshold=tm.NOTHING_DROPPED, adapter=ManualAttentionAdapter())
     torch.testing.assert_close(_run(model, {"input": x}), reference, rtol=1e-5, atol=1e-5)
     assert [r["layer"] for r in handle.stats().records] == ["0", "1"]
     handle.remove()
@@ -358,7 +358,7 @@ def test_hand_written_joint_attention_protects_the_text_tokens(layout, ranges):
         _run(model, {"x": x, "context": context})
     state = handle.skip_states()[""][0]
     assert state.must_compute_keys == ranges and state.must_compute_queries == ranges
-    handle.configure(threshold=float("-inf"))
+    handle.configure(threshold=tm.NOTHING_DROPPED)
     torch.testing.assert_close(_run(model, {"x": x, "context": context}), reference, rtol=1e-5, atol=1e-5)
     handle.remove()
 

@@ -339,7 +339,7 @@ def test_sdpa_behind_helper_methods_is_intercepted():
     base = torch.randn(1, 30, 64)  # smooth along the 512 tokens (4x8 CPU tiles of 128x64)
     inputs = {"x": F.interpolate(base.transpose(1, 2), size=512, mode="linear", align_corners=True).transpose(1, 2)}
     reference = _run(model, inputs)
-    handle = litepatch.apply(model, threshold=float("-inf"))
+    handle = litepatch.apply(model, threshold=tm.NOTHING_DROPPED)
     assert handle.layers == ["blocks.0.attn", "blocks.1.attn"]
     torch.testing.assert_close(_run(model, inputs), reference, rtol=1e-5, atol=1e-5)
     records = handle.stats().records

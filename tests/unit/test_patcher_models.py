@@ -119,11 +119,32 @@ def test_every_attention_layer_found_and_classified(built):
     assert fp.num_layers == len(fp.layer_names) and fp.model_class == type(model).__name__
 
 
-def test_threshold_minus_inf_equals_unpatched_and_remove_restores(built):
+def test_threshold_minus_inf_runs_the_models_own_attention(built):
+    """Nothing to skip: every call runs the model's own attention (bit for bit) and is recorded dense, with all its
+    tiles (DESIGN §2: never slower than stock when nothing is skipped)."""
+    name, model, inputs = built
+    reference = _run(model, inputs)
+    handle = litepatch.apply(model, threshold=float("-inf"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            patched = _run(model, inputs)
+        records = handle.stats().records
+        states = handle.skip_states()
+    finally:
+        handle.remove()
+    assert torch.equal(patched, reference)
+    assert records and all(r["dense"] and r["kept_fraction"] == 1.0 and r["total_tiles"] > 0 for r in records)
+    assert {r["reason"] for r in records if not r["layer"].startswith("context_embedder")} == {
+        "threshold -inf skips nothing"}
+    assert not any(state.initialized for branches in states.values() for state in branches.values())
+
+
+def test_kernel_path_with_nothing_dropped_equals_unpatched_and_remove_restores(built):
     name, model, inputs = built
     before = _snapshot(model)
     reference = _run(model, inputs)
-    handle = litepatch.apply(model, threshold=float("-inf"))
+    handle = litepatch.apply(model, threshold=tm.NOTHING_DROPPED)
     assert sorted(handle.layers) == sorted(n for n, k in EXPECTED[name].items() if k != "cross")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -162,7 +183,7 @@ def test_hunyuan_text_key_padding_mask_is_sparse_and_per_query_masks_fall_back_o
     (masked keys never computed); the token refiner's per-query mask falls back, with one warning."""
     model, inputs = tm.hunyuan_video(masked=True)
     reference = _run(model, inputs)
-    handle = litepatch.apply(model, threshold=float("-inf"))
+    handle = litepatch.apply(model, threshold=tm.NOTHING_DROPPED)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outs = [_run(model, _inputs_at("hunyuan_video", inputs, t)) for t in (999, 999, 900)]
@@ -225,7 +246,7 @@ def test_timm_style_attention_found_and_exact():
     assert [(i.name, i.kind) for i in infos] == [("blocks.0.attn", "self"), ("blocks.1.attn", "self")]
     assert infos[0].reason.startswith("timm-style")
     reference = _run(model, {"x": x})
-    handle = litepatch.apply(model, threshold=float("-inf"))
+    handle = litepatch.apply(model, threshold=tm.NOTHING_DROPPED)
     torch.testing.assert_close(_run(model, {"x": x}), reference, rtol=1e-5, atol=1e-5)
     assert len(handle.stats().records) == 2
     handle.remove()
@@ -243,7 +264,7 @@ def test_mochi_batch_rows_attend_one_by_one_each_with_its_own_state():
     mask[1, 5:] = False
     inputs["encoder_attention_mask"] = mask
     reference = _run(model, inputs)
-    handle = litepatch.apply(model, threshold=float("-inf"))
+    handle = litepatch.apply(model, threshold=tm.NOTHING_DROPPED)
     torch.testing.assert_close(_run(model, inputs), reference, rtol=1e-5, atol=1e-5)
     states = handle.skip_states()["transformer_blocks.0.attn1"]
     assert set(states) == {0, (0, 1)}

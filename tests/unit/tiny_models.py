@@ -13,6 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# A finite threshold no gap between finite scores reaches: the kernel path with every tile kept. (Threshold -inf
+# itself runs the model's own attention or flash-attn-4's dense one, DESIGN §2: nothing to skip, nothing to list.)
+NOTHING_DROPPED = -1e30
+
 
 # ------------------------------------------------------------------------------ hand-written models
 class WanSelfAttention(nn.Module):
