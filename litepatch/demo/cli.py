@@ -216,9 +216,10 @@ def run(args: argparse.Namespace) -> int:
         print("note: the video-scale model on a CPU takes minutes per step; --model small is the CPU demo")
 
     dense_steps: list[torch.Tensor] = []
+    fused = getattr(args, "fuse_pointwise", False)
     with torch.inference_mode():
-        if cuda:
-            _generate(model, cond, args, device)  # warm-up: kernel selection, allocator
+        if cuda or fused:  # warm-up: kernel selection, allocator; the fused ops' compilation
+            _generate(model, cond, args, device)
         dense, sdpa_time = _generate(model, cond, args, device, lambda i, s, x: dense_steps.append(x.clone()))
         floor_label, backends = floor_backend(device)
         with torch.nn.attention.sdpa_kernel(backends):

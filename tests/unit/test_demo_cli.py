@@ -57,6 +57,22 @@ def test_demo_with_batched_cfg_labels_its_one_branch(tmp_path, capsys):
     assert [int(r[0]) for r in rows] == [0, 1, 2] and float(rows[2][2]) < 1.0  # step 1 writes the first list
 
 
+def test_fused_pointwise_compiles_before_the_dense_time_is_taken(tmp_path, monkeypatch):
+    """--fuse-pointwise compiles on the first forward: a warm-up generation runs first on a CPU too, so the dense
+    wall time is not the compilation's."""
+    from litepatch.demo import model as demo_model
+
+    monkeypatch.setattr(demo_model, "compiled_ops", lambda backend="inductor": demo_model.EAGER_OPS)  # no compiler
+    generations = []
+    real = demo_cli._generate
+    monkeypatch.setattr(demo_cli, "_generate", lambda *a, **k: generations.append(len(a)) or real(*a, **k))
+    assert _run(["--steps", "2", "--out", str(tmp_path)]) == 0
+    plain = len(generations)
+    generations.clear()
+    assert _run(["--steps", "2", "--fuse-pointwise", "--out", str(tmp_path)]) == 0
+    assert len(generations) == plain + 1
+
+
 def test_demo_rejects_bad_values(tmp_path):
     with pytest.raises(ValueError, match="names no shape"):
         _run(["--prompt", "red moving left", "--steps", "1", "--out", str(tmp_path)])
