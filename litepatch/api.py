@@ -348,8 +348,8 @@ def apply(
             ``.transformer_2`` are patched).
         recipe: a :class:`Recipe`, a path, a built-in name or a Hub reference. Keyword arguments
             override its fields; with neither, ``threshold`` is ``-10.0`` (log2 units).
-        threshold (`float`, *optional*): skip threshold in log2 units (``-inf`` skips nothing, ``0`` is the
-            most aggressive allowed).
+        threshold (`float`, *optional*): skip threshold in log2 units (``-inf`` skips nothing: those calls run
+            the fastest exact dense attention, as stock; ``0`` is the most aggressive allowed).
         warmup_steps (`int`, *optional*): dense steps at the start of each generation.
         order (`str`, *optional*): key-tile visiting order, ``"anchor"`` or ``"alternate"``.
         layers (`dict`, *optional*): ``{fnmatch pattern: LayerSetting | float | None}``; ``None`` keeps a layer dense.
