@@ -20,7 +20,7 @@
 #   install  wheels from .whl/ into /tmp/site; the project installed without dependencies
 #   verify   GPU tests with a 150-case fuzz, and the CuTe protocol check             -> $OUT/gpu_tests.txt
 #   kernel   benchmarks/backends.py over the six shapes                              -> $OUT/backends.json
-#   host     benchmarks/patch_overhead.py, 150 paired rounds                         -> $OUT/patch_overhead.json
+#   host     benchmarks/patch_overhead.py, 150 paired rounds of 2 forwards, then 30 of 20  -> $OUT/patch_overhead*.json
 #   e2e      benchmarks/e2e.py (Wan2.1-1.3B 480p, kept 1.0 / 0.5 / 0.25)              -> $OUT/e2e.json
 #   demo     benchmarks/demo_video_gpu.sh, shipped weights, batched CFG, fused pointwise -> $OUT/demo/...
 # Environment: OUT (default $OUT of the device call, else bench-out/session), PY (default python3),
@@ -65,7 +65,10 @@ for stage in "$@"; do
     kernel)
       run kernel "$OUT/log.txt" $PY benchmarks/backends.py --json "$OUT/backends.json" ${KERNEL_ARGS:-} ;;
     host)
-      run host "$OUT/log.txt" $PY benchmarks/patch_overhead.py --profile --breakdown --json "$OUT/patch_overhead.json" ;;
+      run host "$OUT/log.txt" $PY benchmarks/patch_overhead.py --profile --breakdown --json "$OUT/patch_overhead.json"
+      # blocks of 20 forwards between syncs: the host queues ahead, so a per-forward sync (the timestep read) shows
+      run host-long-blocks "$OUT/log.txt" $PY benchmarks/patch_overhead.py --iters 20 --rounds 30 \
+        --json "$OUT/patch_overhead_blocks20.json" ;;
     e2e)
       run e2e "$OUT/log.txt" $PY benchmarks/e2e.py --threshold=-1e30 --fractions 1.0 0.5 0.25 --json "$OUT/e2e.json" ;;
     demo)
