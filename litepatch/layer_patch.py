@@ -153,19 +153,29 @@ class LayerPatch:
         state.fold_calls(recipe.order)  # eager code: compiled calls then never see a new count
         return CallPlan(step, branch, tracker.generation, float(threshold), "", state)
 
-    def flush(self) -> None:
-        """Turns the last call into a stats record (its kept count stays a device tensor)."""
+    def flush(self, live: list | None = None) -> None:
+        """Turns the last call into a stats record (its kept count stays a device tensor).
+
+        ``live``: a list to put the record on instead, a sparse call's with the state's own count tensor uncopied,
+        for the caller to copy many at once (:meth:`litepatch.runtime.Runtime.flush`); otherwise the count is copied
+        here.
+        """
         last, self.last_call = self.last_call, None
         if last is None:
             return
         plan, reason, total = last
         dense = plan.state is None or bool(reason)
-        if dense:
-            kept = total
+        record = [self.name, plan.step, plan.branch, plan.generation, dense, reason or plan.dense_reason, total, total]
+        count = None
+        if not dense:
+            record[-1] = plan.state.total_tiles()
+            count = plan.state.kept
+            if live is None:
+                record[-2], count = plan.state.kept_count(), None
+        if live is None:
+            self.runtime.log.add(*record)
         else:
-            kept, total = plan.state.kept_count(), plan.state.total_tiles()
-        self.runtime.log.add(self.name, plan.step, plan.branch, plan.generation, dense, reason or plan.dense_reason,
-                             kept, total)
+            live.append((record, count))
 
     def _current_plan(self) -> CallPlan:
         plan = self.plan

@@ -64,9 +64,9 @@ class RootPatch:
         self.check_parallelism(module)
         timestep, text_tokens, inputs = self.reader.read(args, kwargs)
         runtime = self.runtime
+        runtime.flush()  # the last forward's calls become records
         layers = runtime.layers.values()
-        for layer in layers:  # the last forward's calls: records, and whether each layer's calls reached litepatch
-            layer.flush()
+        for layer in layers:
             self._check_reach(layer)
         if runtime.tracker.observe(timestep, runtime.context_name, inputs):
             runtime.reset_states()

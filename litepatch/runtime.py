@@ -36,8 +36,12 @@ class Runtime:
             layer.plan = None
 
     def flush(self) -> None:
+        """Turns every layer's last call into a record; the sparse calls' kept counts are copied together (one
+        stack instead of a copy per layer: each is a kernel launch on a GPU)."""
+        live: list = []
         for layer in self.layers.values():
-            layer.flush()
+            layer.flush(live)
+        self.log.add_live(live)
 
 
 class CallPlan(NamedTuple):

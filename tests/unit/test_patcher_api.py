@@ -139,6 +139,21 @@ def test_warmup_dense_layers_stats_and_configure():
         handle.configure(threshold=-1.0)
 
 
+def test_call_records_keep_their_order_and_a_copy_of_each_count():
+    """A forward's records are added together, the states' counts copied in one stack: a record keeps its count
+    when the state's tensor is overwritten by the next call, and dense and sparse records keep the layers' order."""
+    from litepatch.stats import CallLog
+
+    log, counts = CallLog(), [torch.tensor(5), torch.tensor(7)]
+    live = [(["a", 0, 0, 1, False, "", None, 10], counts[0]), (["b", 0, 0, 1, True, "warm-up", 10, 10], None),
+            (["c", 0, 0, 1, False, "", None, 10], counts[1])]
+    log.add_live(live)
+    for count in counts:
+        count.fill_(0)  # the next call's list kernel zeroes the state's count
+    assert [(r["layer"], r["kept_tiles"], r["dense"]) for r in log.freeze()] == [("a", 5, False), ("b", 10, True),
+                                                                                 ("c", 7, False)]
+
+
 def test_kept_counts_stay_on_device_until_stats():
     model, inputs = _smooth_wan_style()
     handle = litepatch.apply(model, threshold=0.0)
