@@ -44,6 +44,20 @@ UNIFORM = (-12.0, -10.0, -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0)
 RECIPE_NAMES = {"small": "demo", "video": "demo-video"}
 
 
+def demo_psnr_bound(budget: str) -> float:
+    """The bound of a ``demo_psnr >= X`` budget: the frontier and the comparisons judge every setting by it, so the
+    calibrator must be held to the same metric (ValueError for any other budget)."""
+    from litepatch.calibration.budget import Budget
+    from litepatch.demo.sampling import register_demo_metrics
+
+    metric = register_demo_metrics()
+    clauses = Budget.parse(budget).clauses
+    if len(clauses) != 1 or clauses[0].metric != metric or clauses[0].op not in (">=", ">"):
+        raise ValueError(f"--budget {budget!r}: this script judges the calibrated recipe, the uniform thresholds and "
+                         f"the random recipes by {metric}, so the budget must be '{metric} >= X'")
+    return clauses[0].bound
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="video", choices=("small", "video"))
@@ -54,7 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compile the blocks' elementwise parts (DemoDiT.fuse_pointwise) for dense and patched runs alike")
     p.add_argument("--cfg-mode", default="sequential", choices=("sequential", "batched"),
                    help="CFG as two forwards per step or one of twice the batch (half the host work per step)")
-    p.add_argument("--budget", default="psnr >= 30")
+    p.add_argument("--budget", default="demo_psnr >= 30",
+                   help="quality budget; demo_psnr is the PSNR this script and `litepatch demo` print (latents in "
+                        "[-1, 1], data range 2); the calibrator's generic psnr uses the dense output's own range")
     p.add_argument("--objective", default="auto", choices=("auto", "time", "sparsity"))
     p.add_argument("--max-generations", type=int, default=30, help="calibration cost cap (dense + sensitivity + trials)")
     p.add_argument("--held-out", type=int, default=len(HELD_OUT), help=f"held-out samples (1..{len(HELD_OUT)})")
@@ -182,7 +198,7 @@ def main(argv=None) -> int:
     work = Path(args.work) if args.work else out_dir / "work"
     out_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    budget_value = float(args.budget.split(">=")[1]) if ">=" in args.budget else 30.0
+    budget_value = demo_psnr_bound(args.budget)
     model = load_demo_model(args.weights, device=device, model=args.model)
     model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.fuse_pointwise:

@@ -98,6 +98,24 @@ def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> float:
     return _psnr(x, ref, data_range=data_range)
 
 
+DEMO_PSNR = "demo_psnr"
+
+
+def register_demo_metrics() -> str:
+    """Registers :func:`psnr` (data range 2, the demo latents' [-1, 1]) as the calibration metric ``demo_psnr``;
+    returns its name. The calibrator's own ``psnr`` takes the dense output's peak-to-peak range instead, which for a
+    dark or flat clip is below 2 and reads several dB lower than what the demo prints for the same generation.
+
+    Example:
+        >>> calibrate(run, samples, f"{register_demo_metrics()} >= 30", model=model)
+    """
+    from litepatch.calibration.metrics import register_metric
+
+    register_metric(DEMO_PSNR, psnr, higher_is_better=True, overwrite=True,
+                    description="PSNR (dB) of demo latents in [-1, 1] (data range 2) vs dense")
+    return DEMO_PSNR
+
+
 def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0, window: int = 7) -> float:
     """Mean SSIM over frames and channels of ``[B, C, F, H, W]`` videos (Gaussian window, sigma 1.5)."""
     if x.shape != ref.shape or x.dim() != 5:

@@ -168,6 +168,37 @@ def test_calibration_smoke_run_writes_report_recipe_and_plot(tiny_video_weights,
     assert recipe.measured.psnr == round(result["recipe"]["worst_psnr"], 2)
     assert "Per held-out sample" in (out / "calibration.md").read_text()
     assert Image.open(out / "time_vs_quality.png").width > 0
+    # the calibrator's held-out check and the script's rerun: the same generations judged by one metric (this tiny
+    # model's clamped output spans [-1, 1], so the two PSNRs coincide here; the next test tells them apart)
+    script = {json.dumps(r["sample"]): r["psnr"] for r in result["recipe"]["per_sample"]}
+    checked = {json.dumps(r["sample"]): r["psnr"] for r in result["calibration"]["calibrator_held_out"]}
+    assert checked.keys() == script.keys()
+    for key, value in checked.items():
+        assert value == pytest.approx(script[key], rel=1e-9) or value == script[key] == math.inf, key
+
+
+def test_demo_psnr_is_the_demo_latents_psnr_not_the_reference_range_one():
+    """The calibrator's generic psnr takes the dense output's own range; demo_psnr the latents' [-1, 1]: on a clip
+    spanning [-0.5, 0.5] they differ by 20 log10(2) dB, and the demo budget must use the one the demo prints."""
+    from litepatch.calibration.metrics import get_metric
+    from litepatch.demo.sampling import psnr as demo_psnr
+    from litepatch.demo.sampling import register_demo_metrics
+
+    torch.manual_seed(0)
+    ref = torch.rand(1, 3, 2, 8, 8) - 0.5
+    ref.view(-1)[:2] = torch.tensor([-0.5, 0.5])
+    out = ref + 0.01 * torch.randn_like(ref)
+    metric = get_metric(register_demo_metrics())
+    assert metric.higher_is_better and metric.fn(out, ref) == demo_psnr(out, ref)
+    assert metric.fn(out, ref) - get_metric("psnr").fn(out, ref) == pytest.approx(20 * math.log10(2), abs=1e-6)
+
+
+def test_calibration_budget_must_be_the_demo_psnr():
+    calibrate_demo = _script("calibrate_demo")
+    assert calibrate_demo.demo_psnr_bound("demo_psnr >= 28") == 28.0
+    for budget in ("psnr >= 30", "demo_psnr >= 30 and ssim >= 0.9", "demo_psnr <= 30"):
+        with pytest.raises(ValueError, match="must (be|read) 'demo_psnr >= "):
+            calibrate_demo.demo_psnr_bound(budget)
 
 
 def test_forward_census_counts_attention_and_the_fused_forward_moves_less():
