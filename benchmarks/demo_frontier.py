@@ -2,7 +2,8 @@
 
 Each trial draws a threshold per attention layer in ``[--low, 0]`` and a warm-up in ``[0, steps/4]``
 (the space ``benchmarks/calibrate_demo.py`` searches, without the sensitivity parameterisation) and
-records the kept fraction and the worst PSNR vs dense over the calibration samples. The best kept
+records the kept fraction and the worst PSNR vs dense over the calibration samples (the demo's PSNR: latents in
+[-1, 1], data range 2, as ``litepatch demo`` and ``calibrate_demo.py`` report it). The best kept
 fraction at ``psnr >= --psnr`` over many trials is an estimate of the attainable frontier, against
 which the calibrator's 30-generation result is judged.
 
@@ -35,13 +36,11 @@ def main() -> None:
     warnings.simplefilter("ignore")
 
     import litepatch
-    from litepatch.calibration import get_metric
     from litepatch.demo.model import load_demo_model
-    from litepatch.demo.sampling import sample
+    from litepatch.demo.sampling import psnr, sample
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_demo_model(device=device).to(torch.bfloat16 if device == "cuda" else torch.float32)
-    psnr = get_metric("psnr")
 
     def run(s) -> torch.Tensor:
         cond, seed = s
