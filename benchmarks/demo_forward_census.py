@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from collections import Counter
 
 import torch
@@ -139,7 +138,6 @@ def main() -> None:
                           for k in (0.6, 0.5, 0.4))
         print(f"  GPU-bound speed-up from skipping alone (attention time x k): {gains}")
     print("\n(counts: one kernel per torch call; flash-attn-4's attention itself is not counted as bytes)")
-    assert math.isfinite(attention_ms)
 
 
 if __name__ == "__main__":
