@@ -133,6 +133,10 @@ def main() -> None:
               f"launch; GPU-bound attention share {share:.0%}")
         for name, moved_by in counted.moved.most_common(8):
             print(f"  {name:<32} {counted.kernels[name]:4d} kernels {moved_by / 1e6:9.1f} MB")
+        if host_ms >= attention_ms + memory_ms:
+            print("  host-bound at these rates: the host issues kernels slower than the GPU runs them, so skipping "
+                  "tiles does not shorten the forward")
+            continue
         # end-to-end speed-up at kept fraction k if the forward is GPU-bound: (A + M) / (A k + M)
         gains = ", ".join(f"k={k}: {(attention_ms + memory_ms) / (attention_ms * k + memory_ms):.2f}x"
                           for k in (0.6, 0.5, 0.4))
