@@ -154,28 +154,25 @@ class LayerPatch:
         return CallPlan(step, branch, tracker.generation, float(threshold), "", state)
 
     def flush(self, live: list | None = None) -> None:
-        """Turns the last call into a stats record (its kept count stays a device tensor).
+        """Turns the last call into a stats record; a sparse call's kept count stays a device tensor.
 
-        ``live``: a list to put the record on instead, a sparse call's with the state's own count tensor uncopied,
-        for the caller to copy many at once (:meth:`litepatch.runtime.Runtime.flush`); otherwise the count is copied
-        here.
+        ``live``: a list to put the record on, for the caller to add many together
+        (:meth:`litepatch.runtime.Runtime.flush`: their counts copied in one stack); otherwise it is added now.
         """
         last, self.last_call = self.last_call, None
         if last is None:
             return
         plan, reason, total = last
         dense = plan.state is None or bool(reason)
-        record = [self.name, plan.step, plan.branch, plan.generation, dense, reason or plan.dense_reason, total, total]
-        count = None
         if not dense:
-            record[-1] = plan.state.total_tiles()
-            count = plan.state.kept
-            if live is None:
-                record[-2], count = plan.state.kept_count(), None
+            total = plan.state.total_tiles()
+        # kept = total for a dense call; a sparse one's is the state's count, copied when the record is added
+        record = ([self.name, plan.step, plan.branch, plan.generation, dense, reason or plan.dense_reason, total, total],
+                  None if dense else plan.state.kept)
         if live is None:
-            self.runtime.log.add(*record)
+            self.runtime.log.add([record])
         else:
-            live.append((record, count))
+            live.append(record)
 
     def _current_plan(self) -> CallPlan:
         plan = self.plan

@@ -39,39 +39,37 @@ class RootPatch:
         if reason is not None:
             warnings.warn(f"litepatch: {reason}", UserWarning, stacklevel=3)
 
-    @staticmethod
-    def _check_reach(layer) -> None:
-        """Warns once if ``layer`` ran while none of its attention calls reached litepatch."""
-        if layer.installed is not None and "replaced" not in layer.warned and not layer.installed():
-            layer.warned.add("replaced")
-            warnings.warn(
-                f"litepatch: {layer.name}'s attention processor was replaced after litepatch.apply "
-                "(set_processor / set_attn_processor); the layer runs dense. Set processors before apply, or "
-                "call handle.remove() and litepatch.apply(model) again",
-                UserWarning, stacklevel=4,
-            )
-        if layer.entered and not layer.reached and "unreached" not in layer.warned:
-            layer.warned.add("unreached")
-            warnings.warn(
-                f"litepatch: {layer.name} ran but none of its attention calls reached litepatch "
-                f"(interception: {layer.interception}); it runs dense. Its attention is computed outside the "
-                "call site litepatch routes (a changed processor, a fused path); see litepatch.inspect(model)",
-                UserWarning, stacklevel=4,
-            )
-        layer.entered = layer.reached = False
+    def check_reach(self) -> None:
+        """Warns once per layer that ran while none of its attention calls reached litepatch."""
+        for layer in self.runtime.layers.values():
+            if layer.installed is not None and "replaced" not in layer.warned and not layer.installed():
+                layer.warned.add("replaced")
+                warnings.warn(
+                    f"litepatch: {layer.name}'s attention processor was replaced after litepatch.apply "
+                    "(set_processor / set_attn_processor); the layer runs dense. Set processors before apply, or "
+                    "call handle.remove() and litepatch.apply(model) again",
+                    UserWarning, stacklevel=4,
+                )
+            if layer.entered and not layer.reached and "unreached" not in layer.warned:
+                layer.warned.add("unreached")
+                warnings.warn(
+                    f"litepatch: {layer.name} ran but none of its attention calls reached litepatch "
+                    f"(interception: {layer.interception}); it runs dense. Its attention is computed outside the "
+                    "call site litepatch routes (a changed processor, a fused path); see litepatch.inspect(model)",
+                    UserWarning, stacklevel=4,
+                )
+            layer.entered = layer.reached = False
 
     def pre_hook(self, module, args, kwargs):
         self.check_parallelism(module)
         timestep, text_tokens, inputs = self.reader.read(args, kwargs)
         runtime = self.runtime
-        runtime.flush()  # the last forward's calls become records
-        layers = runtime.layers.values()
-        for layer in layers:
-            self._check_reach(layer)
+        runtime.flush()
+        self.check_reach()
         if runtime.tracker.observe(timestep, runtime.context_name, inputs):
             runtime.reset_states()
         runtime.text_tokens, runtime.stream_text_tokens = text_tokens, None
-        for layer in layers:
+        for layer in runtime.layers.values():
             layer.plan = layer.make_plan()
             layer.call_index = 0
         return None

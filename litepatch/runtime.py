@@ -41,7 +41,7 @@ class Runtime:
         live: list = []
         for layer in self.layers.values():
             layer.flush(live)
-        self.log.add_live(live)
+        self.log.add(live)
 
 
 class CallPlan(NamedTuple):

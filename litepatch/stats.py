@@ -32,21 +32,18 @@ class CallLog:
 
     raw: list[tuple] = field(default_factory=list)
 
-    def add(self, layer: str, step: int, branch, generation: int, dense: bool, reason: str,
-            kept: torch.Tensor | int, total: int) -> None:
-        self.raw.append((layer, step, branch, generation, dense, reason, kept, total))
-
-    def add_live(self, live: list[tuple[list, torch.Tensor | None]]) -> None:
-        """Adds records in order; where a record comes with a 0-dim ``count`` tensor (a skip state's, which the next
-        call overwrites), the counts are copied here in one stack per device and each record keeps its view."""
+    def add(self, records: list[tuple[list, torch.Tensor | None]]) -> None:
+        """Adds ``(fields, count)`` records in order, ``fields`` in :data:`RAW_FIELDS` order. Where a record comes with
+        a 0-dim ``count`` tensor (a skip state's, which the next call overwrites), the counts are copied here, in one
+        stack per device, and each record keeps its view of the copy as ``kept``."""
         by_device: dict = {}
-        for index, (_, count) in enumerate(live):
+        for index, (_, count) in enumerate(records):
             if count is not None:
                 by_device.setdefault(count.device, []).append(index)
         for indices in by_device.values():
-            for index, copy in zip(indices, torch.stack([live[i][1] for i in indices]).unbind()):
-                live[index][0][KEPT] = copy
-        self.raw.extend(tuple(record) for record, _ in live)
+            for index, copy in zip(indices, torch.stack([records[i][1] for i in indices]).unbind()):
+                records[index][0][KEPT] = copy
+        self.raw.extend(tuple(fields) for fields, _ in records)
 
     def clear(self) -> None:
         self.raw.clear()

@@ -147,7 +147,7 @@ def test_call_records_keep_their_order_and_a_copy_of_each_count():
     log, counts = CallLog(), [torch.tensor(5), torch.tensor(7)]
     live = [(["a", 0, 0, 1, False, "", None, 10], counts[0]), (["b", 0, 0, 1, True, "warm-up", 10, 10], None),
             (["c", 0, 0, 1, False, "", None, 10], counts[1])]
-    log.add_live(live)
+    log.add(live)
     for count in counts:
         count.fill_(0)  # the next call's list kernel zeroes the state's count
     assert [(r["layer"], r["kept_tiles"], r["dense"]) for r in log.freeze()] == [("a", 5, False), ("b", 10, True),
