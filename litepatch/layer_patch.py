@@ -146,6 +146,8 @@ class LayerPatch:
         threshold = recipe.threshold_for(self.name, step)
         if threshold is None:
             return CallPlan(step, branch, tracker.generation, None, "dense layer", None)
+        if threshold == -math.inf:  # nothing to skip: a dense call, on the fastest exact dense kernel (DESIGN §2)
+            return CallPlan(step, branch, tracker.generation, None, "threshold -inf skips nothing", None)
         state = self.states.get(branch)
         if state is None:
             state = self.states[branch] = SkipState()
@@ -231,8 +233,8 @@ class LayerPatch:
             self._warn(reason)
             self.last_call = (plan, reason, self._dense_total(call) if q.dim() == 4 and k.dim() == 4 else 0)
             return None
-        if plan.state is None or plan.threshold == -math.inf:  # nothing to skip: the fastest exact dense kernel
-            self.last_call = (plan, plan.dense_reason or "threshold -inf skips nothing", self._dense_total(call))
+        if plan.state is None:  # warm-up, a dense layer, threshold -inf: the fastest exact dense kernel
+            self.last_call = (plan, plan.dense_reason, self._dense_total(call))
             return fast_dense(call)
         out = lite_attention(
             q, k, call.v, plan.state,

@@ -33,7 +33,6 @@ Example (what a user writes; everything above happens inside):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -92,10 +91,8 @@ class RingCall:
         if reason is not None:
             layer._warn(reason)
             return self._dense(layer, call, plan, reason)
-        if plan.state is None:
+        if plan.state is None:  # warm-up, a dense layer, threshold -inf (the plan's dense_reason says which)
             return self._dense(layer, call, plan, "")
-        if plan.threshold == -math.inf:
-            return self._dense(layer, call, plan, "threshold -inf skips nothing")
         return self._sparse(layer, call, plan, must)
 
     # -------------------------------------------------------------------------------------------- sparse
