@@ -69,7 +69,7 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
         return  # no compiled kernel (the interpreter), or a parameter left to its default: Triton binds it
     if len(_RUNNERS) >= MAX_KEYS:
         _RUNNERS.clear()
-    _RUNNERS[key] = (compiled[grid], trailing)
+    _RUNNERS[key] = (compiled[(*grid, 1, 1)[:3]], trailing)  # its launcher reads three grid sizes; Triton pads
 
 
 def cached_launches() -> int:
