@@ -84,7 +84,7 @@ def main() -> None:
     times = clock.paired_rounds(models, args.rounds)
     added = {name: added_per_call(times[name], times["unpatched"], layers) for name in models if name != "unpatched"}
     if args.breakdown:
-        print_breakdown(model, latents, text, layers, forwards=100, backend=None)
+        print_breakdown(model, latents, text, layers, forwards=100, backend="auto")
     if args.profile:
         import cProfile
         import pstats
@@ -390,10 +390,10 @@ BREAKDOWN = (
 
 
 def print_breakdown(model, latents, text, layers: int, null_sdpa=None, forwards: int = 300,
-                    backend: str | None = NULL_BACKEND) -> None:
+                    backend: str = NULL_BACKEND) -> None:
     """Microseconds per forward spent in each of :data:`BREAKDOWN` during sparse forwards, measured inside real
     forwards: cache-cold, as a model runs them (isolated micro-benchmarks read 2-3x lower). On the CPU with the null
-    kernel and a null SDPA; on CUDA (``backend=None``, ``null_sdpa=None``) with the real ones, where ``_scalar`` is
+    kernel and a null SDPA; on CUDA (``backend="auto"``, ``null_sdpa=None``) with the real ones, where ``_scalar`` is
     the timestep read, a host-device sync. Nested functions count in their callers too; each wrapper adds about half
     a microsecond."""
     import collections
