@@ -57,15 +57,17 @@ def sample(
     if cfg_mode not in CFG_MODES:
         raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {cfg_mode!r}")
     param = next(model.parameters())
-    cond = torch.as_tensor(cond, device=param.device).long()
-    if cond.dim() == 1:
-        cond = cond[None]
+    # ordinary tensors even under inference_mode: their version counter lets the model check them on the first
+    # forward only (an inference tensor is checked on every forward, three host-device syncs each time)
+    with torch.inference_mode(False):
+        cond = torch.as_tensor(cond, device=param.device).long().clone()
+        if cond.dim() == 1:
+            cond = cond[None]
+        both_cond = torch.cat([cond, model.null_cond(cond.shape[0], param.device)])
     config = model.config
     if noise is None:
         noise = initial_noise(cond.shape[0], (config.in_channels, config.frames, config.height, config.width), seed)
     x = noise.to(param.device, torch.float32)
-    null = model.null_cond(cond.shape[0], param.device)
-    both_cond = torch.cat([cond, null])  # made once: the model checks a condition tensor once, not every step
     sigmas = flow_sigmas(steps, shift)
     for i in range(steps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])

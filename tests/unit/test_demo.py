@@ -60,6 +60,17 @@ def test_a_condition_is_checked_once_but_an_in_place_write_is_seen():
             model(latents, timestep=1.0, cond=cond)
 
 
+def test_the_sampler_has_its_condition_checked_once_under_inference_mode():
+    """A GPU generation runs under inference_mode, where a condition made there would be checked (three syncs) on
+    every forward: the sampler's conditions are ordinary tensors, checked on the first forward only."""
+    model = DemoDiT(TINY)
+    with torch.inference_mode():
+        for mode in ("batched", "sequential"):
+            model._checked = []
+            sample(model, torch.tensor([[0, 1, 0]]), steps=3, cfg_mode=mode)
+            assert len(model._checked) == 1, mode
+
+
 def test_bad_inputs_are_refused_with_the_value():
     model = DemoDiT(TINY)
     with pytest.raises(ValueError, match=r"cond slot 1 must be in \[-1, 5\]"):
