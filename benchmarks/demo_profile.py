@@ -5,8 +5,14 @@
 getting faster (GPU time per family), the forward waiting on the host (GPU busy time well below wall time), or
 host-device syncs inside the patched forward (counted with torch's sync debug mode).
 
+``--compile-blocks`` compiles each transformer block whole (attention through litepatch's custom op), the test of
+whether the host is what holds the patched run back: a compiled block issues its kernels from one graph call instead
+of ~90 Python-level ops. On a CPU (``--device cpu --model small``) the script runs as a smoke test: CPU op time
+instead of GPU kernel time, no syncs to count.
+
 Example (one GPU, flash-attn-4 installed):
     $ python benchmarks/demo_profile.py --cfg-mode batched --fuse-pointwise --json bench-out/demo_profile.json
+    $ python benchmarks/demo_profile.py --cfg-mode batched --compile-blocks --json bench-out/demo_profile_compiled.json
 """
 
 from __future__ import annotations
@@ -48,15 +54,22 @@ def family(name: str) -> str:
     return "other"
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def generate(model, cond, args) -> float:
-    torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
     sample(model, cond, steps=args.steps, guidance=4.0, seed=0, cfg_mode=args.cfg_mode)
-    torch.cuda.synchronize()
+    synchronize()
     return time.perf_counter() - start
 
 
-def syncs_per_generation(model, cond, args) -> int:
+def syncs_per_generation(model, cond, args) -> int | None:
+    if args.device != "cuda":
+        return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -68,15 +81,18 @@ def syncs_per_generation(model, cond, args) -> int:
 
 
 def gpu_time_by_family(model, cond, args) -> dict[str, float]:
-    """Milliseconds of GPU kernel time per family over one generation, and the kernel counts."""
+    """Milliseconds of GPU kernel time per family over one generation, and the kernel counts (on a CPU: CPU time
+    of the ops, for the smoke test)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    cuda = args.device == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         generate(model, cond, args)
     totals: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.defaultdict(int)
     for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", 0.0) or getattr(event, "self_cuda_time_total", 0.0)
+        us = (getattr(event, "self_device_time_total", 0.0) or getattr(event, "self_cuda_time_total", 0.0)
+              if cuda else event.self_cpu_time_total)
         if us <= 0:
             continue
         totals[family(event.key)] += us / 1000
@@ -85,46 +101,61 @@ def gpu_time_by_family(model, cond, args) -> dict[str, float]:
 
 
 def measure(model, cond, args, label: str) -> dict:
-    generate(model, cond, args)  # warm-up
-    wall = min(generate(model, cond, args) for _ in range(2))
+    if args.device == "cuda" or args.compile_blocks:
+        generate(model, cond, args)  # warm-up: kernel selection, compilation
+    wall = min(generate(model, cond, args) for _ in range(args.timed))
     by_family = gpu_time_by_family(model, cond, args)
     busy = sum(v["ms"] for v in by_family.values())
     row = {"wall_s": round(wall, 4), "gpu_busy_ms": round(busy, 1), "gpu_busy_share": round(busy / 1000 / wall, 3),
            "syncs": syncs_per_generation(model, cond, args), "gpu_ms_by_family": by_family}
     print(f"{label}: wall {wall:.3f} s, GPU busy {busy:.0f} ms ({busy / 10 / wall:.0f} %), "
-          f"syncs per generation {row['syncs']}")
+          f"syncs per generation {row['syncs'] if row['syncs'] is not None else 'n/a'}")
     for name, v in by_family.items():
         print(f"    {name:40s} {v['ms']:9.1f} ms  {v['kernels']:6d} kernels")
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cfg-mode", default="batched", choices=("sequential", "batched"))
     parser.add_argument("--fuse-pointwise", action="store_true")
+    parser.add_argument("--compile-blocks", action="store_true",
+                        help="torch.compile each block whole (recompiled once litepatch is applied)")
+    parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--recipe", default="demo-video")
+    parser.add_argument("--timed", type=int, default=2, help="timed generations per run (the fastest counts)")
+    parser.add_argument("--model", default="video", choices=("video", "small"))
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--recipe", default=None, help="default: the shipped recipe of --model")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    model = load_demo_model(device="cuda", model="video").to(torch.bfloat16)
+    args = parser.parse_args(argv)
+    recipe = resolve(args.recipe or ("demo-video" if args.model == "video" else "demo"))
+    model = load_demo_model(device=args.device, model=args.model)
+    model = model.to(torch.bfloat16 if args.device == "cuda" else torch.float32)
     if args.fuse_pointwise:
         model.fuse_pointwise()
+    if args.compile_blocks:
+        for block in model.blocks:
+            block.compile(backend=args.compile_backend)
     cond = torch.tensor([[0, 0, 1]])
-    result = {"gpu": torch.cuda.get_device_name(), "cfg_mode": args.cfg_mode, "fuse_pointwise": args.fuse_pointwise}
+    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "model": args.model,
+              "cfg_mode": args.cfg_mode, "fuse_pointwise": args.fuse_pointwise, "compile_blocks": args.compile_blocks}
     with torch.inference_mode():
         result["dense SDPA"] = measure(model, cond, args, "dense SDPA")
-        handle = litepatch.apply(model, recipe=resolve(args.recipe))
+        handle = litepatch.apply(model, recipe=recipe)
+        torch._dynamo.reset()  # compiled blocks trace again, now through litepatch's attention
         handle.configure(threshold=float("-inf"), warmup_steps=0)
         result["litepatch dense path"] = measure(model, cond, args, "litepatch dense path (threshold -inf)")
-        handle.configure(recipe=resolve(args.recipe))
+        handle.configure(recipe=recipe)
         handle.clear_stats()
-        result["patched"] = measure(model, cond, args, f"patched ({args.recipe})")
+        result["patched"] = measure(model, cond, args, f"patched ({recipe.name})")
         result["kept_fraction"] = handle.stats().kept_fraction()
         print(f"kept fraction {result['kept_fraction']:.3f}")
         handle.remove()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 # Then, on the same warm machine (no carry), one call per line, since a call may run 10 minutes at most:
 #   bash benchmarks/device_session.sh kernel
 #   bash benchmarks/device_session.sh host e2e
+#   bash benchmarks/device_session.sh profile       # first: why the patched demo was no faster (2026-12-05)
 #   bash benchmarks/device_session.sh demo          # brings back up to 8 files: a call of its own
 # (`host` also prints cProfile's top functions of patched forwards and the per-function breakdown.)
 #
@@ -23,6 +24,8 @@
 #   host     benchmarks/patch_overhead.py, 150 paired rounds of 2 forwards, then 30 of 20  -> $OUT/patch_overhead*.json
 #   e2e      benchmarks/e2e.py (Wan2.1-1.3B 480p, kept 1.0 / 0.5 / 0.25)              -> $OUT/e2e.json
 #   demo     benchmarks/demo_video_gpu.sh, shipped weights, batched CFG, fused pointwise -> $OUT/demo/...
+#   profile  benchmarks/demo_profile.py: where the video demo's time goes, fused pointwise and compiled blocks
+#            -> $OUT/demo_profile*.json
 # Environment: OUT (default $OUT of the device call, else bench-out/session), PY (default python3),
 # STAGE_SECONDS (time box per stage, default 540), KERNEL_ARGS (extra backends.py arguments, e.g. "--shapes ...").
 set -uo pipefail
@@ -76,8 +79,13 @@ for stage in "$@"; do
         DEMO_ARGS="--cfg-mode batched --fuse-pointwise" \
         FRONTIER_SECONDS="${FRONTIER_SECONDS:-90}" \
         bash benchmarks/demo_video_gpu.sh litepatch/assets/demo_video_dit.safetensors ;;
+    profile)
+      run profile "$OUT/log.txt" $PY benchmarks/demo_profile.py --cfg-mode batched --fuse-pointwise \
+        --json "$OUT/demo_profile_fused.json"
+      run profile-compiled "$OUT/log.txt" $PY benchmarks/demo_profile.py --cfg-mode batched --compile-blocks \
+        --json "$OUT/demo_profile_compiled.json" ;;
     *)
-      echo "unknown stage $stage (wheels install verify kernel host e2e demo)"; status=1 ;;
+      echo "unknown stage $stage (wheels install verify kernel host e2e demo profile)"; status=1 ;;
   esac
 done
 exit $status

@@ -33,6 +33,7 @@ Example (what a user writes; everything above happens inside):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -152,5 +153,5 @@ class RingCall:
         for chunk in range(self.layout.ring_degree):
             if layer.last_call is not None:
                 layer.flush()
-            chunk_plan = plan._replace(branch=ChunkKey(plan.branch, shard, chunk))
+            chunk_plan = dataclasses.replace(plan, branch=ChunkKey(plan.branch, shard, chunk))
             layer.last_call = (chunk_plan, reason, total)

@@ -212,3 +212,14 @@ def test_forward_census_counts_attention_and_the_fused_forward_moves_less():
         assert fused.kernels[f"fused {name}"] > 0
     assert sum(fused.kernels.values()) < 0.7 * sum(eager.kernels.values())
     assert sum(fused.moved.values()) < 0.6 * sum(eager.moved.values())
+
+
+def test_demo_profile_runs_dense_and_patched_and_the_patched_run_skips():
+    """benchmarks/demo_profile.py on the CPU (its smoke form): the three runs, each with its time by op family,
+    and a patched run that skipped tiles (so its third row is not a dense run under another name)."""
+    result = _script("demo_profile").main(["--device", "cpu", "--model", "small", "--steps", "2",
+                                           "--timed", "1", "--cfg-mode", "batched"])
+    for row in ("dense SDPA", "litepatch dense path", "patched"):
+        assert result[row]["wall_s"] > 0 and result[row]["gpu_ms_by_family"], row
+    assert result["patched"]["syncs"] is None  # counted on CUDA only
+    assert 0 < result["kept_fraction"] < 1

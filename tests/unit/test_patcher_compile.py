@@ -42,3 +42,33 @@ def test_patched_diffusers_model_compiles_fullgraph_and_matches_eager(name):
         tm.assert_compiles_like_eager(model, handle, inputs, _run, TIMESTEPS[name])
     handle.remove()
     torch._dynamo.reset()
+
+
+def test_a_compiled_patched_model_does_not_recompile_per_step_or_generation():
+    """A compiled patched model runs whole generations: the graphs it needs (dense and sparse calls) are made once,
+    not once per step or per generation (a per-step guard hit torch.compile's recompile limit after 8 steps, a hard
+    failure under ``fullgraph=True``)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model, inputs = tm.DIFFUSERS_FACTORIES["wan"]()
+    inputs = _smooth(inputs)
+    handle = litepatch.apply(model, threshold=0.0, warmup_steps=2)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    graphs = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(3):  # three generations of 12 steps
+                for t in range(999, 0, -90):
+                    _run(compiled, inputs, t)
+                graphs.append(counters["stats"]["unique_graphs"])
+        assert handle.stats().kept_fraction() < 1.0
+    finally:
+        handle.remove()
+        torch._dynamo.reset()
+    # dense and sparse calls, a fresh and a used skip state, the backend choice's first call, the second
+    # generation's fresh states: 5 graphs, and none after that
+    assert graphs[-1] <= 5 and graphs[-1] == graphs[1], f"graphs compiled after each generation: {graphs}"
