@@ -68,9 +68,18 @@ def test_patched_wan_compiles_fullgraph_on_cuda():
             handle.reset()
             compiled = torch.compile(model, fullgraph=True)
             outs = [_forward(compiled, latents, text, t) for t in (999, 900)]
+            # whole generations (9 steps: one past the recompile limit) compile no graph per step or generation
+            from torch._dynamo.utils import counters
+
+            graphs = []
+            for _ in range(3):
+                for t in range(999, 0, -111):
+                    _forward(compiled, latents, text, t)
+                graphs.append(counters["stats"]["unique_graphs"])
         for got, want in zip(outs, eager):
             rel = float((got.float() - want.float()).norm() / want.float().norm())
             assert rel < 2e-2, rel
+        assert graphs[-1] == graphs[1], f"graphs compiled after each generation: {graphs}"
     finally:
         handle.remove()
         torch._dynamo.reset()
