@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import time
 import warnings
 
 import torch
 
 import litepatch
+from litepatch.demo.cli import timed_generation
 from litepatch.demo.model import load_demo_model
-from litepatch.demo.sampling import sample
 from litepatch.recipes import resolve
 
 FAMILIES = (  # kernel name fragment -> family, first match wins
@@ -54,17 +53,9 @@ def family(name: str) -> str:
     return "other"
 
 
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def generate(model, cond, args) -> float:
-    synchronize()
-    start = time.perf_counter()
-    sample(model, cond, steps=args.steps, guidance=4.0, seed=0, cfg_mode=args.cfg_mode)
-    synchronize()
-    return time.perf_counter() - start
+    """Seconds of one generation, timed as `litepatch demo` times it."""
+    return timed_generation(model, cond, args, torch.device(args.device))[1]
 
 
 def syncs_per_generation(model, cond, args) -> int | None:
@@ -123,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch.compile each block whole (recompiled once litepatch is applied)")
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timed", type=int, default=2, help="timed generations per run (the fastest counts)")
     parser.add_argument("--model", default="video", choices=("video", "small"))
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))

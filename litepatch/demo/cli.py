@@ -141,7 +141,9 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _generate(model, cond, args, device, on_step=None):
+def timed_generation(model, cond, args, device, on_step=None):
+    """``(latents, seconds)`` of one generation with ``args``' steps, guidance, seed and CFG mode, the device
+    synchronised before and after (what `litepatch demo` and ``benchmarks/demo_profile.py`` time)."""
     from .sampling import sample
 
     _sync(device)
@@ -219,11 +221,11 @@ def run(args: argparse.Namespace) -> int:
     fused = getattr(args, "fuse_pointwise", False)
     with torch.inference_mode():
         if cuda or fused:  # warm-up: kernel selection, allocator; the fused ops' compilation
-            _generate(model, cond, args, device)
-        dense, sdpa_time = _generate(model, cond, args, device, lambda i, s, x: dense_steps.append(x.clone()))
+            timed_generation(model, cond, args, device)
+        dense, sdpa_time = timed_generation(model, cond, args, device, lambda i, s, x: dense_steps.append(x.clone()))
         floor_label, backends = floor_backend(device)
         with torch.nn.attention.sdpa_kernel(backends):
-            other, _ = _generate(model, cond, args, device)
+            other, _ = timed_generation(model, cond, args, device)
     floor = psnr(other, dense)
     dense_times = {"SDPA (the model's own)": sdpa_time}
 
@@ -234,14 +236,14 @@ def run(args: argparse.Namespace) -> int:
             # litepatch's own dense path (flash-attn-4 where it runs): a dense baseline too, the faster one counts
             handle.configure(threshold=float("-inf"), warmup_steps=0)
             with torch.inference_mode():
-                _generate(model, cond, args, device)
-                _, lite_dense_time = _generate(model, cond, args, device)
+                timed_generation(model, cond, args, device)
+                _, lite_dense_time = timed_generation(model, cond, args, device)
             kernel = _dense_kernel_label(model, cfg, device, dtype)
             dense_times[f"{kernel} (litepatch's dense path)"] = lite_dense_time
             handle.configure(recipe=recipe, threshold=args.threshold, warmup_steps=args.warmup_steps)
             with torch.inference_mode():
-                _generate(model, cond, args, device)  # warm-up of the sparse kernel
-                _, patched_time = _generate(model, cond, args, device)  # timed: no per-step host syncs
+                timed_generation(model, cond, args, device)  # warm-up of the sparse kernel
+                _, patched_time = timed_generation(model, cond, args, device)  # timed: no per-step host syncs
         rows: list[tuple[int, float, dict, float]] = []
         heads: list[list[float] | None] = []
         handle.clear_stats()
@@ -259,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
             heads.append(_head_fractions(handle, probe_layer))
 
         with torch.inference_mode():
-            patched, instrumented_time = _generate(model, cond, args, device, on_step)
+            patched, instrumented_time = timed_generation(model, cond, args, device, on_step)
         if not cuda:
             patched_time = instrumented_time
         records = handle.stats().records

@@ -64,8 +64,8 @@ def test_fused_pointwise_compiles_before_the_dense_time_is_taken(tmp_path, monke
 
     monkeypatch.setattr(demo_model, "compiled_ops", lambda backend="inductor": demo_model.EAGER_OPS)  # no compiler
     callbacks = []  # per generation, whether it records steps (the dense one does; a warm-up does not)
-    real = demo_cli._generate
-    monkeypatch.setattr(demo_cli, "_generate", lambda *a, **k: callbacks.append(len(a) > 4) or real(*a, **k))
+    real = demo_cli.timed_generation
+    monkeypatch.setattr(demo_cli, "timed_generation", lambda *a, **k: callbacks.append(len(a) > 4) or real(*a, **k))
     assert _run(["--steps", "2", "--fuse-pointwise", "--out", str(tmp_path)]) == 0
     assert callbacks[:2] == [False, True]  # a warm-up generation, then the timed dense one
 
