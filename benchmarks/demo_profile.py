@@ -106,6 +106,20 @@ def measure(model, cond, args, label: str) -> dict:
     return row
 
 
+def prepared_model(args, recipe=None) -> tuple[torch.nn.Module, litepatch.LiteHandle | None]:
+    """The demo model as the run asks for it (bf16 on the GPU, fused pointwise ops, compiled blocks), patched with
+    ``recipe`` before its blocks are compiled when one is given; and the handle."""
+    model = load_demo_model(device=args.device, model=args.model)
+    model = model.to(torch.bfloat16 if args.device == "cuda" else torch.float32)
+    if args.fuse_pointwise:
+        model.fuse_pointwise()
+    handle = litepatch.apply(model, recipe=recipe) if recipe is not None else None
+    if args.compile_blocks:
+        for block in model.blocks:
+            block.compile(backend=args.compile_backend)
+    return model, handle
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cfg-mode", default="batched", choices=("sequential", "batched"))
@@ -123,25 +137,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     recipe = resolve(args.recipe or ("demo-video" if args.model == "video" else "demo"))
-    model = load_demo_model(device=args.device, model=args.model)
-    model = model.to(torch.bfloat16 if args.device == "cuda" else torch.float32)
-    if args.fuse_pointwise:
-        model.fuse_pointwise()
     if args.compile_blocks:
         # six blocks, each with dense and sparse calls, fresh and used skip states: room for all of them, so that no
         # block falls back to eager (the count of graphs is reported)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        for block in model.blocks:
-            block.compile(backend=args.compile_backend)
     cond = torch.tensor([[0, 0, 1]])
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "model": args.model,
               "cfg_mode": args.cfg_mode, "fuse_pointwise": args.fuse_pointwise, "compile_blocks": args.compile_blocks}
     with torch.inference_mode():
-        result["dense SDPA"] = measure(model, cond, args, "dense SDPA")
-        handle = litepatch.apply(model, recipe=recipe)
-        torch._dynamo.reset()  # compiled blocks trace again, now through litepatch's attention
+        result["dense SDPA"] = measure(prepared_model(args)[0], cond, args, "dense SDPA")
+        # a second copy, patched before its blocks are compiled: they trace through litepatch's attention (no
+        # torch._dynamo.reset() under compiled modules, which left a compiled block calling a dropped graph)
+        model, handle = prepared_model(args, recipe)
         handle.configure(threshold=float("-inf"), warmup_steps=0)
         result["litepatch dense path"] = measure(model, cond, args, "litepatch dense path (threshold -inf)")
+        result["litepatch dense path"]["kept_fraction"] = handle.stats().kept_fraction()  # 1.0, or not a dense path
         handle.configure(recipe=recipe)
         handle.clear_stats()
         result["patched"] = measure(model, cond, args, f"patched ({recipe.name})")

@@ -139,8 +139,12 @@ def _effective_recipe(recipe, threshold, warmup_steps, order, layers, model=None
     recipe = _as_recipe(recipe, model)
     changes = {}
     if threshold is not None:
+        # one threshold everywhere: the recipe's per-layer thresholds and schedules go too (a calibrated recipe
+        # names every layer, so overriding only the default changed nothing), its dense layers stay dense
         changes["threshold"] = _as_number(threshold)
         changes["schedule"] = []
+        changes["layers"] = {pattern: dataclasses.replace(setting, threshold=None, schedule=[])
+                             for pattern, setting in recipe.layers.items()}
     if warmup_steps is not None:
         changes["warmup_steps"] = warmup_steps
     if order is not None:
@@ -225,7 +229,8 @@ class LiteHandle:
     def configure(self, recipe=None, *, threshold=None, warmup_steps=None, order=None, layers=None) -> Recipe:
         """Changes the settings in place (e.g. between calibration trials); resets state and statistics.
 
-        With ``recipe=None`` the current recipe is the base and only the given fields change.
+        With ``recipe=None`` the current recipe is the base and only the given fields change; ``threshold`` is one
+        threshold for every layer, as in :func:`apply` (``threshold=float("-inf")``: dense everywhere).
 
         Example:
             >>> handle.configure(threshold=-4.0, layers={"blocks.0.*": None})
@@ -348,8 +353,10 @@ def apply(
             ``.transformer_2`` are patched).
         recipe: a :class:`Recipe`, a path, a built-in name or a Hub reference. Keyword arguments
             override its fields; with neither, ``threshold`` is ``-10.0`` (log2 units).
-        threshold (`float`, *optional*): skip threshold in log2 units (``-inf`` skips nothing: those calls run
-            the fastest exact dense attention, as stock; ``0`` is the most aggressive allowed).
+        threshold (`float`, *optional*): skip threshold in log2 units for every layer and step (``-inf`` skips
+            nothing: those calls run the fastest exact dense attention, as stock; ``0`` is the most aggressive
+            allowed). It replaces the recipe's default, schedule and per-layer thresholds; layers the recipe
+            keeps dense stay dense, and ``layers`` (applied after it) can set per-layer values again.
         warmup_steps (`int`, *optional*): dense steps at the start of each generation.
         order (`str`, *optional*): key-tile visiting order, ``"anchor"`` or ``"alternate"``.
         layers (`dict`, *optional*): ``{fnmatch pattern: LayerSetting | float | None}``; ``None`` keeps a layer dense.

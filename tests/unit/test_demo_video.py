@@ -223,3 +223,5 @@ def test_demo_profile_runs_dense_and_patched_and_the_patched_run_skips():
         assert result[row]["wall_s"] > 0 and result[row]["gpu_ms_by_family"], row
     assert result["patched"]["syncs"] is None  # counted on CUDA only
     assert 0 < result["kept_fraction"] < 1
+    # the dense path skips nothing, the recipe's per-layer thresholds included (it once ran them: a sparse "dense")
+    assert result["litepatch dense path"]["kept_fraction"] == 1.0

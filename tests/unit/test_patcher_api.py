@@ -94,6 +94,37 @@ def test_defaults_recipe_and_overrides():
     handle.remove()
 
 
+def test_a_threshold_keyword_replaces_every_threshold_of_the_recipe_and_keeps_its_dense_layers():
+    """A calibrated recipe names every layer; ``threshold=`` must reach those layers too. (It once replaced only
+    the default, so ``configure(threshold=-inf)`` on the demo's recipe still skipped tiles: the demo timed a sparse
+    run as its dense baseline.)"""
+    model, inputs = _smooth_wan_style()
+    calibrated = Recipe(name="calibrated", threshold=-5.0, schedule=[-5.0, -4.0], warmup_steps=0, layers={
+        "blocks.0.self_attn": LayerSetting(threshold=0.0, schedule=[0.0, -1.0]),
+        "blocks.1.self_attn": LayerSetting(dense=True)})
+    handle = litepatch.apply(model, calibrated, threshold=float("-inf"))
+    try:
+        recipe = handle.recipe
+        assert [recipe.threshold_for("blocks.0.self_attn", s) for s in (0, 5)] == [-math.inf] * 2
+        assert recipe.threshold_for("blocks.1.self_attn", 0) is None  # still dense
+        for t in (999, 900, 800):
+            _run(model, inputs, t)
+        assert {r["reason"] for r in handle.stats().records} == {"threshold -inf skips nothing", "dense layer"}
+
+        handle.configure(recipe=calibrated)
+        for t in (999, 900, 800):
+            _run(model, inputs, t)
+        assert any(not r["dense"] and r["kept_fraction"] < 1.0 for r in handle.stats().records)
+        handle.configure(threshold=float("-inf"))  # the current (calibrated) recipe is the base
+        for t in (999, 900):
+            _run(model, inputs, t)
+        assert all(r["dense"] and r["kept_fraction"] == 1.0 for r in handle.stats().records)
+        assert handle.configure(threshold=-3.0, layers={"blocks.0.*": -1.0}).threshold_for("blocks.0.self_attn", 4) \
+            == -1.0  # layers, given with it, set per-layer values again
+    finally:
+        handle.remove()
+
+
 def test_recipe_from_a_yaml_path(tmp_path):
     io = pytest.importorskip("litepatch.recipes.io")
     model, inputs = tm.wan_style()
