@@ -13,7 +13,8 @@
 # Then, on the same warm machine (no carry), one call per line, since a call may run 10 minutes at most:
 #   bash benchmarks/device_session.sh kernel
 #   bash benchmarks/device_session.sh host e2e
-#   bash benchmarks/device_session.sh profile       # first: why the patched demo was no faster (2026-12-05)
+#   bash benchmarks/device_session.sh demo-quick    # first: the demo against a truly dense baseline (see README)
+#   bash benchmarks/device_session.sh profile       # where the demo's time goes; --compile-blocks
 #   bash benchmarks/device_session.sh demo          # brings back up to 8 files: a call of its own
 # (`host` also prints cProfile's top functions of patched forwards and the per-function breakdown.)
 #
@@ -24,6 +25,7 @@
 #   host     benchmarks/patch_overhead.py, 150 paired rounds of 2 forwards, then 30 of 20  -> $OUT/patch_overhead*.json
 #   e2e      benchmarks/e2e.py (Wan2.1-1.3B 480p, kept 1.0 / 0.5 / 0.25)              -> $OUT/e2e.json
 #   demo     benchmarks/demo_video_gpu.sh, shipped weights, batched CFG, fused pointwise -> $OUT/demo/...
+#   demo-quick  litepatch demo: shipped recipe, threshold -1 and 0 (batched CFG, fused)  -> $OUT/demo_quick*/
 #   profile  benchmarks/demo_profile.py: where the video demo's time goes, fused pointwise and compiled blocks
 #            -> $OUT/demo_profile*.json
 # Environment: OUT (default $OUT of the device call, else bench-out/session), PY (default python3),
@@ -79,13 +81,21 @@ for stage in "$@"; do
         DEMO_ARGS="--cfg-mode batched --fuse-pointwise" \
         FRONTIER_SECONDS="${FRONTIER_SECONDS:-90}" \
         bash benchmarks/demo_video_gpu.sh litepatch/assets/demo_video_dit.safetensors ;;
+    demo-quick)  # the shipped recipe and two uniform thresholds through `litepatch demo` (about a minute each), no
+                 # calibration: the end-to-end speed-up against both dense baselines, quality and tiles skipped
+      for extra in "" "--threshold=-1" "--threshold=0"; do
+        dir="$OUT/demo_quick${extra:+_${extra#--threshold=}}"
+        mkdir -p "$dir"
+        run "demo ${extra:-recipe}" "$OUT/log.txt" $PY -c "import sys; from litepatch.cli import main; sys.exit(main())" \
+          demo --model video --cfg-mode batched --fuse-pointwise $extra --out "$dir"
+      done ;;
     profile)
       run profile "$OUT/log.txt" $PY benchmarks/demo_profile.py --cfg-mode batched --fuse-pointwise \
         --json "$OUT/demo_profile_fused.json"
       run profile-compiled "$OUT/log.txt" $PY benchmarks/demo_profile.py --cfg-mode batched --compile-blocks \
         --json "$OUT/demo_profile_compiled.json" ;;
     *)
-      echo "unknown stage $stage (wheels install verify kernel host e2e demo profile)"; status=1 ;;
+      echo "unknown stage $stage (wheels install verify kernel host e2e demo demo-quick profile)"; status=1 ;;
   esac
 done
 exit $status
