@@ -1,9 +1,10 @@
 """Where the video demo's generation time goes on a GPU, dense and patched: GPU time by kernel family, host syncs.
 
-`litepatch demo` on the H200 (batched CFG, fused pointwise, the shipped recipe) measured dense 0.514 s and patched
-0.512 s at 38.6 % of the tiles skipped. This script tells apart the possible causes: the sparse calls' kernels not
-getting faster (GPU time per family), the forward waiting on the host (GPU busy time well below wall time), or
-host-device syncs inside the patched forward (counted with torch's sync debug mode).
+Made when `litepatch demo` on the H200 measured dense 0.514 s and patched 0.512 s at 38.6 % of the tiles skipped. It
+tells apart the causes of such a result: the sparse calls' kernels not getting faster (GPU time per family), the
+forward waiting on the host (GPU busy time well below wall time), host-device syncs inside the patched forward
+(counted with torch's sync debug mode), or a "dense" baseline that is not dense (its kept fraction is recorded;
+that was the cause then).
 
 ``--compile-blocks`` compiles each transformer block whole (attention through litepatch's custom op), the test of
 whether the host is what holds the patched run back: a compiled block issues its kernels from one graph call instead
@@ -71,7 +72,7 @@ def syncs_per_generation(model, cond, args) -> int | None:
     return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
-def gpu_time_by_family(model, cond, args) -> dict[str, float]:
+def gpu_time_by_family(model, cond, args) -> dict[str, dict]:
     """Milliseconds of GPU kernel time per family over one generation, and the kernel counts (on a CPU: CPU time
     of the ops, for the smoke test)."""
     from torch.profiler import ProfilerActivity, profile
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cfg-mode", default="batched", choices=("sequential", "batched"))
     parser.add_argument("--fuse-pointwise", action="store_true")
     parser.add_argument("--compile-blocks", action="store_true",
-                        help="torch.compile each block whole (recompiled once litepatch is applied)")
+                        help="torch.compile each block whole (the patched copy after litepatch is applied)")
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
