@@ -111,14 +111,11 @@ def _attend_chunk(q, k, v, read, anchor, key_valid, *, block_m, block_n, thresho
                   must_q, must_k):
     """One batch row, a chunk of heads: q ``[h, Sq, D]``, read ``[h, QT, KT]``, anchor ``[h, QT]``."""
     n_heads, seq_q, _ = q.shape
-    seq_k = k.shape[1]
     q_tiles, k_tiles = read.shape[-2:]
     scores = q.float() @ k.float().transpose(-1, -2)  # [h, Sq, Sk], unscaled
     if key_valid is not None:
-        scores = scores.masked_fill(~key_valid, -math.inf)
-    padded = torch.full((n_heads, seq_q, k_tiles * block_n), -math.inf, device=q.device)
-    padded[..., :seq_k] = scores
-    row_tile_max = padded.view(n_heads, seq_q, k_tiles, block_n).amax(-1)  # [h, Sq, KT]
+        scores.masked_fill_(~key_valid, -math.inf)
+    row_tile_max = _row_tile_max(scores, block_n)  # [h, Sq, KT]
 
     visit = _visiting_order(read, anchor, use_anchor, descending)  # [h, QT, KT] tile ids in visiting order
     visit_rows = _rows_of_tiles(visit, block_m, seq_q)  # [h, Sq, KT]
@@ -140,17 +137,43 @@ def _attend_chunk(q, k, v, read, anchor, key_valid, *, block_m, block_n, thresho
     else:
         next_read = read.clone()
 
-    tile_max = _max_row_per_tile(row_tile_max.masked_fill(~read_rows, -math.inf), block_m, q_tiles)
+    read_max = row_tile_max.masked_fill(~read_rows, -math.inf)
+    tile_max = _max_row_per_tile(read_max, block_m, q_tiles)
     best_pos = tile_max.gather(-1, visit).argmax(-1, keepdim=True)  # first maximum = earliest visited
     new_anchor = visit.gather(-1, best_pos).squeeze(-1).to(torch.int32)
 
-    column_mask = read_rows.repeat_interleave(block_n, dim=-1)[..., :seq_k]
-    if key_valid is not None:
-        column_mask = column_mask & key_valid
-    logits = (scores * softmax_scale).masked_fill(~column_mask, -math.inf)
-    lse = torch.logsumexp(logits, dim=-1)
-    out = torch.softmax(logits, dim=-1) @ v.float()
+    # softmax over the read tiles, in place in ``scores`` (one exp pass; the row max is known per tile already)
+    if not bool(read.all()):
+        _mask_tiles_(scores, ~read_rows, block_n)
+    row_max = read_max.amax(-1, keepdim=True)
+    shift = torch.where(torch.isfinite(row_max), row_max, 0.0)  # rows with no finite score: -inf LSE, NaN output
+    probs = scores.sub_(shift).mul_(softmax_scale).exp_()
+    total = probs.sum(-1, keepdim=True)
+    out = (probs @ v.float()).div_(total)
+    lse = (shift * softmax_scale + total.log()).squeeze(-1)
     return {"out": out, "lse": lse, "next_read": next_read, "anchor": new_anchor}
+
+
+def _key_tile_views(scores: torch.Tensor, block_n: int) -> list[tuple[int, torch.Tensor]]:
+    """``scores [h, Sq, Sk]`` as views ``[h, Sq, tiles, block_n]`` (no copy), each with its first tile id: the full
+    tiles, then the short last tile of a key length that is not a multiple of ``block_n``."""
+    seq_k = scores.shape[-1]
+    full = seq_k // block_n
+    views = [(0, scores[..., : full * block_n].unflatten(-1, (full, block_n)))] if full else []
+    if seq_k % block_n:
+        views.append((full, scores[..., full * block_n:].unsqueeze(-2)))
+    return views
+
+
+def _row_tile_max(scores: torch.Tensor, block_n: int) -> torch.Tensor:
+    """``[h, Sq, KT]``: each row's max over each key tile."""
+    return torch.cat([view.amax(-1) for _, view in _key_tile_views(scores, block_n)], dim=-1)
+
+
+def _mask_tiles_(scores: torch.Tensor, masked_rows: torch.Tensor, block_n: int) -> None:
+    """Sets to ``-inf``, in place, the scores of the key tiles ``masked_rows [h, Sq, KT]`` marks per row."""
+    for first, view in _key_tile_views(scores, block_n):
+        view.masked_fill_(masked_rows[..., first: first + view.shape[-2], None], -math.inf)
 
 
 def _visiting_order(read, anchor, use_anchor, descending):
