@@ -190,15 +190,19 @@ class LiteHandle:
 
     @property
     def step(self) -> int:
-        return max(self._runtime.tracker.step, 0)
+        return max(self._tracker().step, 0)
 
     @property
     def branch(self):
-        return self._runtime.tracker.branch
+        return self._tracker().branch
 
     @property
     def generation(self) -> int:
-        return self._runtime.tracker.generation
+        return self._tracker().generation
+
+    def _tracker(self):
+        self._runtime.settle()  # a forward whose GPU timestep is still on its way (Runtime.start_forward)
+        return self._runtime.tracker
 
     @property
     def active(self) -> bool:
@@ -218,6 +222,7 @@ class LiteHandle:
 
     def reset(self) -> None:
         """Starts a new generation: every skip state is dropped and warm-up runs again."""
+        self._runtime.settle()
         self._runtime.reset_states()
         self._runtime.tracker.reset()
 

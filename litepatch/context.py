@@ -118,19 +118,44 @@ class StepTracker:
         return index
 
 
-def _scalar(value) -> float | None:
-    """First element of a timestep (tensor, number or sequence) as a float, else None."""
+def timestep_source(value) -> torch.Tensor | float | None:
+    """Where a timestep's value is, without reading device memory: a one-element tensor (its first element), a
+    float, or None when ``value`` is no timestep."""
     if isinstance(value, torch.Tensor):
         if value.numel() == 0 or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
             return None
-        return float(value.reshape(-1)[0].item())
+        return value.reshape(-1)[:1]
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, (list, tuple)) and value:
-        return _scalar(value[0])
+        return timestep_source(value[0])
     return None
+
+
+class PendingTimestep:
+    """A GPU timestep being copied to the host behind the queued work (no sync when it is made).
+
+    Reading a GPU timestep at the start of a forward (``.item()``) waits for everything queued before it, the
+    previous forward included, so the GPU idles while the host prepares the next forward's first kernels; on an
+    H100 this was 2-5 ms per forward of the video demo (``benchmarks/demo_profile.py``: 30 syncs per generation,
+    the GPU busy 76 % of the wall time). The copy goes into pinned memory on the current stream with an event
+    after it; :meth:`value` waits for that event only, when the first attention call of the forward needs the
+    plan, by which time the host has queued the forward's first kernels.
+    """
+
+    __slots__ = ("_host", "_event")
+
+    def __init__(self, source: torch.Tensor):
+        self._host = torch.empty(1, dtype=source.dtype, pin_memory=True)
+        self._host.copy_(source, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def value(self) -> float:
+        self._event.synchronize()
+        return float(self._host[0])
 
 
 @dataclass
@@ -186,11 +211,16 @@ class CallReader:
         The inputs are the call's arguments other than the timestep: tensors are compared by identity (no
         data is read, so no device sync), other values (flags, lists of skipped layers) by value.
         """
+        source, text_tokens, inputs = self.read_source(args, kwargs)
+        return (float(source.item()) if isinstance(source, torch.Tensor) else source), text_tokens, inputs
+
+    def read_source(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor | float | None, int | None, tuple]:
+        """As :meth:`read`, with the timestep as :func:`timestep_source` gives it (a tensor is not read)."""
         arguments = self._arguments(args, kwargs)
         timestep, timestep_value = None, None
         for name in TIMESTEP_NAMES:
             if arguments.get(name) is not None:
-                timestep = _scalar(arguments[name])
+                timestep = timestep_source(arguments[name])
                 if timestep is not None:
                     timestep_value = arguments[name]
                     break
@@ -198,7 +228,7 @@ class CallReader:
             # Positional heuristic: the first 0-d/1-d floating tensor or number after the latents.
             for value in list(arguments.values())[1:] if arguments else args[1:]:
                 if isinstance(value, torch.Tensor) and value.dim() <= 1 and value.numel() >= 1:
-                    timestep, timestep_value = _scalar(value), value
+                    timestep, timestep_value = timestep_source(value), value
                     break
         if arguments:
             inputs = tuple((k, v) for k, v in arguments.items() if v is not timestep_value)

@@ -177,6 +177,11 @@ class LayerPatch:
             live.append(record)
 
     def _current_plan(self) -> CallPlan:
+        runtime = self.runtime
+        if runtime.pending is not None:  # the forward's GPU timestep, read now (Runtime.start_forward)
+            runtime.settle()
+        if torch.compiler.is_compiling():
+            runtime.traced = True  # plans are made before each forward from now on (a store: no guard on it)
         plan = self.plan
         if plan is None:  # called outside a patched root's forward
             self.flush()

@@ -62,16 +62,13 @@ class RootPatch:
 
     def pre_hook(self, module, args, kwargs):
         self.check_parallelism(module)
-        timestep, text_tokens, inputs = self.reader.read(args, kwargs)
+        timestep, text_tokens, inputs = self.reader.read_source(args, kwargs)
         runtime = self.runtime
+        runtime.settle()  # a pending forward that made no attention call: observed before this one
         runtime.flush()
         self.check_reach()
-        if runtime.tracker.observe(timestep, runtime.context_name, inputs):
-            runtime.reset_states()
         runtime.text_tokens, runtime.stream_text_tokens = text_tokens, None
-        for layer in runtime.layers.values():
-            layer.plan = layer.make_plan()
-            layer.call_index = 0
+        runtime.start_forward(timestep, runtime.context_name, inputs)
         return None
 
     def install(self, module: torch.nn.Module) -> None:

@@ -4,19 +4,22 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from litepatch.kernels import SkipState
 
-from .context import StepTracker
+from .context import PendingTimestep, StepTracker
 from .stats import CallLog
 
 if TYPE_CHECKING:
     from .layer_patch import LayerPatch
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity (kept in a WeakSet while a timestep is pending)
 class Runtime:
     """What every layer of one :class:`~litepatch.api.LiteHandle` shares: settings, tracker, log."""
 
@@ -29,6 +32,37 @@ class Runtime:
     text_tokens: int | None = None  # text length of the current top-level call
     stream_text_tokens: int | None = None  # text tokens a double-stream joint layer of this call saw
     handle: object = None  # the LiteHandle
+    pending: tuple | None = None  # (PendingTimestep, context name, inputs): a forward whose plans wait for it
+    traced: bool = False  # torch.compile traced an attention call of this handle: plans are made before forwards
+
+    def start_forward(self, timestep: torch.Tensor | float | None, context_name, inputs) -> None:
+        """Observes one top-level call (:class:`~litepatch.context.StepTracker`) and plans every layer's coming call.
+
+        A timestep on a GPU is not read here, which would wait for the previous forward (:class:`PendingTimestep`):
+        the plans are made by :meth:`settle` when the forward's first attention call needs them. Not while
+        torch.compile runs the layers (a traced attention call reads the plans, it cannot wait for them).
+        """
+        self.settle()
+        if isinstance(timestep, torch.Tensor):
+            if _on_gpu(timestep) and not self.traced and _watch_compiles():
+                self.pending = (PendingTimestep(timestep), context_name, inputs)
+                _PENDING.add(self)
+                return
+            timestep = float(timestep.item())
+        self._plan_layers(timestep, context_name, inputs)
+
+    def settle(self) -> None:
+        """Makes the plans of a forward whose GPU timestep was not read yet (nothing to do otherwise)."""
+        if self.pending is not None:
+            (timestep, context_name, inputs), self.pending = self.pending, None
+            self._plan_layers(timestep.value(), context_name, inputs)
+
+    def _plan_layers(self, timestep: float | None, context_name, inputs) -> None:
+        if self.tracker.observe(timestep, context_name, inputs):
+            self.reset_states()
+        for layer in self.layers.values():
+            layer.plan = layer.make_plan()
+            layer.call_index = 0
 
     def reset_states(self) -> None:
         for layer in self.layers.values():
@@ -58,3 +92,38 @@ class CallPlan:
     threshold: float | None
     dense_reason: str
     state: SkipState | None
+
+
+# Runtimes with a pending timestep: settled when torch.compile starts compiling anything (its trace of an attention
+# call must see the plans, and cannot wait for a GPU value).
+_PENDING: weakref.WeakSet = weakref.WeakSet()
+_HANDLER: list = []  # torch.compile's callback handler, once found (None: this torch has none)
+
+
+def _on_gpu(timestep: torch.Tensor) -> bool:
+    return timestep.is_cuda
+
+
+def _settle_pending(*_args) -> None:
+    for runtime in list(_PENDING):
+        runtime.settle()
+    _PENDING.clear()
+
+
+def _watch_compiles() -> bool:
+    """Keeps :func:`_settle_pending` among torch.compile's compile-start callbacks (``torch._dynamo.reset()`` clears
+    them); False where this torch has none (then GPU timesteps are read at the start of each forward, as before)."""
+    if not _HANDLER:
+        try:
+            from torch._dynamo.callback import callback_handler
+
+            callback_handler.start_callbacks  # noqa: B018  (the list checked below)
+            _HANDLER.append(callback_handler)
+        except (ImportError, AttributeError):
+            _HANDLER.append(None)
+    handler = _HANDLER[0]
+    if handler is None:
+        return False
+    if _settle_pending not in handler.start_callbacks:
+        handler.register_start_callback(_settle_pending)
+    return True

@@ -83,3 +83,41 @@ def test_patched_wan_compiles_fullgraph_on_cuda():
     finally:
         handle.remove()
         torch._dynamo.reset()
+
+
+@torch.inference_mode()
+def test_a_cuda_timestep_is_read_at_the_first_attention_call_with_the_same_result(monkeypatch):
+    """The forward's GPU timestep is copied behind the queued work and read when the first attention call needs
+    the plans (reading it at the start of the forward idled the GPU, 2-5 ms per forward of the video demo):
+    outputs, skip lists and records equal those of reading it at once."""
+    import litepatch.runtime as runtime_module
+
+    def generations(model, latents, text):
+        return [_forward(model, latents, text, t) for _ in range(2) for t in (999, 900, 800, 700)]
+
+    model, latents, text = _wan()
+    handle = litepatch.apply(model, threshold=-2.0, warmup_steps=1)
+    pending_at_first_layer = []
+    hook = model.blocks[0].register_forward_pre_hook(
+        lambda module, args: pending_at_first_layer.append(handle._runtime.pending is not None))
+    try:
+        deferred = generations(model, latents, text)
+        deferred_records = handle.stats().records
+        deferred_lists = {name: {b: st.keep.clone() for b, st in branches.items()}
+                          for name, branches in handle.skip_states().items()}
+        assert pending_at_first_layer and all(pending_at_first_layer)
+        handle.configure(threshold=-2.0, warmup_steps=1)
+        monkeypatch.setattr(runtime_module, "_on_gpu", lambda timestep: False)
+        pending_at_first_layer.clear()
+        at_once = generations(model, latents, text)
+        assert not any(pending_at_first_layer)
+        assert handle.stats().records == deferred_records
+        assert handle.stats().kept_fraction() < 1.0
+        for name, branches in handle.skip_states().items():
+            for branch, state in branches.items():
+                assert torch.equal(state.keep, deferred_lists[name][branch]), (name, branch)
+        for got, want in zip(deferred, at_once):
+            assert torch.equal(got, want)
+    finally:
+        hook.remove()
+        handle.remove()
