@@ -21,8 +21,8 @@ of one model's forwards, then all of the other's) drifted with the host: the sam
 call on one H200, and 36 or 125 us on this repository's CPU.
 
 ``--breakdown`` also prints where a sparse forward's patcher time goes, function by function: with ``--cpu``
-around the null kernel and SDPA, on a GPU around its kernels (there ``_scalar`` is the timestep read, the one
-host-device sync per forward).
+around the null kernel and SDPA, on a GPU around its kernels (there ``PendingTimestep.value`` is the wait for the
+forward's GPU timestep, at its first attention call).
 
 Example:
     $ python benchmarks/patch_overhead.py --json bench-out/patch_overhead.json
@@ -57,6 +57,7 @@ def main() -> None:
                         help="host time of the patcher's functions inside sparse forwards, per forward (on the CPU "
                              "with --cpu: null kernel and SDPA; else the GPU's kernels)")
     parser.add_argument("--cpu", action="store_true", help="CPU, null kernel: the patcher's host time alone")
+    parser.add_argument("--breakdown-forwards", type=int, default=300, help="sparse forwards timed by --breakdown")
     parser.add_argument("--rounds", type=int, default=150,
                         help="paired rounds (medians and quartiles of the per-round differences are printed)")
     args = parser.parse_args()
@@ -84,7 +85,7 @@ def main() -> None:
     times = clock.paired_rounds(models, args.rounds)
     added = {name: added_per_call(times[name], times["unpatched"], layers) for name in models if name != "unpatched"}
     if args.breakdown:
-        print_breakdown(model, latents, text, layers, forwards=100, backend="auto")
+        print_breakdown(model, latents, text, layers, forwards=min(100, args.breakdown_forwards), backend="auto")
     if args.profile:
         import cProfile
         import pstats
@@ -365,7 +366,7 @@ def cpu_main(args) -> None:
     }
     rows.update(per_layer_call_us(model, latents, min(args.rounds, 5), null_sdpa))
     if args.breakdown:
-        print_breakdown(model, latents, text, layers, null_sdpa)
+        print_breakdown(model, latents, text, layers, null_sdpa, forwards=args.breakdown_forwards)
     print(f"CPU (1 thread), tiny Wan (2 heads x 16), {layers} self-attention layers, 64 tokens, fp32; unpatched "
           f"forward {unpatched:.0f} us, SDPA alone {sdpa_us:.1f} us per call; {args.rounds} paired rounds of {args.iters} forwards")
     for name, value in rows.items():
@@ -380,12 +381,13 @@ def cpu_main(args) -> None:
 
 # The patcher's functions on a sparse call's path, by where they live: (module, owner attribute or None, name).
 BREAKDOWN = (
-    ("litepatch.root_patch", "RootPatch", "pre_hook"), ("litepatch.context", "CallReader", "read"),
+    ("litepatch.root_patch", "RootPatch", "pre_hook"), ("litepatch.context", "CallReader", "read_source"),
+    ("litepatch.runtime", "Runtime", "start_forward"), ("litepatch.runtime", "Runtime", "settle"),
     ("litepatch.context", "StepTracker", "observe"), ("litepatch.runtime", "Runtime", "flush"),
     ("litepatch.layer_patch", "LayerPatch", "make_plan"), ("litepatch.layer_patch", "LayerPatch", "attend"),
     ("litepatch.layer_patch", "LayerPatch", "_refusal"), ("litepatch.layer_patch", None, "lite_attention"),
     ("litepatch.kernels.interface", None, "_check_inputs"), ("litepatch.kernels.registry", None, "select"),
-    ("litepatch.kernels.state", "SkipState", "prepare"), ("litepatch.context", None, "_scalar"),
+    ("litepatch.kernels.state", "SkipState", "prepare"), ("litepatch.context", "PendingTimestep", "value"),
 )
 
 
@@ -393,8 +395,8 @@ def print_breakdown(model, latents, text, layers: int, null_sdpa=None, forwards:
                     backend: str = NULL_BACKEND) -> None:
     """Microseconds per forward spent in each of :data:`BREAKDOWN` during sparse forwards, measured inside real
     forwards: cache-cold, as a model runs them (isolated micro-benchmarks read 2-3x lower). On the CPU with the null
-    kernel and a null SDPA; on CUDA (``backend="auto"``, ``null_sdpa=None``) with the real ones, where ``_scalar`` is
-    the timestep read, a host-device sync. Nested functions count in their callers too; each wrapper adds about half
+    kernel and a null SDPA; on CUDA (``backend="auto"``, ``null_sdpa=None``) with the real ones, where
+    ``PendingTimestep.value`` is the wait for the forward's GPU timestep (at its first attention call). Nested functions count in their callers too; each wrapper adds about half
     a microsecond."""
     import collections
     import contextlib

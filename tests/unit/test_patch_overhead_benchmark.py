@@ -1,0 +1,28 @@
+"""``benchmarks/patch_overhead.py --cpu`` runs end to end. Its ``--breakdown`` wraps the patcher's functions by name,
+so a renamed function must fail here, not on the GPU machine (a rename made the H100 run's breakdown stop once)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "patch_overhead.py"
+
+pytest.importorskip("diffusers")
+
+
+def test_cpu_run_with_the_breakdown_times_the_functions_of_the_sparse_path(tmp_path):
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cpu", "--rounds", "1", "--iters", "1", "--breakdown", "--breakdown-forwards",
+         "3", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for label in ("RootPatch.pre_hook", "CallReader.read_source", "Runtime.start_forward", "StepTracker.observe",
+                  "LayerPatch.make_plan", "LayerPatch.attend", "lite_attention", "SkipState.prepare"):
+        assert f"  {label} " in proc.stdout, (label, proc.stdout)
+    rows = json.loads(out.read_text())["added_host_us_per_call"]
+    assert {"dense path (warm-up: the model's own SDPA)", "sparse path (null kernel vs a null SDPA)"} <= set(rows)
