@@ -1,6 +1,8 @@
 """Steps, CFG branches and generations, read from the top-level forward (DESIGN §3).
 
-The patched root module gets a forward pre-hook that reads the timestep of each call:
+The patched root module gets a forward pre-hook that reads the timestep of each call (a GPU timestep through
+:class:`PendingTimestep`, taken when the forward's first attention call needs the plans:
+:meth:`litepatch.runtime.Runtime.start_forward`):
 
 * the same timestep as the previous call: the same step, and a branch of it:
   - a name set by ``with transformer.cache_context("cond"):`` is the branch;
