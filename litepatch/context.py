@@ -151,7 +151,8 @@ class PendingTimestep:
 
     def __init__(self, source: torch.Tensor):
         self._host = torch.empty(1, dtype=source.dtype, pin_memory=True)
-        self._host.copy_(source, non_blocking=True)
+        with torch.no_grad():  # a timestep that requires grad: the copy records nothing
+            self._host.copy_(source, non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record()
 
