@@ -11,11 +11,11 @@
 #   2) carry [".cutedsl/b"]   command: bash .cutedsl/b/install.sh
 #   3) carry [".whl"]         command: bash benchmarks/device_session.sh install verify
 # Then, on the same warm machine (no carry), one call per line, since a call may run 10 minutes at most:
+#   bash benchmarks/device_session.sh demo          # recalibrate (timings were scattered before the timestep fix)
+#   bash benchmarks/device_session.sh host e2e      # host time per call, now without the per-forward sync
 #   bash benchmarks/device_session.sh kernel
-#   bash benchmarks/device_session.sh host e2e
-#   bash benchmarks/device_session.sh demo-quick    # first: the demo against a truly dense baseline (see README)
-#   bash benchmarks/device_session.sh profile       # where the demo's time goes; --compile-blocks
-#   bash benchmarks/device_session.sh demo          # brings back up to 8 files: a call of its own
+#   bash benchmarks/device_session.sh demo-quick    # the shipped recipe and thresholds -1, 0 against dense
+#   bash benchmarks/device_session.sh profile       # where the demo's time goes; --compile-blocks (fails: README)
 # (`host` also prints cProfile's top functions of patched forwards and the per-function breakdown.)
 #
 # Stages (give several; they run in this order of arguments):
