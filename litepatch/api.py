@@ -218,6 +218,7 @@ class LiteHandle:
                 attachment.uninstall(root)
         for name, module in self._modules.items():
             self._runtime.layers[name].uninstall(module)
+        self._runtime.pending = None  # a forward whose timestep was still on its way: nothing will plan for it
         self._removed = True
 
     def reset(self) -> None:
