@@ -139,7 +139,25 @@ def summarise(per_sample: list[dict]) -> dict:
         out[key] = {"min": min(values), "mean": statistics.fmean(values), "max": max(values)}
     out["worst_psnr"] = out["psnr"]["min"]
     out["mean_seconds"] = out["seconds"]["mean"]
+    out["seconds_scatter"] = seconds_scatter(per_sample)
     return out
+
+
+# Spread of the times of generations doing the same work above which the speed-ups of a report are not to be
+# trusted (the H100 calibration of 2026-12-05 scattered 26 % at one kept fraction, README "The demo model").
+SCATTER_WARNING = 0.05
+
+
+def seconds_scatter(per_sample: list[dict], kept_tolerance: float = 0.01) -> float:
+    """``max / min - 1`` of the times of the samples that computed the same share of tiles (within
+    ``kept_tolerance`` of the median sample's): their work is the same, so this is the timing noise.
+
+    >>> round(seconds_scatter([{"seconds": 0.5, "kept_fraction": 0.61}, {"seconds": 0.6, "kept_fraction": 0.615}]), 3)
+    0.2
+    """
+    median = statistics.median(r["kept_fraction"] for r in per_sample)
+    times = [r["seconds"] for r in per_sample if abs(r["kept_fraction"] - median) <= kept_tolerance]
+    return max(times) / min(times) - 1.0
 
 
 def attention_share(model, device: torch.device, reps: int = 5) -> dict:
@@ -397,6 +415,8 @@ def markdown(result: dict) -> list[str]:
             for m, p in (("psnr", 2), ("ssim", 4), ("kept_fraction", 3), ("seconds", 3), ("speedup", 2))) + " |"
           for k in ("all",)),
         "",
+        _scatter_line(ours["seconds_scatter"]),
+        "",
         "Uniform thresholds (held-out, recipe's warm-up):",
         "",
         "| threshold | worst PSNR dB | mean PSNR dB | tiles kept | mean time s |", "|---|---|---|---|---|",
@@ -406,6 +426,14 @@ def markdown(result: dict) -> list[str]:
         f"targets: {json.dumps(cmp['targets'])}",
     ]
     return lines
+
+
+def _scatter_line(scatter: float) -> str:
+    line = f"Timing scatter of the held-out samples at equal work (max / min - 1): {scatter:.1%}."
+    if scatter > SCATTER_WARNING:
+        line += (f" **Above {SCATTER_WARNING:.0%}: the speed-ups in this report differ by less than the timing "
+                 "noise; rerun on a quiet machine before comparing them.**")
+    return line
 
 
 def plot_frontier(result: dict, path: Path, budget: float) -> Path | None:

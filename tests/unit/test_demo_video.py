@@ -167,6 +167,8 @@ def test_calibration_smoke_run_writes_report_recipe_and_plot(tiny_video_weights,
     assert recipe.name == "demo-video" and recipe.fingerprint.head_dim == train_demo.TINY_VIDEO.head_dim
     assert recipe.measured.psnr == round(result["recipe"]["worst_psnr"], 2)
     assert "Per held-out sample" in (out / "calibration.md").read_text()
+    assert "Timing scatter of the held-out samples" in (out / "calibration.md").read_text()
+    assert result["recipe"]["seconds_scatter"] >= 0
     assert Image.open(out / "time_vs_quality.png").width > 0
     # the calibrator's held-out check and the script's rerun: the same generations judged by one metric (this tiny
     # model's clamped output spans [-1, 1], so the two PSNRs coincide here; the next test tells them apart)
@@ -175,6 +177,18 @@ def test_calibration_smoke_run_writes_report_recipe_and_plot(tiny_video_weights,
     assert checked.keys() == script.keys()
     for key, value in checked.items():
         assert value == pytest.approx(script[key], rel=1e-9) or value == script[key] == math.inf, key
+
+
+def test_calibration_report_says_when_its_timings_scatter_at_equal_work():
+    """Generations doing the same work (same kept fraction) must take the same time; when they scatter more than
+    the speed-ups compared, the report says so (the H100 run of 2026-12-05 scattered 26 % at one kept fraction)."""
+    calibrate_demo = _script("calibrate_demo")
+    rows = [{"seconds": s, "kept_fraction": k} for s, k in ((0.684, 0.613), (0.863, 0.614), (0.75, 0.615),
+                                                             (0.30, 0.20))]  # the last: other work, left out
+    assert calibrate_demo.seconds_scatter(rows) == pytest.approx(0.863 / 0.684 - 1)
+    noisy, quiet = calibrate_demo._scatter_line(0.26), calibrate_demo._scatter_line(0.02)
+    assert "26.0%" in noisy and "noise" in noisy
+    assert "2.0%" in quiet and "noise" not in quiet
 
 
 def test_demo_psnr_is_the_demo_latents_psnr_not_the_reference_range_one():
