@@ -110,8 +110,7 @@ def _valid_tiles(key_valid: torch.Tensor, block_n: int, k_tiles: int) -> torch.T
 def _attend_chunk(q, k, v, read, anchor, key_valid, *, block_m, block_n, threshold, softmax_scale, skip_test, use_anchor, descending,
                   must_q, must_k):
     """One batch row, a chunk of heads: q ``[h, Sq, D]``, read ``[h, QT, KT]``, anchor ``[h, QT]``."""
-    n_heads, seq_q, _ = q.shape
-    q_tiles, k_tiles = read.shape[-2:]
+    seq_q, q_tiles = q.shape[1], read.shape[-2]
     scores = q.float() @ k.float().transpose(-1, -2)  # [h, Sq, Sk], unscaled
     if key_valid is not None:
         scores.masked_fill_(~key_valid, -math.inf)
