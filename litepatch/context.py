@@ -208,17 +208,13 @@ class CallReader:
                 layout.append((name, source))
         return tuple(layout)
 
-    def read(self, args: tuple, kwargs: dict) -> tuple[float | None, int | None, tuple]:
-        """(timestep, number of text tokens, inputs key) of one call; None where the call has none.
+    def read_source(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor | float | None, int | None, tuple]:
+        """(timestep, number of text tokens, inputs key) of one call; None where the call has none. The timestep is
+        as :func:`timestep_source` gives it: a tensor is not read (no device sync here).
 
         The inputs are the call's arguments other than the timestep: tensors are compared by identity (no
         data is read, so no device sync), other values (flags, lists of skipped layers) by value.
         """
-        source, text_tokens, inputs = self.read_source(args, kwargs)
-        return (float(source.item()) if isinstance(source, torch.Tensor) else source), text_tokens, inputs
-
-    def read_source(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor | float | None, int | None, tuple]:
-        """As :meth:`read`, with the timestep as :func:`timestep_source` gives it (a tensor is not read)."""
         arguments = self._arguments(args, kwargs)
         timestep, timestep_value = None, None
         for name in TIMESTEP_NAMES:

@@ -64,7 +64,6 @@ class RootPatch:
         self.check_parallelism(module)
         timestep, text_tokens, inputs = self.reader.read_source(args, kwargs)
         runtime = self.runtime
-        runtime.settle()  # a pending forward that made no attention call: observed before this one
         runtime.flush()
         self.check_reach()
         runtime.text_tokens, runtime.stream_text_tokens = text_tokens, None
