@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--fuse-pointwise", action="store_true",
-                   help="compile the blocks' elementwise parts (DemoDiT.fuse_pointwise) for dense and patched runs alike")
+                   help="compile the blocks' regions between attention calls (DemoDiT.fuse_pointwise) for dense and "
+                        "patched runs alike")
     p.add_argument("--cfg-mode", default="sequential", choices=("sequential", "batched"),
                    help="CFG as two forwards per step or one of twice the batch (half the host work per step)")
     p.add_argument("--budget", default="demo_psnr >= 30",

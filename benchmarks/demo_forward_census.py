@@ -3,10 +3,11 @@
 The video demo's end-to-end speed-up is capped by the share of a step that is not attention (issue 16). This
 counts, on meta tensors (no memory, no GPU, a second), each torch call of one forward as one kernel (views and
 shape queries excluded) and the bytes it reads and writes (its tensor arguments and results), for the eager
-forward and for ``DemoDiT.fuse_pointwise()``, where each compiled elementwise function counts as one kernel that
-reads its inputs once and writes its result once. At the end: those bytes at a stated memory bandwidth, the
-attention FLOPs at a stated attention throughput, and the kernel count times a stated host cost per launch, so
-which of the three bounds a forward is explicit; the GPU run of ``litepatch demo`` then says which held.
+forward and for ``DemoDiT.fuse_pointwise()``, where each compiled region between attention calls counts as its
+GEMMs plus one kernel that reads the region's inputs once and writes its results once (a lower bound: a compiler
+may need more than one elementwise kernel where a GEMM sits between two elementwise parts). At the end: those
+bytes at a stated memory bandwidth, the attention FLOPs at a stated attention throughput, and the kernel count
+times a stated host cost per launch, so which of the three bounds a forward is explicit; the GPU run of ``litepatch demo`` then says which held.
 
 Example:
     $ python benchmarks/demo_forward_census.py --model video
@@ -49,7 +50,7 @@ def _bytes(*values) -> int:
 
 
 class Census(TorchFunctionMode):
-    """Kernels and bytes per torch call name; calls inside a fused function count as that function only."""
+    """Kernels and bytes per torch call name; calls inside a fused region count as that region, except its GEMMs."""
 
     def __init__(self):
         super().__init__()
@@ -64,13 +65,13 @@ class Census(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", str(func))
-        if self.fused_depth == 0 and name not in NO_KERNEL:
+        if (self.fused_depth == 0 or name == "linear") and name not in NO_KERNEL:
             self.record("attention" if name == "scaled_dot_product_attention" else name, _bytes(args, kwargs, out))
         return out
 
 
-def _fused_ops(census: Census) -> demo.PointwiseOps:
-    """:data:`~litepatch.demo.model.EAGER_OPS` with each function counted as one kernel."""
+def _fused_ops(census: Census) -> demo.BlockOps:
+    """:data:`~litepatch.demo.model.EAGER_OPS` with each region counted as its GEMMs and one kernel."""
     def counted(function, name):
         def run(*args, **kwargs):
             census.fused_depth += 1
@@ -82,8 +83,8 @@ def _fused_ops(census: Census) -> demo.PointwiseOps:
             census.record(f"fused {name}", _bytes([t for t in _tensors((args, kwargs)) if t.numel() > 4096], out))
             return out
         return run
-    return demo.PointwiseOps(*(counted(getattr(demo.EAGER_OPS, f.name), f.name)
-                               for f in dataclasses.fields(demo.PointwiseOps)))
+    return demo.BlockOps(*(counted(getattr(demo.EAGER_OPS, f.name), f.name)
+                           for f in dataclasses.fields(demo.BlockOps)))
 
 
 def census(model_name: str, batch: int, fused: bool) -> Census:
@@ -128,7 +129,8 @@ def main() -> None:
         moved = sum(counted.moved.values()) - counted.moved["attention"]
         memory_ms, host_ms = moved / (args.bandwidth_tbs * 1e12) * 1e3, kernels * args.host_us / 1e3
         share = attention_ms / (attention_ms + memory_ms)
-        print(f"\n{'fused pointwise' if fused else 'eager'}: {kernels} kernels besides attention, {moved / 1e9:.2f} GB "
+        label = "fuse_pointwise() regions" if fused else "eager"
+        print(f"\n{label}: {kernels} kernels besides attention, {moved / 1e9:.2f} GB "
               f"moved = {memory_ms:.2f} ms at {args.bandwidth_tbs} TB/s; host {host_ms:.2f} ms at {args.host_us} us per "
               f"launch; GPU-bound attention share {share:.0%}")
         for name, moved_by in counted.moved.most_common(8):

@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fuse-pointwise", action="store_true",
-        help="compile the blocks' elementwise parts (norms, RoPE, modulation) for the dense and the patched run alike",
+        help="compile each block's parts between attention calls (projections, norms, RoPE, modulation, MLP) for the "
+             "dense and the patched run alike",
     )
     parser.add_argument("--out", default="litepatch-out", help="output folder (default ./litepatch-out/)")
 

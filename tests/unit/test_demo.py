@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import litepatch
 import litepatch.demo.model as demo_model
 
 from litepatch.demo.data import COLOURS, DIRECTIONS, SHAPES, describe, make_videos, parse_condition
@@ -177,8 +178,9 @@ def test_patched_batched_cfg_keeps_one_state_with_a_row_per_branch(trained):
 
 
 def test_fused_pointwise_traces_without_graph_breaks_and_keeps_the_output():
-    """fuse_pointwise() compiles the blocks' elementwise parts (fullgraph: a graph break raises); "aot_eager" traces
-    them as inductor would, without generating code, so the CPU suite checks the path the GPU demo takes."""
+    """fuse_pointwise() compiles the blocks' regions between attention calls (fullgraph: a graph break raises);
+    "aot_eager" traces them as inductor would, without generating code, so the CPU suite checks the path the GPU demo
+    takes. A patched fused model still sends every self-attention call to the sparse path."""
     torch.manual_seed(0)
     model = DemoDiT(TINY).eval()
     latents, cond = torch.randn(2, 3, 2, 8, 8), torch.tensor([[0, 1, 2], [-1, -1, -1]])
@@ -187,9 +189,18 @@ def test_fused_pointwise_traces_without_graph_breaks_and_keeps_the_output():
         model.fuse_pointwise(backend="aot_eager")
         assert all(block.ops is not demo_model.EAGER_OPS for block in model.blocks)
         fused = model(latents, timestep=torch.tensor([500.0, 500.0]), cond=cond)
+        handle = litepatch.apply(model, threshold=0.0, warmup_steps=0)
+        try:
+            for t in (900.0, 800.0):
+                model(latents, timestep=torch.tensor([t, t]), cond=cond)
+            records = handle.stats().records
+        finally:
+            handle.remove()
         model.fuse_pointwise(False)
         assert all(block.self_attn.ops is demo_model.EAGER_OPS for block in model.blocks)
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    sparse = {r["layer"] for r in records if not r["dense"]}
+    assert sparse == {f"blocks.{i}.self_attn" for i in range(TINY.layers)}  # cross-attention stays dense
 
 
 def test_real_rope_equals_the_complex_rotation():
