@@ -205,3 +205,19 @@ def test_visiting_order_is_searched_when_the_space_lists_several(tmp_path):
                   study_name="orders", progress=False, space=SearchSpace(sensitivity_runs=2))
     with pytest.raises(ValueError, match="orders must be distinct names from"):
         SearchSpace(orders=("anchor", "backwards"))
+
+
+def test_the_seed_trials_include_one_threshold_for_every_layer_when_the_space_allows_it():
+    """The uniform family is in every study (the H100 video demo's search, without it, chose a recipe slower and
+    17 dB worse than uniform threshold -2); a space whose spread starts above zero keeps the sensitivity ladder."""
+    from litepatch.calibration.plan import Plan, layer_thresholds, recipe_from_params
+    from litepatch.calibration.proposals import seed_params
+
+    plan = Plan(layers=["a", "b", "c"], offsets=[-1.0, 0.0, 1.5], groups=[["a"], ["b"], ["c"]],
+                group_error=[0.1] * 3, group_kept=[0.5] * 3, steps=20, warmup=(0, 5), space={}, generations=3)
+    seeds = seed_params(plan, SearchSpace(level=(-10.0, 0.0)))
+    assert [s["spread"] for s in seeds] == [1.0, 1.0, 1.0, 0.0]
+    uniform = recipe_from_params(seeds[-1], plan)
+    assert len(set(layer_thresholds(uniform, plan.layers).values())) == 1
+    assert seeds[-1]["level"] == seeds[-2]["level"]  # the aggressive level, both ways
+    assert all(s["spread"] == 1.0 for s in seed_params(plan, SearchSpace(level=(-10.0, 0.0), spread=(1.0, 3.0))))
