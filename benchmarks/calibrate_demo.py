@@ -363,8 +363,8 @@ def main(argv=None) -> int:
                     provenance=replace(recipe.provenance, notes=notes),
                     description=f"Built-in {args.model} demo DiT of litepatch demo ({cfg.layers} layers, {cfg.heads} "
                                 f"heads x {cfg.head_dim}, {cfg.seq_len} video tokens), {cfg.frames}x{cfg.height}x"
-                                f"{cfg.width} RGB, {args.steps} flow-matching Euler steps, sequential CFG "
-                                f"{args.guidance:g}.")
+                                f"{cfg.width} RGB, {args.steps} flow-matching Euler steps, {args.cfg_mode} CFG "
+                                f"{args.guidance:g}{', fused regions' if args.fuse_pointwise else ''}.")
     recipe_path = save(final, out_dir / f"{RECIPE_NAMES[args.model]}.yaml")
     result["recipe_yaml"] = str(recipe_path)
     write()

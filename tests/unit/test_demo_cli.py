@@ -89,3 +89,25 @@ def test_heatmap_has_one_row_per_layer(tmp_path):
     # first cell of layer 0 is fully computed (yellow), the last one (0.7) is greener
     assert image.getpixel((150 + 2, 24 + 2)) == (250, 230, 40)
     assert image.getpixel((150 + 32, 24 + 2)) != (250, 230, 40)
+
+
+@pytest.mark.parametrize("argv, device, expected", [
+    ([], "cpu", ("sequential", False)),
+    ([], "cuda", ("batched", True)),  # the GPU demo's fastest form, for dense and patched alike
+    (["--cfg-mode", "sequential", "--no-fuse-pointwise"], "cuda", ("sequential", False)),
+    (["--cfg-mode", "batched", "--fuse-pointwise"], "cpu", ("batched", True)),
+])
+def test_the_cfg_mode_and_the_compiled_regions_default_by_device_and_yield_to_flags(argv, device, expected):
+    import torch
+
+    parser = argparse.ArgumentParser(prog="litepatch demo")
+    demo_cli.add_arguments(parser)
+    args = parser.parse_args(argv)
+    demo_cli._machine_defaults(args, torch.device(device))
+    assert (args.cfg_mode, args.fuse_pointwise) == expected
+
+
+def test_the_header_says_how_cfg_runs(tmp_path, capsys):
+    assert _run(["--steps", "2", "--out", str(tmp_path)]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("litepatch demo:"))
+    assert "CFG 4.0 (sequential)" in header
