@@ -89,7 +89,17 @@ def _machine_defaults(args: argparse.Namespace, device: torch.device) -> None:
     if getattr(args, "cfg_mode", None) is None:
         args.cfg_mode = "batched" if cuda else "sequential"
     if getattr(args, "fuse_pointwise", None) is None:
-        args.fuse_pointwise = cuda
+        args.fuse_pointwise = cuda and _can_compile_for_cuda()
+        if cuda and not args.fuse_pointwise:
+            print('note: Triton is not installed, so the demo runs eager ops (slower on the host): pip install '
+                  '"litepatch[cuda]" compiles the regions between attention calls')
+
+
+def _can_compile_for_cuda() -> bool:
+    """Whether torch.compile can generate GPU code here (its inductor backend needs Triton)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def choose_model(requested: str, device, weights: str | None = None) -> tuple[str, str | None]:

@@ -97,9 +97,11 @@ def test_heatmap_has_one_row_per_layer(tmp_path):
     (["--cfg-mode", "sequential", "--no-fuse-pointwise"], "cuda", ("sequential", False)),
     (["--cfg-mode", "batched", "--fuse-pointwise"], "cpu", ("batched", True)),
 ])
-def test_the_cfg_mode_and_the_compiled_regions_default_by_device_and_yield_to_flags(argv, device, expected):
+def test_the_cfg_mode_and_the_compiled_regions_default_by_device_and_yield_to_flags(argv, device, expected,
+                                                                                    monkeypatch):
     import torch
 
+    monkeypatch.setattr(demo_cli, "_can_compile_for_cuda", lambda: True)
     parser = argparse.ArgumentParser(prog="litepatch demo")
     demo_cli.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -111,3 +113,15 @@ def test_the_header_says_how_cfg_runs(tmp_path, capsys):
     assert _run(["--steps", "2", "--out", str(tmp_path)]) == 0
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("litepatch demo:"))
     assert "CFG 4.0 (sequential)" in header
+
+
+def test_without_triton_the_cuda_demo_runs_eager_and_says_why(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(demo_cli, "_can_compile_for_cuda", lambda: False)
+    parser = argparse.ArgumentParser(prog="litepatch demo")
+    demo_cli.add_arguments(parser)
+    args = parser.parse_args([])
+    demo_cli._machine_defaults(args, torch.device("cuda"))
+    assert (args.cfg_mode, args.fuse_pointwise) == ("batched", False)
+    assert "Triton is not installed" in capsys.readouterr().out
