@@ -167,10 +167,11 @@ def _rotate(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> tor
 
 
 # ------------------------------------------------------------------ the non-attention parts of a block
-# At 32768 tokens a block's non-attention time is small kernels (fp32 norms, RoPE, AdaLN modulation) and, mostly, the
-# host issuing ~40 PyTorch ops per block: on an H100 a forward without its self-attention took 9.1 ms for 3.5 ms of GPU
-# work. DemoDiT.fuse_pointwise() compiles each region between two attention calls into one graph; the attention calls
-# stay eager PyTorch calls in the attention modules, where the litepatch patcher finds and replaces them.
+# At 32768 tokens a block's non-attention time is small kernels (fp32 norms, RoPE, AdaLN modulation) and the host
+# issuing ~40 PyTorch ops per block: on an H100 the patched demo with elementwise ops compiled one by one took 0.465 s
+# at 23 % of the tiles computed and 0.515 s at 54 %, bound by the host. DemoDiT.fuse_pointwise() compiles each region
+# between two attention calls into one graph (0.287 / 0.424 s there); the attention calls stay eager PyTorch calls in
+# the attention modules, where the litepatch patcher finds and replaces them.
 
 Linear = tuple[torch.Tensor, torch.Tensor]  # an nn.Linear's (weight, bias), passed to the regions as tensors
 
@@ -246,7 +247,6 @@ def mlp_residual(x: torch.Tensor, cross: torch.Tensor, scale: torch.Tensor, shif
     x = x + cross
     y = F.linear(F.gelu(F.linear(modulated_norm(x, scale, shift, eps), *up), approximate="tanh"), *down)
     return gated_residual(x, gate, y)
-
 
 
 @dataclass(frozen=True)
