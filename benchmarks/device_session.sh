@@ -11,11 +11,12 @@
 #   2) carry [".cutedsl/b"]   command: bash .cutedsl/b/install.sh
 #   3) carry [".whl"]         command: bash benchmarks/device_session.sh install verify
 # Then, on the same warm machine (no carry), one call per line, since a call may run 10 minutes at most:
-#   bash benchmarks/device_session.sh profile       # where the demo's time goes (PROFILE_COMPILED=1: also
-#                                                   # --compile-blocks, which fails: README)
-#   bash benchmarks/device_session.sh demo          # recalibrate the video demo and run it
+#   bash benchmarks/device_session.sh demo          # recalibrate the video demo and run it (on an H200 next: the
+#                                                   # shipped recipe was calibrated on an H100)
 #   bash benchmarks/device_session.sh host e2e      # host time per call
 #   bash benchmarks/device_session.sh kernel
+#   bash benchmarks/device_session.sh profile       # where the demo's time goes (PROFILE_COMPILED=1: also
+#                                                   # --compile-blocks, which fails: README)
 #   bash benchmarks/device_session.sh demo-quick    # the shipped recipe and thresholds -1, 0 against dense
 # (`host` also prints cProfile's top functions of patched forwards and the per-function breakdown.)
 #
