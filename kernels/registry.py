@@ -24,6 +24,7 @@ import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -157,16 +158,38 @@ def select(q: torch.Tensor, seq_k: int, *, backend: str = "auto", key_padding: b
     key = (backend, q.device, q.dtype, q.shape[-1], seq_k, key_padding)
     answer = _SELECTED.get(key)
     if answer is None or (type(answer) is Backend and _REGISTERED.get(answer.name) is not answer):  # new or dropped
-        try:
-            answer = _select(q, seq_k, backend, key_padding)
-        except BackendUnavailable as error:
-            answer = str(error)
+        chosen, text = _decide(*key)
+        answer = _REGISTERED[text] if chosen else text
         if len(_SELECTED) >= 256:  # many sequence lengths: start over rather than grow
             _SELECTED.clear()
         _SELECTED[key] = answer
     if type(answer) is str:
         raise BackendUnavailable(answer)
     return answer
+
+
+class _CallForm(NamedTuple):
+    """What a backend's constraints read of a call's ``q``."""
+
+    device: torch.device
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@torch.compiler.assume_constant_result
+def _decide(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, seq_k: int,
+            key_padding: bool) -> tuple[bool, str]:
+    """``(True, backend name)`` or ``(False, why none)`` for a form of call.
+
+    A constant of a torch.compile trace, computed eagerly: choosing may import a backend's module or ask the driver
+    for the device's capability, which a trace cannot follow. In the first trace of a freshly patched model that was
+    a graph break inside the patched attention, and with blocks compiled one by one, a NameError, as the attention
+    modules' patched forwards share one code object (``tests/unit/test_patcher_compile.py``).
+    """
+    try:
+        return True, _select(_CallForm(device, dtype, (head_dim,)), seq_k, backend, key_padding).name
+    except BackendUnavailable as error:
+        return False, str(error)
 
 
 def _select(q: torch.Tensor, seq_k: int, backend: str, key_padding: bool) -> Backend:

@@ -72,3 +72,51 @@ def test_a_compiled_patched_model_does_not_recompile_per_step_or_generation():
     # dense and sparse calls, a fresh and a used skip state, the backend choice's first call, the second
     # generation's fresh states: 5 graphs, and none after that
     assert graphs[-1] <= 5 and graphs[-1] == graphs[1], f"graphs compiled after each generation: {graphs}"
+
+
+@pytest.fixture
+def lazily_registered_backend(monkeypatch):
+    """A built-in-like backend whose module is not imported yet, and a registry that has answered nothing yet."""
+    import sys
+
+    from litepatch.kernels import registry
+
+    monkeypatch.setitem(registry._MODULES, "lazy-test", ("lazy_backend", ("cpu",)))
+    monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
+    monkeypatch.setattr(registry, "_NOT_LOADED", dict(registry._NOT_LOADED))
+    monkeypatch.setattr(registry, "_SELECTED", {})
+    sys.modules.pop("lazy_backend", None)
+    yield
+    sys.modules.pop("lazy_backend", None)
+
+
+@pytest.mark.parametrize("compiled", ["blocks", "fullgraph blocks"])
+def test_a_compiled_model_traced_before_any_backend_was_chosen_has_no_graph_break(lazily_registered_backend,
+                                                                                  compiled):
+    """The first trace of a freshly patched model chooses the backend. On a GPU that imports the CuTe module and asks
+    the driver for the device's capability, which a trace cannot follow: a graph break inside the patched attention,
+    and with blocks compiled one by one (``benchmarks/demo_profile.py --compile-blocks``) a NameError, as the
+    attention modules' patched forwards share one code object. The choice is a constant of the trace now."""
+    from litepatch.demo.model import DemoConfig, DemoDiT
+
+    torch.manual_seed(0)
+    config = DemoConfig(frames=2, height=16, width=16, dim=64, heads=1, ffn_dim=128, layers=2)
+    eager_model, compiled_model = DemoDiT(config).eval(), DemoDiT(config).eval()
+    compiled_model.load_state_dict(eager_model.state_dict())
+    latents, cond = torch.randn(2, 3, 2, 16, 16), torch.tensor([[0, 1, 2], [-1, -1, -1]])
+    handles = [litepatch.apply(m, threshold=0.0, warmup_steps=0) for m in (eager_model, compiled_model)]
+    torch._dynamo.reset()
+    for block in compiled_model.blocks:  # fullgraph: a graph break raises (the demo model's own prologue has some)
+        block.compile(backend="eager", fullgraph=compiled == "fullgraph blocks")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for t in (900.0, 800.0, 700.0):
+                timestep = torch.tensor([t, t])
+                out = compiled_model(latents, timestep=timestep, cond=cond)  # first: nothing chose a backend yet
+                torch.testing.assert_close(out, eager_model(latents, timestep=timestep, cond=cond))
+        assert handles[1].stats().records and not all(r["dense"] for r in handles[1].stats().records)
+    finally:
+        for handle in handles:
+            handle.remove()
+        torch._dynamo.reset()
