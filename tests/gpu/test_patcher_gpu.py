@@ -85,6 +85,29 @@ def test_patched_wan_compiles_fullgraph_on_cuda():
         torch._dynamo.reset()
 
 
+def test_a_patched_model_compiled_before_any_eager_call_has_no_graph_break_on_cuda(monkeypatch):
+    """The first trace of a freshly patched model makes the backend choice with cold caches (the device's capability,
+    the CuTe module's import in a fresh process): a constant of the trace, or fullgraph raises (and blocks compiled
+    one by one hit a NameError; tests/unit/test_patcher_compile.py is the CPU twin)."""
+    from litepatch.kernels import registry
+
+    monkeypatch.setattr(registry, "_SELECTED", {})
+    monkeypatch.setattr(registry, "_CAPABILITIES", {})
+    model, latents, text = _wan()
+    handle = litepatch.apply(model, threshold=-4.0)
+    try:
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = _forward(torch.compile(model, fullgraph=True), latents, text, 999)
+            handle.reset()
+            want = _forward(model, latents, text, 999)
+        rel = float((got.float() - want.float()).norm() / want.float().norm())
+        assert rel < 2e-2, rel
+    finally:
+        handle.remove()
+        torch._dynamo.reset()
+
+
 @torch.inference_mode()
 def test_a_cuda_timestep_is_read_at_the_first_attention_call_with_the_same_result(monkeypatch):
     """The forward's GPU timestep is copied behind the queued work and read when the first attention call needs
