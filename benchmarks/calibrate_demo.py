@@ -165,11 +165,11 @@ def attention_share(model, device: torch.device, batch: int = 1, reps: int = 5) 
     """Share of a forward's wall time spent in self-attention: 1 - t(self-attention replaced by v) / t.
 
     Warm, synchronised, forwards of ``batch`` rows (2: batched CFG) at the model's full clip size. When the two
-    times agree within 3 % the forward is bound by the host issuing it, not by the GPU, and ``host_bound`` says so (the
-    share of GPU time cannot be read from wall times then; ``benchmarks/demo_profile.py`` measures it). The timestep is a device tensor, as
-    the sampler passes it: with a Python number the model copies it to the GPU on every forward, a blocking copy
-    that waits for the queued work, and the forward without self-attention measured 9.1-9.9 ms on an H100 for
-    about 3.5 ms of GPU work.
+    times agree within 3 % the forward is bound by the host issuing it, not by the GPU, and ``host_bound`` says so
+    (the share of GPU time cannot be read from wall times then; ``benchmarks/demo_profile.py`` measures it). The
+    timestep is a device tensor, as the sampler passes it: with a Python number the model copies it to the GPU on
+    every forward, a blocking copy that waits for the queued work, and the forward without self-attention measured
+    9.1-9.9 ms on an H100 for about 3.5 ms of GPU work.
     """
     import torch.nn.functional as F
 

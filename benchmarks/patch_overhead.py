@@ -57,7 +57,8 @@ def main() -> None:
                         help="host time of the patcher's functions inside sparse forwards, per forward (on the CPU "
                              "with --cpu: null kernel and SDPA; else the GPU's kernels)")
     parser.add_argument("--cpu", action="store_true", help="CPU, null kernel: the patcher's host time alone")
-    parser.add_argument("--breakdown-forwards", type=int, default=300, help="sparse forwards timed by --breakdown")
+    parser.add_argument("--breakdown-forwards", type=int, default=300,
+                        help="sparse forwards timed by --breakdown (at most 100 on a GPU)")
     parser.add_argument("--rounds", type=int, default=150,
                         help="paired rounds (medians and quartiles of the per-round differences are printed)")
     args = parser.parse_args()
@@ -396,8 +397,8 @@ def print_breakdown(model, latents, text, layers: int, null_sdpa=None, forwards:
     """Microseconds per forward spent in each of :data:`BREAKDOWN` during sparse forwards, measured inside real
     forwards: cache-cold, as a model runs them (isolated micro-benchmarks read 2-3x lower). On the CPU with the null
     kernel and a null SDPA; on CUDA (``backend="auto"``, ``null_sdpa=None``) with the real ones, where
-    ``PendingTimestep.value`` is the wait for the forward's GPU timestep (at its first attention call). Nested functions count in their callers too; each wrapper adds about half
-    a microsecond."""
+    ``PendingTimestep.value`` is the wait for the forward's GPU timestep (at its first attention call). Nested
+    functions count in their callers too; each wrapper adds about half a microsecond."""
     import collections
     import contextlib
     import functools

@@ -192,7 +192,7 @@ def _decide(backend: str, device: torch.device, dtype: torch.dtype, head_dim: in
         return False, str(error)
 
 
-def _select(q: torch.Tensor, seq_k: int, backend: str, key_padding: bool) -> Backend:
+def _select(q: _CallForm, seq_k: int, backend: str, key_padding: bool) -> Backend:
     if backend != "auto":
         chosen = get(backend)
         reason = chosen.refusal(q, seq_k, key_padding)

@@ -212,13 +212,17 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     return x + gate[:, None] * y
 
 
+def rotated_query_key(x: torch.Tensor, q: Linear, k: Linear, norm_q: torch.Tensor, norm_k: torch.Tensor, eps: float,
+                      heads: int, rotation: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention's rotated, RMS-normalised query and key ``[B, H, S, D]``; ``q``/``k``: (weight, bias)."""
+    return (rms_rope(F.linear(x, *q), norm_q, eps, heads, rotation),
+            rms_rope(F.linear(x, *k), norm_k, eps, heads, rotation))
+
+
 def self_qkv(x: torch.Tensor, q: Linear, k: Linear, v: Linear, norm_q: torch.Tensor, norm_k: torch.Tensor, eps: float,
              heads: int, rotation: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Self-attention's rotated, RMS-normalised query and key and its value, ``[B, H, S, D]`` each; ``q``/``k``/``v``
-    are (weight, bias) pairs."""
-    return (rms_rope(F.linear(x, *q), norm_q, eps, heads, rotation),
-            rms_rope(F.linear(x, *k), norm_k, eps, heads, rotation),
-            split_heads(F.linear(x, *v), heads))
+    """:func:`rotated_query_key` and self-attention's value, ``[B, H, S, D]`` each."""
+    return (*rotated_query_key(x, q, k, norm_q, norm_k, eps, heads, rotation), split_heads(F.linear(x, *v), heads))
 
 
 def cross_qkv(x: torch.Tensor, context: torch.Tensor, q: Linear, k: Linear, v: Linear, norm_q: torch.Tensor,
@@ -315,8 +319,9 @@ class WanSelfAttention(_Projections):
         self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated ``q`` and ``k`` ``[B, H, S, D]`` (what the attention scores are made of); ``rotation`` from
-        :func:`rope_rotation`."""
-        return self.ops.self_qkv(x, *self._projections(), rotation)[:2]
+        :func:`rope_rotation`. Eager, and without the value's projection."""
+        return rotated_query_key(x, _pair(self.q), _pair(self.k), self.norm_q.weight, self.norm_k.weight,
+                                 self.norm_q.eps, self.heads, rotation)
 
     def forward(self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q, k, v = self.ops.self_qkv(x, *self._projections(), rotation)
