@@ -77,6 +77,23 @@ def dense_attention(
     out = None if fa4 is None else fa4(q, k, v, softmax_scale=softmax_scale, key_mask=key_mask)
     if out is not None:  # None: a key mask flash-attn-4 cannot take (not valid keys then padding)
         return out
+    return sdpa_attention(q, k, v, softmax_scale=softmax_scale, key_mask=key_mask)
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """PyTorch's SDPA on ``[B, S, H, D]`` inputs (``key_mask`` as in :func:`dense_attention`): what a model's own
+    attention call runs, for callers that cannot reach that call.
+
+    >>> sdpa_attention(torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)).shape
+    torch.Size([1, 8, 2, 16])
+    """
     mask = None if key_mask is None else key_mask[:, None, None, :]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=softmax_scale).transpose(1, 2)

@@ -156,6 +156,11 @@ def select(q: torch.Tensor, seq_k: int, *, backend: str = "auto", key_padding: b
     it. A name: that backend, if it accepts it. Raises :class:`BackendUnavailable` with every refusal.
     """
     key = (backend, q.device, q.dtype, q.shape[-1], seq_k, key_padding)
+    if torch.compiler.is_compiling():  # a constant of the trace, uncached: the cache's contents would be guarded on
+        chosen, text = _decide(*key)
+        if not chosen:
+            raise BackendUnavailable(text)
+        return _REGISTERED[text]
     answer = _SELECTED.get(key)
     if answer is None or (type(answer) is Backend and _REGISTERED.get(answer.name) is not answer):  # new or dropped
         chosen, text = _decide(*key)

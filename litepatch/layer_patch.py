@@ -22,8 +22,9 @@ import warnings
 
 import torch
 
-from litepatch.kernels import SkipState, lite_attention, registry
+from litepatch.kernels import SkipState, lite_attention, registry, sdpa_attention
 
+from . import compiled_call
 from .adapters.base import AttentionCall, AttentionLayerInfo, call_kind
 from .attachment import LAYER_ATTR, Attachment
 from .dense_routing import fast_dense
@@ -32,6 +33,9 @@ from .runtime import CallPlan, Runtime
 
 
 _UNASKED = object()
+# a traced refused call's plan: the forward's, taken when the call is recorded (a str, which torch.compile's replayed
+# store keeps equal but not necessarily identical)
+PLAN_AT_FLUSH = "plan-at-flush"
 
 
 class LayerPatch:
@@ -55,6 +59,7 @@ class LayerPatch:
         self._refusals: dict = {}
         self.call_index = 0
         self.installed = None  # the adapter's check that its interception is still in place (None: nothing to check)
+        self.op_id = compiled_call.register(self)  # what its traced calls pass to litepatch::layer_attention
 
     # ------------------------------------------------------------------------------ attachment
     def install(self, module: torch.nn.Module) -> None:
@@ -106,13 +111,16 @@ class LayerPatch:
         if call.problem:
             return call.problem
         # everything but autograd depends only on this key: asked once per form of call, not on every call
-        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-               call.key_mask is not None)
-        refused = self._refusals.get(key, _UNASKED)
-        if refused is _UNASKED:
-            if len(self._refusals) >= 64:
-                self._refusals.clear()
-            refused = self._refusals[key] = self._refusal_of(q, k, v, call.key_mask is not None)
+        if torch.compiler.is_compiling():  # a constant of the trace, uncached (the cache would be guarded on)
+            refused = self._refusal_of(q, k, v, call.key_mask is not None)
+        else:
+            key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+                   call.key_mask is not None)
+            refused = self._refusals.get(key, _UNASKED)
+            if refused is _UNASKED:
+                if len(self._refusals) >= 64:
+                    self._refusals.clear()
+                refused = self._refusals[key] = self._refusal_of(q, k, v, call.key_mask is not None)
         if refused:
             return refused
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -165,6 +173,10 @@ class LayerPatch:
         if last is None:
             return
         plan, reason, total = last
+        if isinstance(plan, str):  # PLAN_AT_FLUSH: a refused call of a compiled forward: its plan is this forward's
+            self._warn(reason)  # not in the trace: warnings.warn breaks fullgraph
+            self.runtime.settle()
+            plan = self.plan if self.plan is not None else self.make_plan()
         dense = plan.state is None or bool(reason)
         if not dense:
             total = plan.state.total_tiles()
@@ -180,7 +192,7 @@ class LayerPatch:
         runtime = self.runtime
         if runtime.pending is not None:  # the forward's GPU timestep, read now (Runtime.start_forward)
             runtime.settle()
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # a ring call (the others plan at run time: litepatch.compiled_call)
             runtime.traced = True  # plans are made before each forward from now on (a store: no guard on it)
         plan = self.plan
         if plan is None:  # called outside a patched root's forward
@@ -195,27 +207,27 @@ class LayerPatch:
 
     def attend_problem(self, reason: str) -> None:
         """Records and warns about a call the adapter cannot even describe; the adapter runs the original."""
-        plan = self._current_plan()
-        self._warn(reason)
+        if torch.compiler.is_compiling():
+            self.reached = True
+            plan = PLAN_AT_FLUSH
+        else:
+            plan = self._current_plan()
+            self._warn(reason)
         self.last_call = (plan, reason, 0)
         return None
 
     def attend_unsupported(self, sdpa_call: dict) -> None:
         return self.attend_problem("query/key/value are not [batch, heads, seq, head_dim] tensors")
 
-    def attend(self, call: AttentionCall) -> torch.Tensor | None:
-        """One attention call: LiteAttention's ``[B, S, H, D]`` output, or ``None`` (run the original attention).
+    def classify(self, call: AttentionCall) -> tuple[str | None, list[tuple[int, int]]]:
+        """Why the layer does not take ``call`` (``None``: it does), and the call's must-compute token ranges.
 
-        ``call.shards`` > 1 (diffusers' Ulysses): the sequence is that many rank shards laid end to end, each with
-        its own text tokens, and the token counts are one shard's; the must-compute ranges repeat per shard.
-
-        Reads only ``self.plan`` (decided in eager code by the root pre-hook), so under torch.compile the step
-        counter never becomes a guard; the call is recorded by a store to ``self.last_call``.
+        Depends only on the form of the call (shapes, dtypes, masks, text tokens), not on the step: a traced
+        call decides it in the trace (:mod:`litepatch.compiled_call`).
         """
-        plan = self._current_plan()
         q, k = call.q, call.k
         reason = self._refusal(call)
-        must = []
+        must: list[tuple[int, int]] = []
         if reason is None:
             seq_q, seq_k, shards = q.shape[1], k.shape[1], call.shards
             local_q = seq_q // shards if seq_q % shards == 0 else seq_q
@@ -232,17 +244,60 @@ class LayerPatch:
                 reason = kind.why
             else:
                 must = _sharded(kind.text_ranges, local_q, shards)
+        return reason, must
+
+    def attend(self, call: AttentionCall) -> torch.Tensor | None:
+        """One attention call: LiteAttention's ``[B, S, H, D]`` output, or ``None`` (run the original attention).
+
+        ``call.shards`` > 1 (diffusers' Ulysses): the sequence is that many rank shards laid end to end, each with
+        its own text tokens, and the token counts are one shard's; the must-compute ranges repeat per shard.
+
+        While torch.compile traces it, a call the layer takes becomes one ``litepatch::layer_attention`` op that
+        plans when it runs (:mod:`litepatch.compiled_call`), so the step, branch and skip state never reach the
+        graph; a refused call is recorded by a store to ``self.last_call``, planned when it is flushed.
+        """
+        if torch.compiler.is_compiling() and call.ring is None:
+            return self._attend_traced(call)
+        plan = self._current_plan()
+        reason, must = self.classify(call)
         if call.ring is not None:  # diffusers' ring context parallelism: one state per (query shard, K/V chunk)
             return call.ring(self, call, plan, reason, must)
         if reason is not None:
-            self._warn(reason)
-            self.last_call = (plan, reason, self._dense_total(call) if q.dim() == 4 and k.dim() == 4 else 0)
+            self._refused(call, plan, reason)
             return None
-        if plan.state is None:  # warm-up, a dense layer, threshold -inf: the fastest exact dense kernel
+        return self._run(call, plan, must)
+
+    def attend_planned(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                       scale: float | None, must: list[tuple[int, int]]) -> torch.Tensor:
+        """The body of a traced call (:func:`litepatch.compiled_call.layer_attention`), in eager code: plans it and
+        runs it, on the dense kernel when the plan is dense (the original attention is not at hand here)."""
+        call = AttentionCall(q, k, v, scale, key_mask)
+        out = self._run(call, self._current_plan(), must)
+        return out if out is not None else sdpa_attention(q, k, v, softmax_scale=scale, key_mask=key_mask)
+
+    def _attend_traced(self, call: AttentionCall) -> torch.Tensor | None:
+        reason, must = self.classify(call)
+        self.reached = True
+        if reason is not None:
+            self._refused(call, PLAN_AT_FLUSH, reason)
+            return None
+        flat = [bound for span in must for bound in span]
+        return compiled_call.layer_attention(call.q, call.k, call.v, call.key_mask, self.op_id, call.scale, flat)
+
+    def _refused(self, call: AttentionCall, plan, reason: str) -> None:
+        if plan is not PLAN_AT_FLUSH:  # a traced call warns when it is recorded (flush)
+            self._warn(reason)
+        q, k = call.q, call.k
+        self.last_call = (plan, reason, self._dense_total(call) if q.dim() == 4 and k.dim() == 4 else 0)
+
+    def _run(self, call: AttentionCall, plan: CallPlan, must: list[tuple[int, int]]) -> torch.Tensor | None:
+        """A call the layer takes, as ``plan`` says: LiteAttention on the plan's skip state, or (warm-up, a dense
+        layer, threshold -inf) the fastest exact dense kernel where it beats the model's own (else ``None``)."""
+        if plan.state is None:
             self.last_call = (plan, plan.dense_reason, self._dense_total(call))
             return fast_dense(call)
         out = lite_attention(
-            q, k, call.v, plan.state,
+            call.q, call.k, call.v, plan.state,
             threshold=plan.threshold,
             softmax_scale=call.scale,
             order=self.runtime.recipe.order,

@@ -33,14 +33,17 @@ class Runtime:
     stream_text_tokens: int | None = None  # text tokens a double-stream joint layer of this call saw
     handle: object = None  # the LiteHandle
     pending: tuple | None = None  # (PendingTimestep, context name, inputs): a forward whose plans wait for it
-    traced: bool = False  # torch.compile traced an attention call of this handle: plans are made before forwards
+    # torch.compile traced a ring attention call of this handle (it reads the plans): plans are made before forwards;
+    # other traced calls plan when they run (litepatch.compiled_call)
+    traced: bool = False
 
     def start_forward(self, timestep: torch.Tensor | float | None, context_name, inputs) -> None:
         """Observes one top-level call (:class:`~litepatch.context.StepTracker`) and plans every layer's coming call.
 
         A timestep on a GPU is not read here, which would wait for the previous forward (:class:`PendingTimestep`):
-        the plans are made by :meth:`settle` when the forward's first attention call needs them. Not while
-        torch.compile runs the layers (a traced attention call reads the plans, it cannot wait for them).
+        the plans are made by :meth:`settle` when the forward's first attention call needs them, compiled forwards
+        included (:mod:`litepatch.compiled_call`). Not once torch.compile has traced a ring attention call (it reads
+        the plans, it cannot wait for them).
         """
         self.settle()
         if isinstance(timestep, torch.Tensor):
