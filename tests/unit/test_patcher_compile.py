@@ -197,3 +197,38 @@ def test_compiled_dense_steps_run_the_fast_dense_kernel_and_records_match_eager(
     assert not all(r[4] for r in records)  # sparse calls took part
     for out, ref in zip(outs, eager_outs):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_diffusers_regional_compilation_of_a_patched_model_matches_eager():
+    """``model.compile_repeated_blocks(fullgraph=True)`` (diffusers' regional compilation, each transformer block
+    compiled on its own) on a patched Wan: the eager outputs and kept tiles, a dense warm-up step and sparse steps,
+    and no new graph in a second generation."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model, inputs = tm.DIFFUSERS_FACTORIES["wan"]()
+    inputs = _smooth(inputs)
+    handle = litepatch.apply(model, threshold=0.0, warmup_steps=1)
+    steps = (999, 900, 800, 700)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eager = [_run(model, inputs, t) for t in steps]
+            eager_kept = [r["kept_tiles"] for r in handle.stats().records]
+            handle.reset()
+            handle.clear_stats()
+            torch._dynamo.reset()
+            counters.clear()
+            model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+            compiled = [_run(model, inputs, t) for t in steps]
+            kept = [r["kept_tiles"] for r in handle.stats().records]
+            graphs = counters["stats"]["unique_graphs"]
+            for t in steps:  # a second generation
+                _run(model, inputs, t)
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert kept == eager_kept and min(kept) < max(kept)
+        for out, ref in zip(compiled, eager):
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    finally:
+        handle.remove()
+        torch._dynamo.reset()
