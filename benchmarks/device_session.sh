@@ -15,8 +15,9 @@
 #                                                   # shipped recipe was calibrated on an H100)
 #   bash benchmarks/device_session.sh host e2e      # host time per call
 #   bash benchmarks/device_session.sh kernel
-#   bash benchmarks/device_session.sh profile       # where the demo's time goes, and with --compile-blocks (its
-#                                                   # NameError fixed on the CPU; PROFILE_COMPILED=0 skips it)
+#   bash benchmarks/device_session.sh profile       # where the demo's time goes, and with --compile-blocks (the
+#                                                   # layer_attention op: 5 syncs and flash-attn-4 dense steps
+#                                                   # expected there, as eager; PROFILE_COMPILED=0 skips it)
 #   bash benchmarks/device_session.sh demo-quick    # the shipped recipe and thresholds -1, 0 against dense
 # (`host` also prints cProfile's top functions of patched forwards and the per-function breakdown.)
 #
@@ -94,7 +95,7 @@ for stage in "$@"; do
     profile)
       run profile "$OUT/log.txt" $PY benchmarks/demo_profile.py --cfg-mode batched --fuse-pointwise \
         --json "$OUT/demo_profile_fused.json"
-      if [ "${PROFILE_COMPILED:-1}" = 1 ]; then  # its NameError is fixed on the CPU, not yet run on a GPU (README)
+      if [ "${PROFILE_COMPILED:-1}" = 1 ]; then  # compiled blocks: traced calls plan when they run (README)
         run profile-compiled "$OUT/log.txt" $PY benchmarks/demo_profile.py --cfg-mode batched --compile-blocks \
           --json "$OUT/demo_profile_compiled.json"
       fi ;;
