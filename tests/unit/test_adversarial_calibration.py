@@ -2,7 +2,7 @@
 locked storage, a missing optional dependency, racing workers. Every case ends in exactly the requested
 trials and the uninterrupted job's recipe, or one clear error naming the input and the problem; no
 finished trial is ever lost. The kills are real SIGKILLs of ``litepatch calibrate`` subprocesses
-(``calibration_faults`` arms them at named phases)."""
+(``calibration_faults`` arms them at named phases), forked from a warm interpreter (``warm_python``)."""
 
 from __future__ import annotations
 
@@ -36,9 +36,10 @@ def _write_job(folder: Path, trials: int = TRIALS) -> Path:
     return path
 
 
-def _run(job: Path, *args: str, kill: str | None = None, fail: str | None = None, env: dict | None = None,
+def _run(python, job: Path, *args: str, kill: str | None = None, fail: str | None = None, env: dict | None = None,
          timeout: float = 240) -> subprocess.CompletedProcess:
-    """``litepatch calibrate job`` in a subprocess, with a fault armed (see ``calibration_faults``)."""
+    """``litepatch calibrate job`` in a subprocess started by ``python`` (``warm_python``), with a fault armed (see
+    ``calibration_faults``)."""
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
                "PYTHONWARNINGS": "ignore", "LITEPATCH_TEST_KILL_MARKER": str(job.parent / f"killed-{kill}")}
     environ.pop("LITEPATCH_TEST_KILL", None)
@@ -48,7 +49,7 @@ def _run(job: Path, *args: str, kill: str | None = None, fail: str | None = None
     if fail:
         environ["LITEPATCH_TEST_FAIL"] = fail
     environ.update(env or {})
-    return subprocess.run([sys.executable, "-m", "calibration_faults", str(job), "--no-progress", *args],
+    return python.run([sys.executable, "-m", "calibration_faults", str(job), "--no-progress", *args],
                           env=environ, capture_output=True, text=True, timeout=timeout)
 
 
@@ -88,10 +89,10 @@ def _assert_study_is_whole(folder: Path, trials: int = TRIALS) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
+def reference(tmp_path_factory, warm_python) -> dict:
     """The uninterrupted job: its recipe settings and its complete trials' parameters."""
     folder = tmp_path_factory.mktemp("reference")
-    result = _run(_write_job(folder))
+    result = _run(warm_python, _write_job(folder))
     assert result.returncode == 0, result.stdout + result.stderr
     return {"settings": _settings(folder),
             "params": sorted(tuple(sorted(p.items())) for p, _ in _complete(folder).values())}
@@ -100,14 +101,14 @@ def reference(tmp_path_factory) -> dict:
 # --------------------------------------------------------------------------------------------- kills
 
 
-def test_job_killed_inside_its_seed_trial_evaluates_it_when_rerun(tmp_path, reference):
+def test_job_killed_inside_its_seed_trial_evaluates_it_when_rerun(tmp_path, reference, warm_python):
     job = _write_job(tmp_path)
-    killed = _run(job, kill="generation")
+    killed = _run(warm_python, job, kill="generation")
     assert killed.returncode == -9, killed.stdout + killed.stderr
     (running,) = [t for t in _trials(tmp_path) if t.state.name == "RUNNING"]  # the seed trial, mid-generation
     assert not _complete(tmp_path)
     started = time.monotonic()
-    result = _run(job)  # at once: no waiting for a heartbeat grace period
+    result = _run(warm_python, job)  # at once: no waiting for a heartbeat grace period
     assert result.returncode == 0, result.stdout + result.stderr
     assert time.monotonic() - started < 120
     _assert_study_is_whole(tmp_path)
@@ -120,19 +121,19 @@ def test_job_killed_inside_its_seed_trial_evaluates_it_when_rerun(tmp_path, refe
 
 
 @pytest.mark.slow
-def test_sigkill_at_every_phase_loses_nothing_and_ends_in_the_same_recipe(tmp_path, reference):
+def test_sigkill_at_every_phase_loses_nothing_and_ends_in_the_same_recipe(tmp_path, reference, warm_python):
     from calibration_faults import PHASES
 
     job = _write_job(tmp_path)
     for phase in PHASES:
         before = _complete(tmp_path) if (tmp_path / "out" / "study.db").exists() else {}
-        result = _run(job, kill=phase)
+        result = _run(warm_python, job, kill=phase)
         assert result.returncode == -9, f"{phase}: {result.stdout + result.stderr}"
         assert (tmp_path / f"killed-{phase}").read_text() == phase
         if (tmp_path / "out" / "study.db").exists():
             after = _complete(tmp_path)
             assert {n: after[n] for n in before} == before, phase  # finished trials survive every kill
-    result = _run(job)
+    result = _run(warm_python, job)
     assert result.returncode == 0, result.stdout + result.stderr
     _assert_study_is_whole(tmp_path)
     assert sorted(tuple(sorted(p.items())) for p, _ in _complete(tmp_path).values()) == reference["params"]
@@ -220,9 +221,9 @@ def test_a_generation_that_always_fails_stops_the_job_with_its_error(monkeypatch
     assert "\n" not in message and time.monotonic() - started < 60
 
 
-def test_failed_trials_in_a_job_exit_zero_with_the_recipe(tmp_path):
+def test_failed_trials_in_a_job_exit_zero_with_the_recipe(tmp_path, warm_python):
     job = _write_job(tmp_path)
-    result = _run(job, fail="oom:2,nan:4")
+    result = _run(warm_python, job, fail="oom:2,nan:4")
     assert result.returncode == 0, result.stdout + result.stderr
     _assert_study_is_whole(tmp_path)
     errors = [t.user_attrs.get("litepatch.error") for t in _trials(tmp_path) if t.state.name == "FAIL"]
@@ -254,12 +255,12 @@ def test_corrupt_storage_file_is_one_clear_error_naming_it_fast(tmp_path, conten
     assert db.read_bytes() == content  # the file is left as it was, for the user to inspect
 
 
-def test_corrupt_storage_in_a_job_is_one_line_on_stderr(tmp_path):
+def test_corrupt_storage_in_a_job_is_one_line_on_stderr(tmp_path, warm_python):
     job = _write_job(tmp_path)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "study.db").write_bytes(b"\x00garbage" * 1000)
     started = time.monotonic()
-    result = _run(job)
+    result = _run(warm_python, job)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "study.db" in result.stderr and "not an SQLite database" in result.stderr

@@ -56,14 +56,15 @@ def postgres_url():
         server.stop()
 
 
-def _worker(job: Path, *args: str, host: str | None = None) -> subprocess.Popen:
+def _worker(python, job: Path, *args: str, host: str | None = None) -> subprocess.Popen:
+    """A ``litepatch calibrate`` worker started by ``python`` (``warm_python``); ``host`` is the machine it claims."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
            "PYTHONWARNINGS": "ignore"}
     env.pop("LITEPATCH_TEST_KILL", None)
     if host:
         env["LITEPATCH_TEST_HOST"] = host
-    return subprocess.Popen([sys.executable, "-m", "calibration_faults", str(job), "--no-progress", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return python.Popen([sys.executable, "-m", "calibration_faults", str(job), "--no-progress", *args], env=env,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _trials(url: str, study: str) -> list:
@@ -87,17 +88,17 @@ def _running_trial_of(url: str, study: str, pid: int):
 
 
 @pytest.mark.slow
-def test_three_workers_on_postgresql_survive_a_killed_worker(tmp_path, postgres_url):
+def test_three_workers_on_postgresql_survive_a_killed_worker(tmp_path, postgres_url, warm_python):
     study = f"toy-{uuid.uuid4().hex[:8]}"
     job = tmp_path / "job.yaml"
     job.write_text(JOB.format(trials=TRIALS, storage=postgres_url, study=study))
-    victim = _worker(job, "--worker", host="another-machine")
-    others = [_worker(job, "--worker"), _worker(job)]
+    victim = _worker(warm_python, job, "--worker", host="another-machine")
+    others = [_worker(warm_python, job, "--worker"), _worker(warm_python, job)]
     try:
         deadline = time.monotonic() + 240
         killed = None
         while killed is None:
-            assert victim.poll() is None, victim.stdout.read()
+            assert victim.poll() is None, victim.communicate()[0]
             assert time.monotonic() < deadline, "the victim never started a trial"
             killed = _running_trial_of(postgres_url, study, victim.pid)
             time.sleep(0.2)

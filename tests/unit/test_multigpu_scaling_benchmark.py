@@ -1,16 +1,19 @@
 """The CPU smoke run of benchmarks/multigpu.py at 4 ranks (and 8, slow): every mode, tiny Wan (8 heads, 768
-tokens), gloo ranks under torchrun, reference kernel. Each layout (Ulysses-P, ring-P, the Ulysses x ring mixes,
-hand-sharded and under diffusers) gives the single-device dense output at kept 1.0 and really skips at a forced
-fraction; the hetero rows (per-head kept fractions) give the single-device output of the same forced tiles under
-contiguous and placed heads, with the placement lowering the kept-work imbalance. A launch without ``single`` reads
-the single-device outputs from ``--reference``; ``--merge`` makes one table of several launches."""
+tokens), gloo ranks in torchrun's environment (forked from a warm interpreter, ``warm_python``), reference kernel.
+Each layout (Ulysses-P, ring-P, the Ulysses x ring mixes, hand-sharded and under diffusers) gives the single-device
+dense output at kept 1.0 and really skips at a forced fraction; the hetero rows (per-head kept fractions) give the
+single-device output of the same forced tiles under contiguous and placed heads, with the placement lowering the
+kept-work imbalance. A launch without ``single`` reads the single-device outputs from ``--reference``; ``--merge``
+makes one table of several launches."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,13 +29,33 @@ LAYOUTS = {
 }
 
 
-def launch(world: int, *args: str, timeout: int = 300) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-           str(SCRIPT), "--tiny", "--device", "cpu", "--iters", "1", "--warmup", "1", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(python, world: int, *args: str, timeout: int = 300) -> str:
+    """``torchrun --standalone --nproc_per_node world benchmarks/multigpu.py --tiny ...`` with the ranks forked by
+    ``python`` (``warm_python``) in torchrun's environment: torchrun would start each rank from scratch, 4-5 s of
+    imports (torch, diffusers) a rank on 2 cores. Like torchrun, the first failing rank stops the others; returns the
+    output of rank 0 (the table)."""
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--iters", "1", "--warmup", "1", *args]
+    rendezvous = dict(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    ranks = [python.Popen(cmd, cwd=ROOT, env=dict(os.environ, **rendezvous, RANK=str(r), LOCAL_RANK=str(r)),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        codes = [rank.poll() for rank in ranks]
+        if None not in codes or any(codes):
+            break
+        time.sleep(0.1)
+    for rank in ranks:
+        rank.kill()
+    outputs = [rank.communicate()[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0] * world, "\n".join(out[-3000:] for out in outputs)
+    return outputs[0]
 
 
 def rows_of(path: Path) -> dict:
@@ -40,9 +63,10 @@ def rows_of(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run4(tmp_path_factory) -> tuple[Path, dict, str]:
+def run4(tmp_path_factory, warm_python) -> tuple[Path, dict, str]:
     tmp = tmp_path_factory.mktemp("multigpu4")
-    stdout = launch(4, "--fractions", "1,0.25", "--reference", str(tmp / "ref.pt"), "--json", str(tmp / "all.json"))
+    stdout = launch(warm_python, 4, "--fractions", "1,0.25", "--reference", str(tmp / "ref.pt"),
+                    "--json", str(tmp / "all.json"))
     return tmp, rows_of(tmp / "all.json"), stdout
 
 
@@ -95,9 +119,9 @@ def test_head_placement_on_4_ranks_keeps_the_output_and_balances_kept_work(run4)
     check_hetero(rows, 4)
 
 
-def test_a_launch_without_single_reads_the_reference_and_merge_makes_one_table(run4):
+def test_a_launch_without_single_reads_the_reference_and_merge_makes_one_table(run4, warm_python):
     tmp, rows, _ = run4
-    launch(4, "--modes", "ulysses", "--fractions", "1", "--reference", str(tmp / "ref.pt"),
+    launch(warm_python, 4, "--modes", "ulysses", "--fractions", "1", "--reference", str(tmp / "ref.pt"),
            "--json", str(tmp / "part.json"))
     part = rows_of(tmp / "part.json")
     assert set(part) == {("ulysses4", "sdpa"), ("ulysses4", "lite f=1")}
@@ -105,8 +129,8 @@ def test_a_launch_without_single_reads_the_reference_and_merge_makes_one_table(r
     assert part["ulysses4", "lite f=1"]["speedup_vs_single_sdpa"] is None  # no single row in this launch
 
     merged_path = tmp / "merged.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--merge", str(tmp / "part.json"), str(tmp / "all.json"),
-                           "--json", str(merged_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = warm_python.run([sys.executable, str(SCRIPT), "--merge", str(tmp / "part.json"), str(tmp / "all.json"),
+                            "--json", str(merged_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = json.loads(merged_path.read_text())
     keys = [(r["mode"], r["attention"]) for r in merged["rows"]]
@@ -121,14 +145,14 @@ def test_a_launch_without_single_reads_the_reference_and_merge_makes_one_table(r
     other = json.loads((tmp / "all.json").read_text())
     other["meta"]["tokens"] += 1
     (tmp / "other.json").write_text(json.dumps(other))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--merge", str(tmp / "all.json"), str(tmp / "other.json")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = warm_python.run([sys.executable, str(SCRIPT), "--merge", str(tmp / "all.json"), str(tmp / "other.json")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "differs from" in proc.stderr and "tokens" in proc.stderr
 
 
 @pytest.mark.slow
-def test_every_mode_of_8_ranks(tmp_path):
-    launch(8, "--fractions", "1,0.25", "--json", str(tmp_path / "all.json"), timeout=600)
+def test_every_mode_of_8_ranks(tmp_path, warm_python):
+    launch(warm_python, 8, "--fractions", "1,0.25", "--json", str(tmp_path / "all.json"), timeout=600)
     rows = rows_of(tmp_path / "all.json")
     check_layouts(rows, 8)
     check_hetero(rows, 8)
