@@ -193,12 +193,14 @@ def calibrate(
     progress_bar = _Progress(trials, progress)
     try:
         layers = list(handle.layers)
-        study = optuna.create_study(study_name=study_name, storage=storage_obj, direction="minimize",
-                                    load_if_exists=True, sampler=make_sampler(sampler, seed, n_startup=3))
-        plan = load_or_make_plan(study, handle, run, model, samples[0], dense_outputs[0][0], layers, space, order)
-        _check_resumable(study, plan, layers, samples)
-        distributions = search_distributions(space, plan, len(layers))
-        owner = _propose_on(study, space, plan, distributions, sampler, seed, bisect)
+        with storage_failures(storage_obj, during="the opening of the study"):
+            study = optuna.create_study(study_name=study_name, storage=storage_obj, direction="minimize",
+                                        load_if_exists=True, sampler=make_sampler(sampler, seed, n_startup=3))
+            plan = load_or_make_plan(study, handle, run, model, samples[0], dense_outputs[0][0], layers, space,
+                                     order)
+            _check_resumable(study, plan, layers, samples)
+            distributions = search_distributions(space, plan, len(layers))
+            owner = _propose_on(study, space, plan, distributions, sampler, seed, bisect)
         evaluate = TrialEvaluator(
             study=study, handle=handle, run=run, model=model, samples=samples, dense_outputs=dense_outputs,
             budget=budget, metric_names=metric_names, plan=plan, name=name, order=order, objective=objective,

@@ -86,8 +86,10 @@ def _rdb_storage(url: str):
     for attempt in range(5):
         try:
             with quiet_optuna():
-                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                  grace_period=GRACE_PERIOD)
+                storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                     grace_period=GRACE_PERIOD)
+            _create_missing_indexes(storage.engine)
+            return storage
         except SQLAlchemyError as err:
             detail = " ".join(str(getattr(err, "orig", None) or err).split())[:200]
             # two new workers may create the schema of one new database at the same moment
@@ -108,6 +110,28 @@ def _rdb_storage(url: str):
             raise CalibrationError(
                 f"storage {_redact(url)} needs the Python package {package!r}, which is not installed{hint}"
             ) from None
+
+
+def _create_missing_indexes(engine) -> None:
+    """Creates the indexes of Optuna's schema that a worker killed mid-creation left out.
+
+    SQLite (and MySQL) commit each ``CREATE`` of the schema on its own, and Optuna's ``create_all`` skips a table
+    that exists together with its indexes. A worker killed between ``CREATE TABLE studies`` and the unique index
+    on the study name left a database in which every run added a study of the same name, and the next
+    ``create_study`` failed (``MultipleResultsFound`` inside a ``StorageInternalError``).
+    """
+    import sqlalchemy
+    from optuna.storages._rdb.models import BaseModel
+
+    with engine.begin() as connection:
+        inspector = sqlalchemy.inspect(connection)
+        for table in BaseModel.metadata.sorted_tables:
+            if not table.indexes:
+                continue
+            present = {index["name"] for index in inspector.get_indexes(table.name)}
+            for index in table.indexes:
+                if index.name not in present:
+                    index.create(connection)
 
 
 def _redact(url: str) -> str:
@@ -144,9 +168,9 @@ def storage_label(storage) -> str:
 
 
 @contextlib.contextmanager
-def storage_failures(storage):
-    """A database error in the middle of the trials (a lock held past the timeout, a lost connection)
-    becomes one line naming the storage; the finished trials are in it, and a rerun continues."""
+def storage_failures(storage, during: str = "the trials"):
+    """A database error ``during`` the opening of the study or the trials (a lock held past the timeout, a lost
+    connection) becomes one line naming the storage; the finished trials are in it, and a rerun continues."""
     from optuna.exceptions import StorageInternalError
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -156,6 +180,6 @@ def storage_failures(storage):
         cause = err.__cause__ if isinstance(err, StorageInternalError) and err.__cause__ is not None else err
         detail = " ".join(str(getattr(cause, "orig", None) or cause).split())[:200]
         raise CalibrationError(
-            f"storage {storage_label(storage)} failed during the trials ({type(err).__name__}: {detail}); the "
+            f"storage {storage_label(storage)} failed during {during} ({type(err).__name__}: {detail}); the "
             f"finished trials are kept in it: run the job again to continue (locks wait {STORAGE_TIMEOUT_ENV} s)"
         ) from None

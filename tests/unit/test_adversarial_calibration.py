@@ -484,6 +484,62 @@ def test_storage_locked_in_the_middle_of_the_trials_is_one_line_and_a_rerun_cont
     assert states.count("COMPLETE") == TRIALS and [r["number"] for r in report.trials][:2] == [0, 1]
 
 
+KILL_AFTER_THE_STUDIES_TABLE = """\
+import os, signal, sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from litepatch.calibration.storage import make_storage
+
+@event.listens_for(Engine, "after_cursor_execute")
+def die(conn, cursor, statement, *args):
+    if statement.lstrip().startswith("CREATE TABLE studies"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+make_storage(sys.argv[1])
+"""
+
+
+def test_a_worker_killed_while_it_creates_the_database_leaves_one_study_per_name(tmp_path, warm_python):
+    """SQLite commits each CREATE of the schema on its own: a SIGKILL between the studies table and its unique index
+    on the name left a database where every run added a study of that name, and the second run failed inside
+    ``optuna.create_study`` (StorageInternalError around MultipleResultsFound)."""
+    import optuna
+
+    db = tmp_path / "study.db"
+    killed = warm_python.run([sys.executable, "-c", KILL_AFTER_THE_STUDIES_TABLE, str(db)], capture_output=True,
+                             text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    model, run, samples, _ = _toy()
+    _calibrate(run, model, samples, storage=str(db), trials=1, finish=False)
+    _calibrate(run, model, samples, storage=str(db), trials=2, finish=False)  # continues the same study
+    (name,) = optuna.get_all_study_names(f"sqlite:///{db}")
+    trials = optuna.load_study(study_name=name, storage=f"sqlite:///{db}").get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+
+
+def test_a_storage_error_while_the_study_is_opened_is_one_line(tmp_path, monkeypatch):
+    import optuna
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import OperationalError
+
+    from litepatch.calibration import CalibrationError
+
+    def locked_for_too_long(**kwargs):
+        try:
+            raise OperationalError("INSERT INTO studies", {}, sqlite3.OperationalError("database is locked"))
+        except OperationalError as err:
+            raise StorageInternalError("An exception is raised during the commit.") from err
+
+    monkeypatch.setattr(optuna, "create_study", locked_for_too_long)
+    db = tmp_path / "study.db"
+    model, run, samples, _ = _toy()
+    with pytest.raises(CalibrationError) as info:
+        _calibrate(run, model, samples, storage=str(db))
+    message = str(info.value)
+    assert str(db) in message and "the opening of the study" in message and "database is locked" in message
+    assert "\n" not in message
+
+
 def test_the_report_never_shows_a_storage_password():
     from litepatch.calibration.storage import storage_label as _storage_label
 
