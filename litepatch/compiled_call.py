@@ -27,6 +27,11 @@ from typing import Optional
 
 import torch
 
+from .runtime import refuse_graph_capture
+
+# Inductor must not capture the op into a CUDA graph (mode="reduce-overhead"): a replay skips its Python, so every
+# step would repeat the captured step's plan. The tag makes Inductor run it outside graphs (torch >= 2.8).
+_TAGS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
 _LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # op id -> LayerPatch
 _IDS = itertools.count(1)
 
@@ -38,7 +43,7 @@ def register(layer) -> int:
     return op_id
 
 
-@torch.library.custom_op("litepatch::layer_attention", mutates_args=())
+@torch.library.custom_op("litepatch::layer_attention", mutates_args=(), tags=_TAGS)
 def layer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
                     layer: int, scale: Optional[float], must: list[int]) -> torch.Tensor:
     """One attention call of the patched layer ``layer`` on ``[B, S, H, D]`` inputs; ``must`` = flattened
@@ -48,6 +53,7 @@ def layer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask:
         raise RuntimeError(
             f"litepatch: a compiled graph calls patched layer #{layer}, whose handle was removed; call "
             "torch._dynamo.reset() (or compile again) after handle.remove()")
+    refuse_graph_capture(q)  # where the tag is missing (older torch) or a caller captures the compiled model itself
     ranges = [(must[i], must[i + 1]) for i in range(0, len(must), 2)]
     return patch.attend_planned(q, k, v, key_mask, scale, ranges).contiguous()
 

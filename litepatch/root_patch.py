@@ -13,7 +13,7 @@ import torch
 from .attachment import ROOT_ATTR, Attachment
 from .context import CallReader
 from .diffusers_cp import dense_reason
-from .runtime import Runtime
+from .runtime import Runtime, refuse_graph_capture
 
 
 class RootPatch:
@@ -63,6 +63,8 @@ class RootPatch:
     def pre_hook(self, module, args, kwargs):
         self.check_parallelism(module)
         timestep, text_tokens, inputs = self.reader.read_source(args, kwargs)
+        if isinstance(timestep, torch.Tensor):
+            refuse_graph_capture(timestep)  # before anything is flushed or planned
         runtime = self.runtime
         runtime.flush()
         self.check_reach()

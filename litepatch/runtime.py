@@ -103,6 +103,20 @@ _PENDING: weakref.WeakSet = weakref.WeakSet()
 _HANDLER: list = []  # torch.compile's callback handler, once found (None: this torch has none)
 
 
+GRAPH_CAPTURE_ERROR = (
+    "litepatch: a patched forward is being captured into a CUDA graph (torch.compile(mode='reduce-overhead') or "
+    "torch.cuda.graph): a replay would repeat the captured step's plan (warm-up or sparse, its threshold, its skip "
+    "state) at every step and record nothing. Compile with mode='default' or 'max-autotune-no-cudagraphs', or "
+    "call handle.remove() before capturing")
+
+
+def refuse_graph_capture(tensor: torch.Tensor) -> None:
+    """Raises :data:`GRAPH_CAPTURE_ERROR` while ``tensor``'s CUDA stream is capturing a graph (a patched call decides
+    its plan in Python, which a graph replay skips)."""
+    if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(GRAPH_CAPTURE_ERROR)
+
+
 def _on_gpu(timestep: torch.Tensor) -> bool:
     return timestep.is_cuda
 

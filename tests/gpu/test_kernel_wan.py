@@ -142,3 +142,20 @@ def test_compiled_patched_wan_plans_at_run_time_like_eager():
         handle.remove()
         torch._dynamo.reset()
     assert max(syncs) <= dense_syncs + 1, f"compiled patched forwards: {syncs}, dense {dense_syncs}"
+
+
+@torch.inference_mode()
+def test_capturing_a_patched_forward_into_a_cuda_graph_is_a_clear_error():
+    """A CUDA graph replay skips the patcher's Python (plans, records): capturing a patched forward must fail at once
+    with a message that says so, not record a graph that repeats one step's plan."""
+    model, latents, text = _model_and_inputs()
+    handle = litepatch.apply(model, threshold=-2.0, warmup_steps=0)
+    try:
+        _forward(model, latents, text, 999)
+        timestep = torch.full((1,), 900.0, device="cuda")
+        torch.cuda.synchronize()
+        with pytest.raises(RuntimeError, match="captured into a CUDA graph"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)
+    finally:
+        handle.remove()

@@ -232,3 +232,12 @@ def test_diffusers_regional_compilation_of_a_patched_model_matches_eager():
     finally:
         handle.remove()
         torch._dynamo.reset()
+
+
+def test_the_layer_op_is_kept_out_of_cuda_graphs():
+    """``mode="reduce-overhead"`` must not capture ``litepatch::layer_attention``: a replay would skip its Python and
+    repeat one step's plan at every step. The op is tagged so that Inductor runs it outside graphs, and a capture
+    that reaches a patched forward anyway (older torch, torch.cuda.graph) raises a clear error (GPU test)."""
+    import litepatch.compiled_call  # noqa: F401  (registers the op)
+
+    assert torch.Tag.cudagraph_unsafe in torch.ops.litepatch.layer_attention.default.tags
