@@ -25,20 +25,24 @@ def make_storage(storage):
     or a journal file (``*.log`` / ``*.journal``, for many machines on a shared file system).
 
     RDB storages record heartbeats, so that trials of a killed worker on another machine are failed
-    (and their parameters proposed again) after :data:`~litepatch.calibration.workers.GRACE_PERIOD`
-    seconds; SQLite waits up to ``$LITEPATCH_STORAGE_TIMEOUT`` seconds (default 120) for a lock that
-    another worker holds.
+    (and their parameters proposed again) after ``$LITEPATCH_GRACE_PERIOD`` seconds (default
+    :data:`~litepatch.calibration.workers.GRACE_PERIOD`); SQLite waits up to ``$LITEPATCH_STORAGE_TIMEOUT``
+    seconds (default 120) for a lock that another worker holds.
 
     Raises:
-        CalibrationError: the file is not a database of that kind (corrupt or another file), or the
-            storage cannot be opened; one line naming the file and what to do.
+        CalibrationError: the file is not a database of that kind (corrupt or another file), the
+            storage cannot be opened, or ``$LITEPATCH_STORAGE_TIMEOUT`` / ``$LITEPATCH_GRACE_PERIOD`` is
+            not a number of seconds; one line naming the file (or the variable) and what to do.
     """
     import optuna
+
+    from .workers import grace_period
 
     if storage is None or isinstance(storage, optuna.storages.BaseStorage):
         return storage
     if not isinstance(storage, (str, os.PathLike)):
         raise TypeError(f"storage must be a URL, a path or an optuna storage, got {type(storage).__name__}")
+    grace_period()  # a bad $LITEPATCH_GRACE_PERIOD fails here, before any generation
     text = os.fspath(storage)
     if text.endswith((".log", ".journal")) and "://" not in text:
         return _journal_storage(text)
@@ -79,15 +83,15 @@ def _rdb_storage(url: str):
     from optuna.storages import RDBStorage
     from sqlalchemy.exc import SQLAlchemyError
 
-    from .workers import GRACE_PERIOD, HEARTBEAT_INTERVAL, quiet_optuna
+    from .workers import grace_period, heartbeat_interval, quiet_optuna
 
     sqlite = url.startswith("sqlite")
     engine_kwargs = {"connect_args": {"timeout": _storage_timeout()}} if sqlite else {"pool_pre_ping": True}
     for attempt in range(5):
         try:
             with quiet_optuna():
-                storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                     grace_period=GRACE_PERIOD)
+                storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval(),
+                                     grace_period=grace_period())
             _create_missing_indexes(storage.engine)
             return storage
         except SQLAlchemyError as err:

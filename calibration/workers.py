@@ -10,7 +10,8 @@ The rules, for one process or many on one Optuna storage (SQLite, a journal file
   included) is evaluated again, and with the same seed the study ends in the same recipe.
 * **Dead trials are failed, not waited for.** Every trial records its owner (host, boot, pid and
   the process's start time). A RUNNING trial whose owner is a dead process of this machine is
-  failed at once; one of another machine is failed by Optuna's heartbeat after its grace period;
+  failed at once; one of another machine is failed by Optuna's heartbeat after its grace period
+  (``$LITEPATCH_GRACE_PERIOD`` seconds, default :data:`GRACE_PERIOD`; a heartbeat every third of it);
   one that died before recording its owner is failed when it is older than that grace period. On
   storages without heartbeats (journal files) each trial writes the time into ``litepatch.beat``
   every few seconds, and one silent for :data:`BEAT_GRACE_PERIOD` seconds is failed.
@@ -44,7 +45,9 @@ ERROR_ATTR = "litepatch.error"
 YIELD_ATTR = "litepatch.yielded"
 ORIGIN_ATTR = "origin"
 HEARTBEAT_INTERVAL = 5
+"""Seconds between the heartbeats of a trial on storages without heartbeats of their own (journal files)."""
 GRACE_PERIOD = 15
+GRACE_PERIOD_ENV = "LITEPATCH_GRACE_PERIOD"
 BEAT_ATTR = "litepatch.beat"
 BEAT_GRACE_PERIOD = 60
 """Seconds without a ``litepatch.beat`` after which a trial of another machine counts as dead, on
@@ -175,12 +178,30 @@ def _fail(storage, frozen, reason: str) -> None:
         pass  # finished or failed by someone else meanwhile
 
 
-def fail_dead_trials(study, storage, *, grace_period: float = GRACE_PERIOD) -> int:
-    """Fails the RUNNING trials of dead workers (see the module docstring); returns how many it failed."""
+def grace_period() -> int:
+    """Seconds of silence after which a RUNNING trial counts as dead: ``$LITEPATCH_GRACE_PERIOD``, default
+    :data:`GRACE_PERIOD` (shorter fails a killed worker's trial sooner, longer tolerates a slower database)."""
+    from .errors import CalibrationError
+
+    value = os.environ.get(GRACE_PERIOD_ENV, str(GRACE_PERIOD))
+    if not value.strip().isdigit() or int(value) < 1:
+        raise CalibrationError(f"{GRACE_PERIOD_ENV} must be a whole number of seconds >= 1, got {value!r}")
+    return int(value)
+
+
+def heartbeat_interval() -> int:
+    """Seconds between heartbeats on storages with heartbeats (RDB): a third of the grace period, at least 1."""
+    return max(1, grace_period() // 3)
+
+
+def fail_dead_trials(study, storage, *, grace: float | None = None) -> int:
+    """Fails the RUNNING trials of dead workers (see the module docstring); returns how many it failed.
+    ``grace``: seconds after which a trial without an owner counts as dead (default :func:`grace_period`)."""
     import optuna
 
     if storage is None:
         return 0
+    grace = grace_period() if grace is None else grace
     native = _native_heartbeat(storage)
     if native:
         optuna.storages.fail_stale_trials(study)
@@ -198,7 +219,7 @@ def fail_dead_trials(study, storage, *, grace_period: float = GRACE_PERIOD) -> i
         elif owner is not None and silent > BEAT_GRACE_PERIOD:
             _fail(storage, frozen, f"worker {owner} sent no heartbeat for {silent:.0f} s")
             failed += 1
-        elif owner is None and frozen.datetime_start and (now - frozen.datetime_start).total_seconds() > grace_period:
+        elif owner is None and frozen.datetime_start and (now - frozen.datetime_start).total_seconds() > grace:
             _fail(storage, frozen, "its worker died before it started")
             failed += 1
     return failed
@@ -217,16 +238,21 @@ def _native_heartbeat(storage) -> bool:
 
 
 @contextmanager
-def heartbeat(storage, trial_id: int, interval: float = HEARTBEAT_INTERVAL):
+def heartbeat(storage, trial_id: int, interval: float | None = None):
     """Records the trial's heartbeat now and every ``interval`` seconds while the block runs: the storage's
-    own (RDB), else the wall-clock time in the trial's ``litepatch.beat`` attribute (journal files)."""
+    own (RDB, by default at the interval it was made with), else the wall-clock time in the trial's
+    ``litepatch.beat`` attribute (journal files, by default every :data:`HEARTBEAT_INTERVAL` seconds)."""
     if storage is None:
         yield
         return
     if _native_heartbeat(storage):
+        interval = interval or storage.get_heartbeat_interval()
+
         def record() -> None:
             storage.record_heartbeat(trial_id)
     else:
+        interval = interval or HEARTBEAT_INTERVAL
+
         def record() -> None:
             storage.set_trial_user_attr(trial_id, BEAT_ATTR, time.time())
     stop = threading.Event()

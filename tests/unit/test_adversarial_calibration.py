@@ -323,6 +323,24 @@ def test_invalid_storage_timeout_is_named(value, tmp_path, monkeypatch):
         make_storage(str(tmp_path / "study.db"))
 
 
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "2.5"])
+def test_invalid_grace_period_is_named(value, tmp_path, monkeypatch):
+    from litepatch.calibration import CalibrationError
+    from litepatch.calibration.search import make_storage
+
+    monkeypatch.setenv("LITEPATCH_GRACE_PERIOD", value)
+    with pytest.raises(CalibrationError, match="LITEPATCH_GRACE_PERIOD must be a whole number of seconds >= 1"):
+        make_storage(str(tmp_path / "study.db"))
+
+
+def test_grace_period_sets_the_heartbeat_of_rdb_storages(tmp_path, monkeypatch):
+    from litepatch.calibration.search import make_storage
+
+    monkeypatch.setenv("LITEPATCH_GRACE_PERIOD", "6")
+    storage = make_storage(str(tmp_path / "study.db"))
+    assert (storage.grace_period, storage.get_heartbeat_interval()) == (6, 2)
+
+
 def test_storage_url_with_a_password_is_redacted_in_errors():
     from litepatch.calibration import CalibrationError
     from litepatch.calibration.search import make_storage

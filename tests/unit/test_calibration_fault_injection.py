@@ -19,6 +19,8 @@ def test_random_kills_leave_the_requested_trials_and_the_uninterrupted_recipe(tm
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "subprocess", warm_python)
+    # a kill between a trial's creation and its owner's record leaves it to the grace period (default 15 s)
+    monkeypatch.setenv("LITEPATCH_GRACE_PERIOD", "5")
     lines: list[str] = []
     result = module.run_fault_injection(tmp_path, kills=3, trials=4, seed=1, delay=0.02, log=lines.append)
     assert result["kills"] == 3 and len(result["landed"]) == 3

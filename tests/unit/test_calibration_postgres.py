@@ -24,6 +24,8 @@ sys.path.insert(0, str(HERE.parent))
 from postgres_server import URL_ENV, PostgresServer, PostgresUnavailable  # noqa: E402
 
 TRIALS = 6
+GRACE_PERIOD = 5
+"""Seconds after its last heartbeat that the killed worker's trial is failed (a heartbeat a second; default 15)."""
 JOB = """\
 entry: calibration_faults:make_job
 entry_args: {{delay: 0.4}}
@@ -59,7 +61,7 @@ def postgres_url():
 def _worker(python, job: Path, *args: str, host: str | None = None) -> subprocess.Popen:
     """A ``litepatch calibrate`` worker started by ``python`` (``warm_python``); ``host`` is the machine it claims."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "PYTHONWARNINGS": "ignore"}
+           "PYTHONWARNINGS": "ignore", "LITEPATCH_GRACE_PERIOD": str(GRACE_PERIOD)}
     env.pop("LITEPATCH_TEST_KILL", None)
     if host:
         env["LITEPATCH_TEST_HOST"] = host
