@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ WARM_MODULES = (
     "litepatch.calibration.job", "litepatch.calibration.search", "litepatch.parallel",
     "diffusers.models.transformers.transformer_wan", "conftest",
 )
-"""What the warm interpreter imports once (about 5 s): torch, the calibration job's stack, diffusers' Wan model."""
+"""What the warm interpreter imports once (about 5 s): torch, the calibration job's stack, diffusers' Wan model, and
+this file (``_run_command`` runs in the forked children)."""
 
 
 def pytest_collection_modifyitems(config, items):
@@ -121,6 +123,19 @@ class WarmPopen:
         )
         self._process.start()
         self.pid = self._process.pid
+        if start_new_session:
+            self._wait_for_session()
+
+    def _wait_for_session(self) -> None:
+        """Returns once the child leads its own process group, so that ``os.killpg(pid, ...)`` finds it."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.poll() is None:
+            try:
+                if os.getpgid(self.pid) == self.pid:
+                    return
+            except ProcessLookupError:
+                return
+            time.sleep(0.001)
 
     def poll(self) -> int | None:
         self.returncode = self._process.exitcode
