@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -157,7 +158,10 @@ def select(q: torch.Tensor, seq_k: int, *, backend: str = "auto", key_padding: b
     """
     key = (backend, q.device, q.dtype, q.shape[-1], seq_k, key_padding)
     if torch.compiler.is_compiling():  # a constant of the trace, uncached: the cache's contents would be guarded on
-        chosen, text = _decide(*key)
+        # operator.index: under dynamic shapes the sizes are symbolic, and the choice depends on them (key tiles,
+        # head dims): the trace specializes on them, as the dict lookup did (int() stays symbolic in a trace)
+        chosen, text = _decide(backend, q.device, q.dtype, operator.index(q.shape[-1]), operator.index(seq_k),
+                               key_padding)
         if not chosen:
             raise BackendUnavailable(text)
         return _REGISTERED[text]

@@ -241,3 +241,44 @@ def test_the_layer_op_is_kept_out_of_cuda_graphs():
     import litepatch.compiled_call  # noqa: F401  (registers the op)
 
     assert torch.Tag.cudagraph_unsafe in torch.ops.litepatch.layer_attention.default.tags
+
+
+def test_a_patched_model_compiles_with_dynamic_shapes():
+    """``torch.compile(dynamic=True)``: the sizes are symbolic in the trace, and the backend choice depends on them (a
+    constant of the trace). It failed with "assume_constant_result argument conversion failed"; the trace now
+    specializes on the sizes, one graph per sequence length, with the eager outputs and kept tiles."""
+    from test_calibration_toy import TIMESTEPS, ToyModel
+
+    class VariableLength(ToyModel):
+        def forward(self, x, timestep):
+            h, pos = x, self.pos[: x.shape[1]]
+            for gain, block in zip(self.gains, self.blocks):
+                h = h + gain * block(h, pos)
+            return h - x
+
+    def generation(model, seq):
+        x = torch.randn(1, seq, 16, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for t in TIMESTEPS:
+                x = x - 0.15 * model(x, timestep=torch.tensor([t]))
+        return x
+
+    model = VariableLength().eval()
+    handle = litepatch.apply(model, threshold=-2.0, warmup_steps=1)
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eager = {}
+            for seq in (512, 768):
+                handle.clear_stats()
+                eager[seq] = (generation(model, seq), handle.stats().kept_fraction())
+            compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+            for seq in (512, 768):
+                handle.clear_stats()
+                out = generation(compiled, seq)
+                torch.testing.assert_close(out, eager[seq][0], rtol=1e-5, atol=1e-5)
+                assert handle.stats().kept_fraction() == eager[seq][1] < 1.0
+    finally:
+        handle.remove()
+        torch._dynamo.reset()
