@@ -156,22 +156,21 @@ def select(q: torch.Tensor, seq_k: int, *, backend: str = "auto", key_padding: b
     ``backend="auto"``: the first of cute, triton (and, for CPU tensors only, reference) that accepts
     it. A name: that backend, if it accepts it. Raises :class:`BackendUnavailable` with every refusal.
     """
-    key = (backend, q.device, q.dtype, q.shape[-1], seq_k, key_padding)
     if torch.compiler.is_compiling():  # a constant of the trace, uncached: the cache's contents would be guarded on
         # operator.index: under dynamic shapes the sizes are symbolic, and the choice depends on them (key tiles,
         # head dims): the trace specializes on them, as the dict lookup did (int() stays symbolic in a trace)
         chosen, text = _decide(backend, q.device, q.dtype, operator.index(q.shape[-1]), operator.index(seq_k),
                                key_padding)
-        if not chosen:
-            raise BackendUnavailable(text)
-        return _REGISTERED[text]
-    answer = _SELECTED.get(key)
-    if answer is None or (type(answer) is Backend and _REGISTERED.get(answer.name) is not answer):  # new or dropped
-        chosen, text = _decide(*key)
         answer = _REGISTERED[text] if chosen else text
-        if len(_SELECTED) >= 256:  # many sequence lengths: start over rather than grow
-            _SELECTED.clear()
-        _SELECTED[key] = answer
+    else:
+        key = (backend, q.device, q.dtype, q.shape[-1], seq_k, key_padding)
+        answer = _SELECTED.get(key)
+        if answer is None or (type(answer) is Backend and _REGISTERED.get(answer.name) is not answer):  # new, dropped
+            chosen, text = _decide(*key)
+            answer = _REGISTERED[text] if chosen else text
+            if len(_SELECTED) >= 256:  # many sequence lengths: start over rather than grow
+                _SELECTED.clear()
+            _SELECTED[key] = answer
     if type(answer) is str:
         raise BackendUnavailable(answer)
     return answer
