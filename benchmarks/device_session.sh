@@ -24,6 +24,7 @@
 # Stages (give several; they run in this order of arguments):
 #   install  wheels from .whl/ into /tmp/site; the project installed without dependencies
 #   verify   GPU tests with a 150-case fuzz, and the CuTe protocol check             -> $OUT/gpu_tests.txt
+#   crossover  benchmarks/dense_crossover.py: flash-attn-4 dense (direct launch, interface) vs SDPA, host time in  -> $OUT/dense_crossover.json
 #   kernel   benchmarks/backends.py over the six shapes                              -> $OUT/backends.json
 #   host     benchmarks/patch_overhead.py, 150 paired rounds of 2 forwards, then 30 of 20  -> $OUT/patch_overhead*.json
 #   e2e      benchmarks/e2e.py (Wan2.1-1.3B 480p, kept 1.0 / 0.5 / 0.25)              -> $OUT/e2e.json
@@ -70,6 +71,8 @@ for stage in "$@"; do
     verify)
       run "GPU tests" "$OUT/gpu_tests.txt" env LITEPATCH_FUZZ_CASES=150 $PY -m pytest -q -n 8 tests/gpu
       run "CuTe protocol" "$OUT/gpu_tests.txt" $PY -m pytest -q tests/unit/test_cute_protocol.py ;;
+    crossover)
+      run crossover "$OUT/log.txt" $PY benchmarks/dense_crossover.py --json "$OUT/dense_crossover.json" ;;
     kernel)
       run kernel "$OUT/log.txt" $PY benchmarks/backends.py --json "$OUT/backends.json" ${KERNEL_ARGS:-} ;;
     host)
@@ -100,7 +103,7 @@ for stage in "$@"; do
           --json "$OUT/demo_profile_compiled.json"
       fi ;;
     *)
-      echo "unknown stage $stage (wheels install verify kernel host e2e demo demo-quick profile)"; status=1 ;;
+      echo "unknown stage $stage (wheels install verify crossover kernel host e2e demo demo-quick profile)"; status=1 ;;
   esac
 done
 exit $status

@@ -215,6 +215,8 @@ def _cute_rows(q, k, v, state, args, kw) -> dict:
         return {}
     from unittest import mock
 
+    from flash_attn.cute import interface as fa4_interface
+
     from litepatch.kernels import cute_fwd
     from litepatch.kernels.cute_sm90 import run_sm90
     from litepatch.kernels.launch import launch
@@ -249,7 +251,8 @@ def _cute_rows(q, k, v, state, args, kw) -> dict:
         "cute_forward minus its CuTe call (mocked)": without_cute_call,
         "one Triton launch (the list kernel), bound": list_launch,
         "the same launch, reused (as cute_forward)": reused_launch,
-        "flash-attn-4 dense (_flash_attn_fwd)": lambda: cute_fwd.flash_attn_4_dense(q, k, v),
+        "flash-attn-4 dense, its interface (_flash_attn_fwd)": lambda: fa4_interface._flash_attn_fwd(q, k, v)[0],
+        "flash-attn-4 dense, launched directly (dense_attention)": lambda: cute_fwd.flash_attn_4_dense(q, k, v),
         "CuTe LiteAttention call alone (run_sm90)": lambda: run_sm90(
             q, k, v, lists, votes, slot, tail, softmax_scale=kw["softmax_scale"], threshold=-4.0, seqused_k=None),
         "cute_forward (list + CuTe + commit kernels)": lambda: cute_forward(*args, **kw),

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from flash_attn.cute import interface as _fa4
 
-from .cute_sm90 import TILE_N, run_sm90, tile_m_for
+from .cute_sm90 import TILE_N, run_dense_sm90, run_sm90, tile_m_for
 from .key_masks import mask_facts, mask_tiles
 from .launch import launch
 from .registry import Backend, Constraints, register_backend
@@ -275,10 +275,15 @@ def flash_attn_4_dense(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float | None = None,
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """flash-attn-4's dense SM90 forward on ``[B, S, H, D]``; ``None`` when ``key_mask`` is not a prefix mask."""
+    """flash-attn-4's dense SM90 forward on ``[B, S, H, D]``; ``None`` when ``key_mask`` is not a prefix mask.
+
+    Launched directly (:func:`~litepatch.kernels.cute_sm90.run_dense_sm90`), through flash-attn-4's interface where
+    that does not apply (an empty sequence, ``v`` shaped unlike ``k``)."""
     lengths = _prefix_lengths(key_mask)
     if lengths is False:
         return None
+    if q.shape[1] and k.shape[1] and k.shape == v.shape:
+        return run_dense_sm90(q, k, v, softmax_scale=softmax_scale, seqused_k=lengths)
     return _fa4._flash_attn_fwd(q, k, v, softmax_scale=softmax_scale, seqused_k=lengths)[0]
 
 

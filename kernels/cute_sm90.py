@@ -51,6 +51,7 @@ Example (what :func:`litepatch.kernels.cute_fwd.cute_forward` does):
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from functools import partial
@@ -338,6 +339,16 @@ def _kernel(dtype: torch.dtype, head_dim: int, vote: bool, baseline: bool = Fals
     )
 
 
+def _dense_args(q, k, v, out, softmax_scale, seqused_k, stream):
+    """The argument list of flash-attn-4's SM90 ``__call__`` for a plain dense call (no LSE, no lists), as its
+    interface passes it."""
+    seqused = None if seqused_k is None else to_cute_tensor(seqused_k, assumed_align=4, leading_dim=0)
+    return [
+        *(to_cute_tensor(t) for t in (q, k, v, out)), None, Float32(softmax_scale),
+        None, None, None, seqused, None, None, None, None, None, AuxData(), None, None, stream,
+    ]
+
+
 def _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, stream):
     """The argument list of flash-attn-4's SM90 ``__call__``, as CuTe tensors (compile)."""
     mask_cnt, mask_idx, full_cnt, full_idx = (to_cute_tensor(t, assumed_align=4) for t in lists)
@@ -367,6 +378,57 @@ def compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot
     return cute.compile(kernel, *args, options="--enable-tvm-ffi")
 
 
+def compile_dense_sm90(q, k, v, out, softmax_scale, seqused_k, *, stream):
+    """Compiles flash-attn-4's dense SM90 forward, unchanged, for these inputs' configuration (dtype, head dim, key
+    lengths or not): the kernel its interface builds for a dense sm90 call without LSE (one split; flash-attn-4 has
+    no split-KV on sm90)."""
+    kernel = _kernel(q.dtype, q.shape[-1], vote=False, baseline=True)
+    return cute.compile(kernel, *_dense_args(q, k, v, out, softmax_scale, seqused_k, stream),
+                        options="--enable-tvm-ffi")
+
+
+def tma_ready(t: torch.Tensor) -> bool:
+    """Whether the compiled kernels take ``t`` as it is: the layout they were compiled for (last dimension
+    contiguous, any other strides) with what TMA needs (start address and strides 16-byte aligned, no zero stride)."""
+    strides, size = t.stride(), t.element_size()
+    return strides[-1] == 1 and t.data_ptr() % 16 == 0 and all(s > 0 and s * size % 16 == 0 for s in strides[:-1])
+
+
+def tma_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q, k, v`` as the compiled kernels take them: each one as it is where :func:`tma_ready`, else a new contiguous
+    copy (``contiguous()`` would return a misaligned contiguous tensor unchanged)."""
+    if tma_ready(q) and tma_ready(k) and tma_ready(v):
+        return q, k, v
+    return tuple(t if tma_ready(t) else t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def run_dense_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float | None,
+                   seqused_k: torch.Tensor | None) -> torch.Tensor:
+    """flash-attn-4's own dense SM90 forward on ``[B, S, H, D]`` CUDA tensors (its kernel class unchanged, with the
+    tiles and options its interface picks on sm90), launched directly: its interface's per-call Python
+    (``_flash_attn_fwd``) took 62-77 us of host time on the H200's host, a direct launch about 20 us.
+    Non-empty sequences, ``k`` and ``v`` of one shape; inputs that are not :func:`tma_ready` are copied.
+
+    >>> out = run_dense_sm90(q, k, v, softmax_scale=None, seqused_k=None)
+    """
+    q, k, v = tma_inputs(q, k, v)
+    head_dim = q.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ready_key = ("dense", q.dtype, head_dim, seqused_k is not None)
+    kernel = _READY.get(ready_key)
+    if kernel is None:
+        key = (_SOURCE, "dense", str(q.dtype), head_dim, seqused_k is not None)
+        if key not in _COMPILED:
+            start = time.perf_counter()
+            stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+            _COMPILED[key] = compile_dense_sm90(q, k, v, out, scale, seqused_k, stream=stream)
+            COMPILE_SECONDS[key] = time.perf_counter() - start
+        kernel = _READY[ready_key] = _COMPILED[key]
+    kernel(q, k, v, out, None, scale, None, None, None, seqused_k, None, None, None, None, None, AuxData(), None, None)
+    return out
+
+
 def run_sm90(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -393,6 +455,7 @@ def run_sm90(
     length a multiple of the tile) the variant without the tail mask. ``tail_mode``, ``mask_tail`` (forced) and
     ``ablate`` (benchmarks): see :class:`LiteAttentionForwardSm90`.
     """
+    q, k, v = tma_inputs(q, k, v)
     vote = threshold > -float("inf")
     batch, seq_q, heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -353,3 +353,44 @@ def test_reused_triton_launches_match_bound_ones(threshold):
         assert torch.equal(out, out_b) and torch.equal(lse, lse_b)
     assert torch.equal(state.keep, bound_state.keep) and torch.equal(state.anchor, bound_state.anchor)
     assert int(state.kept) == int(bound_state.kept)
+
+
+@pytest.mark.skipif(not CUTE_RUNS, reason="needs sm90 and flash-attn-4 (pip install 'litepatch[cuda]')")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_direct_dense_launch_is_flash_attn_4s_own_kernel(head_dim):
+    """Dense calls launch flash-attn-4's kernel directly: bit-identical to its interface, with and without key
+    lengths, and on strided views (a fused projection's slices) as on contiguous inputs."""
+    from flash_attn.cute import interface as fa4
+
+    gen = torch.Generator(device=DEVICE).manual_seed(19)
+    fused = torch.randn(2, 3001, 3, 4, head_dim, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    views = fused.unbind(2)  # [B, S, H, D] views with the sequence stride of three heads' worth
+    lengths = torch.tensor([3001, 1234], device=DEVICE, dtype=torch.int32)
+    mask = torch.arange(3001, device=DEVICE)[None, :] < lengths[:, None]
+    for inputs in (views, tuple(t.contiguous() for t in views)):
+        for seqused, key_mask in ((None, None), (lengths, mask)):
+            ours = cute_fwd.flash_attn_4_dense(*inputs, key_mask=key_mask)
+            theirs = fa4._flash_attn_fwd(*(t.contiguous() for t in inputs), seqused_k=seqused)[0]
+            assert torch.equal(ours, theirs)
+
+
+@pytest.mark.skipif(not CUTE_RUNS, reason="needs sm90 and flash-attn-4 (pip install 'litepatch[cuda]')")
+def test_inputs_tma_cannot_read_as_they_are_are_copied_not_misread():
+    """A misaligned start (a view one element into a buffer) or an odd stride cannot be read by TMA: the CuTe
+    kernels get aligned copies, so dense and sparse calls still equal the reference."""
+    from litepatch.kernels import dense_attention
+    from litepatch.kernels.cute_sm90 import tma_ready
+
+    gen = torch.Generator(device=DEVICE).manual_seed(23)
+    shape = (1, 1000, 2, 128)
+    numel = math.prod(shape)
+    flat = torch.randn(3 * numel + 1, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    misaligned = [flat[1 + i * numel: 1 + (i + 1) * numel].view(shape) for i in range(3)]
+    odd = torch.randn(1, 1000, 2, 131, device=DEVICE, dtype=torch.bfloat16, generator=gen)[..., :128]
+    for q, k, v in (misaligned, (odd, misaligned[1], odd)):
+        assert not tma_ready(q)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2).float() for t in (q, k, v))).transpose(1, 2)
+        state = SkipState()
+        for out in (dense_attention(q, k, v), lite_attention(q, k, v, state, threshold=-3.0, backend="cute")):
+            assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
