@@ -1,9 +1,9 @@
 """Where flash-attn-4's dense forward starts to beat the SDPA call a model makes itself, host time included.
 
 A patched model's dense calls (warm-up steps, layers a recipe keeps dense, ``threshold=-inf``) run
-``litepatch.kernels.dense_attention`` only where :func:`litepatch.kernels.beats_sdpa` says so, i.e. above
-``litepatch.kernels.dense.FLASH_ATTN_4_MIN_FLOP``. Below some size a call is host-bound, and then what counts is
-the host time of a launch, not the kernel. So each call here is timed as a model issues it: ``--calls`` calls back
+``litepatch.kernels.dense_attention`` where :func:`litepatch.kernels.beats_sdpa` says so (until 2026-12-05: only
+above 1e12 FLOP, as flash-attn-4's interface cost 62-82 us of host time per call). Below some size a call is
+host-bound, and then what counts is the host time of a launch, not the kernel. So each call here is timed as a model issues it: ``--calls`` calls back
 to back, one synchronisation at the end, time per call (the larger of host and GPU time wins). Per shape, in
 interleaved rounds (median of per-round ratios):
 
@@ -82,7 +82,7 @@ def shape_row(shape, calls: int, rounds: int) -> dict:
         "us_per_call": med,
         "sdpa_over_direct": ratio("sdpa", "direct"),  # above 1: the direct flash-attn-4 launch is faster
         "interface_over_direct": ratio("interface", "direct"),
-        "beats_sdpa_says": beats_sdpa(q, seq),
+        "beats_sdpa_says": beats_sdpa(q),
     }
 
 

@@ -40,23 +40,16 @@ def dense_kernel_name(q: torch.Tensor) -> str:
     return "flash-attn-4" if _flash_attn_4(q) is not None else "sdpa"
 
 
-# flash-attn-4's Python launch path costs 68-81 us of host time per call against SDPA's 19 us
-# (benchmarks/patch_overhead.py on an H200) and saves 7-20 % of the GPU time over cuDNN, so it only pays on calls of
-# a millisecond or more (Wan 480p: 6.6e12 FLOP, 9 ms; Flux 1024^2: 2.6e11 FLOP, 0.4 ms stays on SDPA).
-FLASH_ATTN_4_MIN_FLOP = 1e12
+def beats_sdpa(q: torch.Tensor) -> bool:
+    """Whether :func:`dense_attention` on inputs like ``q [B, S, H, D]`` is faster than the SDPA call a caller would
+    make itself: wherever flash-attn-4 runs. Launched directly (``cute_sm90.run_dense_sm90``), it costs the host
+    what SDPA does, and it beat SDPA's own choice at every size measured on the H200, host time included
+    (``benchmarks/dense_crossover.py``: 1.02-1.26x from 512 tokens x 12 heads to Wan 480p). Its interface's
+    Python (62-82 us a call against SDPA's 18-26) once made only calls above 1e12 FLOP worth it.
 
-
-def beats_sdpa(q: torch.Tensor, seq_k: int) -> bool:
-    """Whether :func:`dense_attention` on a call with ``q [B, S, H, D]`` and ``seq_k`` keys is faster than the SDPA
-    call a caller would make itself: flash-attn-4 runs it and the call is long enough
-    (:data:`FLASH_ATTN_4_MIN_FLOP`) to pay for its launch path.
-
-    >>> beats_sdpa(torch.empty(1, 4608, 24, 128, device="meta"), 4608)   # Flux 1024^2: SDPA stays faster
+    >>> beats_sdpa(torch.empty(1, 4608, 24, 128))   # on the CPU: SDPA
     False
     """
-    batch, seq_q, heads, head_dim = q.shape
-    if 4.0 * batch * heads * seq_q * seq_k * head_dim < FLASH_ATTN_4_MIN_FLOP:
-        return False
     return dense_kernel_name(q) == "flash-attn-4"
 
 
