@@ -74,6 +74,8 @@ from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.utils import AuxData
 from quack import layout_utils
 
+from .tma import tma_inputs
+
 TILE_N = 128  # key rows per tile: flash-attn-4's SM90 block-sparse forward needs tile_n = the sparse block
 
 
@@ -387,27 +389,13 @@ def compile_dense_sm90(q, k, v, out, softmax_scale, seqused_k, *, stream):
                         options="--enable-tvm-ffi")
 
 
-def tma_ready(t: torch.Tensor) -> bool:
-    """Whether the compiled kernels take ``t`` as it is: the layout they were compiled for (last dimension
-    contiguous, any other strides) with what TMA needs (start address and strides 16-byte aligned, no zero stride)."""
-    strides, size = t.stride(), t.element_size()
-    return strides[-1] == 1 and t.data_ptr() % 16 == 0 and all(s > 0 and s * size % 16 == 0 for s in strides[:-1])
-
-
-def tma_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``q, k, v`` as the compiled kernels take them: each one as it is where :func:`tma_ready`, else a new contiguous
-    copy (``contiguous()`` would return a misaligned contiguous tensor unchanged)."""
-    if tma_ready(q) and tma_ready(k) and tma_ready(v):
-        return q, k, v
-    return tuple(t if tma_ready(t) else t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
-
-
 def run_dense_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float | None,
                    seqused_k: torch.Tensor | None) -> torch.Tensor:
     """flash-attn-4's own dense SM90 forward on ``[B, S, H, D]`` CUDA tensors (its kernel class unchanged, with the
     tiles and options its interface picks on sm90), launched directly: its interface's per-call Python
     (``_flash_attn_fwd``) took 62-77 us of host time on the H200's host, a direct launch about 20 us.
-    Non-empty sequences, ``k`` and ``v`` of one shape; inputs that are not :func:`tma_ready` are copied.
+    Non-empty sequences, ``k`` and ``v`` of one shape; inputs TMA cannot read as they are are copied
+    (:func:`litepatch.kernels.tma.tma_inputs`).
 
     >>> out = run_dense_sm90(q, k, v, softmax_scale=None, seqused_k=None)
     """

@@ -379,7 +379,7 @@ def test_inputs_tma_cannot_read_as_they_are_are_copied_not_misread():
     """A misaligned start (a view one element into a buffer) or an odd stride cannot be read by TMA: the CuTe
     kernels get aligned copies, so dense and sparse calls still equal the reference."""
     from litepatch.kernels import dense_attention
-    from litepatch.kernels.cute_sm90 import tma_ready
+    from litepatch.kernels.tma import tma_ready
 
     gen = torch.Generator(device=DEVICE).manual_seed(23)
     shape = (1, 1000, 2, 128)
