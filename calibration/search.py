@@ -18,8 +18,9 @@ one value per budget clause, worst over samples; a trial stops at the first samp
 the budget (its constraint then says by how much) so bad trials cost one generation. The objective
 is the measured wall time of the patched generation, or the kept fraction of attention tiles
 (``objective="sparsity"``, hardware independent). Seed trials come first, then a bisection step
-on ``level`` around the best feasible trial every other trial, so the dominant dimension converges
-geometrically while TPE explores the rest. Which trial evaluates what, across kills, restarts and
+on ``level`` every other trial (in the best feasible trial's family, and in the uniform family of one
+threshold for every layer when that is another, the less-tried first), so the dominant dimension
+converges geometrically while TPE explores the rest. Which trial evaluates what, across kills, restarts and
 workers on one storage, is the business of :mod:`.workers`: a study ends with exactly ``trials``
 complete trials, none evaluated twice, and with a seed the same recipe however often it was killed.
 """
@@ -152,7 +153,8 @@ def calibrate(
         space (`SearchSpace`, *optional*): bounds of the search and the sensitivity pass, and the
             visiting order(s) to use (``SearchSpace(orders=("anchor", "alternate"))`` searches both).
         sampler (`str`, defaults to `"tpe"`): ``"tpe"``, ``"gp"`` or ``"random"`` (baseline).
-        bisect (`bool`, defaults to `True`): every other trial, bisect ``level`` around the best feasible trial.
+        bisect (`bool`, defaults to `True`): every other trial, bisect ``level`` around the best feasible trial
+            (or the best uniform one: :func:`~litepatch.calibration.proposals.bisect_next`).
         cache_dir: where dense outputs are kept between runs and workers (``None``: memory only).
         finish (`bool`, defaults to `True`): build the recipe and check held-out samples; ``False`` only
             runs trials (extra workers).

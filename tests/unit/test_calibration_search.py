@@ -221,3 +221,37 @@ def test_the_seed_trials_include_one_threshold_for_every_layer_when_the_space_al
     assert len(set(layer_thresholds(uniform, plan.layers).values())) == 1
     assert seeds[-1]["level"] == seeds[-2]["level"]  # the aggressive level, both ways
     assert all(s["spread"] == 1.0 for s in seed_params(plan, SearchSpace(level=(-10.0, 0.0), spread=(1.0, 3.0))))
+
+
+def test_bisection_also_refines_the_uniform_family_when_another_family_is_best():
+    """The H200 video demo's search bisected only the best (per-layer) family and left the uniform one at its
+    seed level: its recipe was 2.6 % slower than a uniform threshold it never tried. The uniform family now gets
+    bisection steps too, the less-tried family first; each family's step stays below its own failing level."""
+    import optuna
+
+    from litepatch.calibration.proposals import bisect_next
+
+    space = SearchSpace(level=(-12.0, -1.0))
+
+    def trial(number, level, spread, seconds, feasible=True):
+        frozen = optuna.trial.create_trial(
+            params={"level": level, "spread": spread, "warmup": 3},
+            distributions={"level": optuna.distributions.FloatDistribution(-12.0, -1.0),
+                           "spread": optuna.distributions.FloatDistribution(0.0, 3.0),
+                           "warmup": optuna.distributions.IntDistribution(0, 7)},
+            value=seconds, user_attrs={"constraints": [-1.0 if feasible else 1.0], "complete_eval": True})
+        frozen.number = number
+        return frozen
+
+    seeds = [trial(0, -9.8, 1.0, 0.60), trial(1, -6.5, 1.0, 0.55), trial(2, -3.75, 1.0, 0.50),
+             trial(3, -3.75, 0.0, 0.51)]
+    first = bisect_next(seeds, space)  # per-layer is best, but both families have 3 and 1 trials: uniform first
+    assert first == {"level": -2.375, "spread": 0.0, "warmup": 3}
+    done = seeds + [trial(4, -2.375, 0.0, 0.47, feasible=False)]
+    second = bisect_next(done, space)  # uniform is now tried twice, per-layer three times: uniform again
+    assert second == {"level": -3.0625, "spread": 0.0, "warmup": 3}
+    done += [trial(5, -3.0625, 0.0, 0.505), trial(6, -2.7, 0.0, 0.48, feasible=False)]
+    third = bisect_next(done, space)  # uniform has 4 trials now, per-layer 3: the best (per-layer) family
+    assert third == {"level": -2.375, "spread": 1.0, "warmup": 3}
+    only_best = [t for t in seeds if t.params["spread"] == 1.0]
+    assert bisect_next(only_best, space) == {"level": -2.375, "spread": 1.0, "warmup": 3}  # no uniform trial yet
