@@ -72,9 +72,11 @@ def _worker(python, job: Path, *args: str, host: str | None = None) -> subproces
 def _trials(url: str, study: str) -> list:
     import optuna
 
+    from litepatch.calibration.storage import make_storage
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return optuna.load_study(study_name=study, storage=url).get_trials(deepcopy=False)
+    try:  # opened as the workers open it: a plain RDBStorage raced them creating the new database's schema
+        return optuna.load_study(study_name=study, storage=make_storage(url)).get_trials(deepcopy=False)
     except KeyError:  # not created yet
         return []
 
