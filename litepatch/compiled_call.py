@@ -4,7 +4,7 @@ runs, not when it is traced (DESIGN §3).
 The graph holds ``litepatch::layer_attention(q, k, v, key_mask, layer, scale, must)``; its body runs at run time
 in eager code: it settles the forward's pending GPU timestep (:class:`~litepatch.context.PendingTimestep`, at the
 forward's first attention call, as in eager forwards), makes the layer's plan, and runs the dense kernel
-(flash-attn-4 where it pays, else SDPA) or LiteAttention on the layer's skip state. So a compiled patched model:
+(flash-attn-4 where it runs, else SDPA) or LiteAttention on the layer's skip state. So a compiled patched model:
 
 * adds no host-device sync per forward (a traced call that read the plan had to have it before the forward, hence
   read the GPU timestep at the forward's start, which waits for the previous forward: 30 syncs per 25-step
