@@ -380,6 +380,18 @@ def compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot
     return cute.compile(kernel, *args, options="--enable-tvm-ffi")
 
 
+def _ready_kernel(ready_key: tuple, key: tuple, compile_for_stream) -> object:
+    """A configuration's compiled kernel the first time this process calls it (the callers look in :data:`_READY`
+    first): from the compile cache, else compiled by ``compile_for_stream(stream=...)`` and timed into
+    :data:`COMPILE_SECONDS`."""
+    if key not in _COMPILED:
+        start = time.perf_counter()
+        _COMPILED[key] = compile_for_stream(stream=cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        COMPILE_SECONDS[key] = time.perf_counter() - start
+    kernel = _READY[ready_key] = _COMPILED[key]
+    return kernel
+
+
 def compile_dense_sm90(q, k, v, out, softmax_scale, seqused_k, *, stream):
     """Compiles flash-attn-4's dense SM90 forward, unchanged, for these inputs' configuration (dtype, head dim, key
     lengths or not): the kernel its interface builds for a dense sm90 call without LSE (one split; flash-attn-4 has
@@ -406,13 +418,8 @@ def run_dense_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax
     ready_key = ("dense", q.dtype, head_dim, seqused_k is not None)
     kernel = _READY.get(ready_key)
     if kernel is None:
-        key = (_SOURCE, "dense", str(q.dtype), head_dim, seqused_k is not None)
-        if key not in _COMPILED:
-            start = time.perf_counter()
-            stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-            _COMPILED[key] = compile_dense_sm90(q, k, v, out, scale, seqused_k, stream=stream)
-            COMPILE_SECONDS[key] = time.perf_counter() - start
-        kernel = _READY[ready_key] = _COMPILED[key]
+        kernel = _ready_kernel(ready_key, (_SOURCE, "dense", str(q.dtype), head_dim, seqused_k is not None),
+                               partial(compile_dense_sm90, q, k, v, out, scale, seqused_k))
     kernel(q, k, v, out, None, scale, None, None, None, seqused_k, None, None, None, None, None, AuxData(), None, None)
     return out
 
@@ -455,14 +462,9 @@ def run_sm90(
     if kernel is None:
         key = (_SOURCE, str(q.dtype), head_dim, vote, seqused_k is not None, tail_mode, mask_tail,
                tuple(sorted(ablate)))
-        if key not in _COMPILED:
-            start = time.perf_counter()
-            stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-            _COMPILED[key] = compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail,
-                                          vote=vote, stream=stream, tail_mode=tail_mode, mask_tail=mask_tail,
-                                          ablate=ablate)
-            COMPILE_SECONDS[key] = time.perf_counter() - start
-        kernel = _READY[ready_key] = _COMPILED[key]
+        kernel = _ready_kernel(ready_key, key, partial(
+            compile_sm90, q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, vote=vote,
+            tail_mode=tail_mode, mask_tail=mask_tail, ablate=ablate))
     kernel(
         q, k, v, out, lse, softmax_scale, None, None, None, seqused_k, None, None, None, None,
         (*lists, None, None, None, None), AuxData([votes, slot, tail], (threshold if vote else 0.0,)),
