@@ -22,10 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from kernel import median_ratio  # noqa: E402
 
 # (batch, tokens, heads, head_dim), from a few hundred tokens to Flux 1024^2 and Wan 480p
 SHAPES = {
@@ -74,14 +78,13 @@ def shape_row(shape, calls: int, rounds: int) -> dict:
         for name in names:
             times[name].append(per_call_us(fns[name], n))
     med = {name: statistics.median(t) for name, t in times.items()}
-    ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
     return {
         "shape": dict(zip(("batch", "seq", "heads", "dim"), shape)),
         "flop": 4.0 * batch * heads * seq * seq * dim,
         "calls_per_timing": n,
         "us_per_call": med,
-        "sdpa_over_direct": ratio("sdpa", "direct"),  # above 1: the direct flash-attn-4 launch is faster
-        "interface_over_direct": ratio("interface", "direct"),
+        "sdpa_over_direct": median_ratio(times, "sdpa", "direct"),  # above 1: the direct flash-attn-4 launch is faster
+        "interface_over_direct": median_ratio(times, "interface", "direct"),
         "beats_sdpa_says": beats_sdpa(q),
     }
 
