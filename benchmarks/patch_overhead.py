@@ -86,7 +86,9 @@ def main() -> None:
     times = clock.paired_rounds(models, args.rounds)
     added = {name: added_per_call(times[name], times["unpatched"], layers) for name in models if name != "unpatched"}
     if args.breakdown:
-        print_breakdown(model, latents, text, layers, forwards=min(100, args.breakdown_forwards), backend="auto")
+        for threshold in thresholds:
+            print_breakdown(model, latents, text, layers, forwards=min(100, args.breakdown_forwards), backend="auto",
+                            threshold=threshold)
     if args.profile:
         import cProfile
         import pstats
@@ -371,6 +373,8 @@ def cpu_main(args) -> None:
     rows.update(per_layer_call_us(model, latents, min(args.rounds, 5), null_sdpa))
     if args.breakdown:
         print_breakdown(model, latents, text, layers, null_sdpa, forwards=args.breakdown_forwards)
+        print_breakdown(model, latents, text, layers, forwards=args.breakdown_forwards, backend=NULL_BACKEND,
+                        threshold=float("-inf"))
     print(f"CPU (1 thread), tiny Wan (2 heads x 16), {layers} self-attention layers, 64 tokens, fp32; unpatched "
           f"forward {unpatched:.0f} us, SDPA alone {sdpa_us:.1f} us per call; {args.rounds} paired rounds of {args.iters} forwards")
     for name, value in rows.items():
@@ -389,15 +393,19 @@ BREAKDOWN = (
     ("litepatch.runtime", "Runtime", "start_forward"), ("litepatch.runtime", "Runtime", "settle"),
     ("litepatch.context", "StepTracker", "observe"), ("litepatch.runtime", "Runtime", "flush"),
     ("litepatch.layer_patch", "LayerPatch", "make_plan"), ("litepatch.layer_patch", "LayerPatch", "attend"),
-    ("litepatch.layer_patch", "LayerPatch", "_refusal"), ("litepatch.layer_patch", None, "lite_attention"),
+    ("litepatch.layer_patch", "LayerPatch", "_form"), ("litepatch.layer_patch", None, "lite_attention"),
     ("litepatch.kernels.interface", None, "_check_inputs"), ("litepatch.kernels.registry", None, "select"),
     ("litepatch.kernels.state", "SkipState", "prepare"), ("litepatch.context", "PendingTimestep", "value"),
+    ("litepatch.context", "PendingTimestep", "start"), ("litepatch.layer_patch", "LayerPatch", "classify"),
+    ("litepatch.layer_patch", "LayerPatch", "_dense_total"), ("litepatch.layer_patch", None, "fast_dense"),
+    ("litepatch.dense_routing", None, "faster_dense_attention"),
 )
 
 
 def print_breakdown(model, latents, text, layers: int, null_sdpa=None, forwards: int = 300,
-                    backend: str = NULL_BACKEND) -> None:
-    """Microseconds per forward spent in each of :data:`BREAKDOWN` during sparse forwards, measured inside real
+                    backend: str = NULL_BACKEND, threshold: float = -4.0) -> None:
+    """Microseconds per forward spent in each of :data:`BREAKDOWN` during forwards at ``threshold`` (-inf: the
+    dense path, flash-attn-4 on a GPU; the model's own SDPA on the CPU), measured inside real
     forwards: cache-cold, as a model runs them (isolated micro-benchmarks read 2-3x lower). On the CPU with the null
     kernel and a null SDPA; on CUDA (``backend="auto"``, ``null_sdpa=None``) with the real ones, where
     ``PendingTimestep.value`` is the wait for the forward's GPU timestep (at its first attention call). Nested
@@ -428,7 +436,7 @@ def print_breakdown(model, latents, text, layers: int, null_sdpa=None, forwards:
     for patch in patches:  # before apply: the root's forward hook binds pre_hook when it is installed
         patch.start()
     try:
-        handle = litepatch.apply(model, threshold=-4.0, warmup_steps=0, backend=backend)
+        handle = litepatch.apply(model, threshold=threshold, warmup_steps=0, backend=backend)
         sdpa = (contextlib.nullcontext() if null_sdpa is None
                 else mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", null_sdpa))
         timesteps = [torch.full((1,), 999.0 - i, device=latents.device) for i in range(30 + forwards)]
@@ -446,7 +454,7 @@ def print_breakdown(model, latents, text, layers: int, null_sdpa=None, forwards:
         for patch in patches:
             patch.stop()
     kernel = "null kernel" if null_sdpa is not None else f"{latents.device.type} kernels"
-    print(f"where a sparse forward's patcher time goes ({layers} layers, {kernel}, {forwards} forwards, "
+    print(f"where a forward's patcher time goes at threshold {threshold} ({layers} layers, {kernel}, {forwards} forwards, "
           f"{per_forward_us:.0f} us per forward):")
     for label, ns in spent.most_common():
         print(f"  {label:<28} {ns / forwards / 1e3:7.1f} us per forward  ({calls[label] / forwards:.0f} calls)")

@@ -41,7 +41,7 @@ if __name__ != "litepatch.kernels":
     # re-register the custom op against an empty backend registry: hand out the one real package.
     _sys.modules[__name__] = _installed_namesake(__name__) or _importlib.import_module("litepatch.kernels")
 else:
-    from .dense import beats_sdpa, dense_attention, dense_kernel_name, sdpa_attention
+    from .dense import beats_sdpa, dense_attention, dense_kernel_name, faster_dense_attention, sdpa_attention
     from .interface import available_backends, check_threshold, key_mask_from, key_padding_view, lite_attention
     from .reference import reference_forward
     from .registry import Backend, BackendUnavailable, Constraints, register_backend
@@ -65,6 +65,7 @@ else:
         "check_threshold",
         "dense_attention",
         "dense_kernel_name",
+        "faster_dense_attention",
         "lite_attention",
         "pack_bits",
         "reference_forward",

@@ -145,16 +145,29 @@ class PendingTimestep:
     the GPU busy 76 % of the wall time). The copy goes into pinned memory on the current stream with an event
     after it; :meth:`value` waits for that event only, when the first attention call of the forward needs the
     plan, by which time the host has queued the forward's first kernels.
+
+    One per :class:`~litepatch.runtime.Runtime`, restarted every forward: its pinned buffer and event are made
+    once (a pinned allocation and a new event each forward cost host time on every step). The buffer is free to
+    reuse because a forward reads its value (:meth:`value`) before the next forward starts a copy.
     """
 
-    __slots__ = ("_host", "_event")
+    __slots__ = ("_host", "_event", "_device")
 
-    def __init__(self, source: torch.Tensor):
-        self._host = torch.empty(1, dtype=source.dtype, pin_memory=True)
+    def __init__(self):
+        self._host: torch.Tensor | None = None
+        self._event = None
+        self._device: torch.device | None = None
+
+    def start(self, source: torch.Tensor) -> PendingTimestep:
+        """Queues the copy of ``source`` (a one-element GPU tensor) behind the work already queued."""
+        if self._host is None or self._host.dtype != source.dtype:
+            self._host = torch.empty(1, dtype=source.dtype, pin_memory=True)
+        if self._device != source.device:  # an event belongs to the device it first records on
+            self._event, self._device = torch.cuda.Event(), source.device
         with torch.no_grad():  # a timestep that requires grad: the copy records nothing
             self._host.copy_(source, non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
+        self._event.record(torch.cuda.current_stream(source.device))  # the stream the copy was queued on
+        return self
 
     def value(self) -> float:
         self._event.synchronize()

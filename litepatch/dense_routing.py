@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from litepatch.kernels import beats_sdpa, dense_attention
+from litepatch.kernels import faster_dense_attention
 
 from .adapters.base import AttentionCall
 
@@ -17,6 +17,6 @@ def fast_dense(call: AttentionCall) -> torch.Tensor | None:
     (:func:`litepatch.kernels.beats_sdpa`: flash-attn-4 on Hopper with the ``cuda`` extra), so dense
     steps of a patched video model are never slower than stock; ``None`` elsewhere and while compiling (the
     model's own attention then runs)."""
-    if torch.compiler.is_compiling() or not beats_sdpa(call.q):
+    if torch.compiler.is_compiling():
         return None
-    return dense_attention(call.q, call.k, call.v, softmax_scale=call.scale, key_mask=call.key_mask)
+    return faster_dense_attention(call.q, call.k, call.v, softmax_scale=call.scale, key_mask=call.key_mask)

@@ -56,7 +56,7 @@ class LayerPatch:
         self._undo = None
         self._attachment: Attachment | None = None
         self._tiles: dict = {}
-        self._refusals: dict = {}
+        self._forms: dict = {}  # LayerPatch._form's answers
         self.call_index = 0
         self.installed = None  # the adapter's check that its interception is still in place (None: nothing to check)
         self.op_id = compiled_call.register(self)  # what its traced calls pass to litepatch::layer_attention
@@ -106,28 +106,8 @@ class LayerPatch:
         batch, seq_q, heads = q.shape[0], q.shape[1], q.shape[2]
         return batch * heads * -(-seq_q // tiles.block_m) * -(-k.shape[1] // tiles.block_n)
 
-    def _refusal(self, call: AttentionCall) -> str | None:
-        q, k, v = call.q, call.k, call.v
-        if call.problem:
-            return call.problem
-        # everything but autograd depends only on this key: asked once per form of call, not on every call
-        if torch.compiler.is_compiling():  # a constant of the trace, uncached (the cache would be guarded on)
-            refused = self._refusal_of(q, k, v, call.key_mask is not None)
-        else:
-            key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-                   call.key_mask is not None)
-            refused = self._refusals.get(key, _UNASKED)
-            if refused is _UNASKED:
-                if len(self._refusals) >= 64:
-                    self._refusals.clear()
-                refused = self._refusals[key] = self._refusal_of(q, k, v, call.key_mask is not None)
-        if refused:
-            return refused
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return "autograd is recording (the LiteAttention kernel has no backward)"
-        return None
-
-    def _refusal_of(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: bool) -> str | None:
+    def _refusal_of(self, call: AttentionCall) -> str | None:
+        q, k, v, key_padding = call.q, call.k, call.v, call.key_mask is not None
         if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
             return f"key/value shapes {tuple(k.shape)}/{tuple(v.shape)} do not match query {tuple(q.shape)}"
         if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
@@ -219,32 +199,59 @@ class LayerPatch:
     def attend_unsupported(self, sdpa_call: dict) -> None:
         return self.attend_problem("query/key/value are not [batch, heads, seq, head_dim] tensors")
 
-    def classify(self, call: AttentionCall) -> tuple[str | None, list[tuple[int, int]]]:
-        """Why the layer does not take ``call`` (``None``: it does), and the call's must-compute token ranges.
+    def classify(self, call: AttentionCall) -> tuple[str | None, list[tuple[int, int]], int | None]:
+        """Why the layer does not take ``call`` (``None``: it does), the call's must-compute token ranges, and the
+        tiles of a dense run of a call it takes (``None`` when refused).
 
         Depends only on the form of the call (shapes, dtypes, masks, text tokens), not on the step: a traced
-        call decides it in the trace (:mod:`litepatch.compiled_call`).
+        call decides it in the trace (:mod:`litepatch.compiled_call`). Eager calls decide it once per form.
         """
+        if call.problem:
+            return call.problem, [], None
+        reason, must, stream_text, total = (self._form(call) if not torch.compiler.is_compiling()
+                                            else self._form_of(call))
+        if stream_text is not None:  # single-stream layers after it hold these text tokens
+            self.runtime.stream_text_tokens = stream_text
+        refused = reason or _autograd_refusal(call)
+        return refused, must, None if refused else total
+
+    def _form(self, call: AttentionCall) -> tuple[str | None, list[tuple[int, int]], int | None, int | None]:
+        """:meth:`_form_of`, remembered per form of call (it cost several microseconds of host time a call)."""
+        q, k, v, runtime = call.q, call.k, call.v, self.runtime
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+               call.key_mask is not None, call.hidden_tokens, call.encoder_tokens, call.shards,
+               runtime.stream_text_tokens or runtime.text_tokens)
+        form = self._forms.get(key)
+        if form is None:
+            if len(self._forms) >= 64:  # many forms (changing lengths): start over rather than grow
+                self._forms.clear()
+            form = self._forms[key] = self._form_of(call)
+        return form
+
+    def _form_of(self, call: AttentionCall) -> tuple[str | None, list[tuple[int, int]], int | None, int | None]:
+        """(why no backend or kind takes the call, its must-compute ranges, the text tokens single-stream layers
+        after it hold (a double-stream joint call; else ``None``), its tiles when it runs dense (a call it takes;
+        else ``None``)) for a call without a problem."""
         q, k = call.q, call.k
-        reason = self._refusal(call)
-        must: list[tuple[int, int]] = []
-        if reason is None:
-            seq_q, seq_k, shards = q.shape[1], k.shape[1], call.shards
-            local_q = seq_q // shards if seq_q % shards == 0 else seq_q
-            local_k = seq_k // shards if seq_k % shards == 0 else seq_k
-            runtime = self.runtime
-            kind = call_kind(self.info, local_q, local_k, call.hidden_tokens, call.encoder_tokens,
-                             runtime.stream_text_tokens or runtime.text_tokens)
-            if kind.kind == "joint" and kind.text_ranges and call.encoder_tokens and call.hidden_tokens:
-                # single-stream layers after it hold these text tokens (AuraFlow adds register tokens to them)
-                runtime.stream_text_tokens = local_q - call.hidden_tokens
-            if kind.kind == "cross":
-                reason = f"{kind.why}: cross-attention stays dense"
-            elif kind.kind == "joint" and not kind.text_ranges:
-                reason = kind.why
-            else:
-                must = _sharded(kind.text_ranges, local_q, shards)
-        return reason, must
+        reason = self._refusal_of(call)
+        if reason is not None:
+            return reason, [], None, None
+        seq_q, seq_k, shards = q.shape[1], k.shape[1], call.shards
+        local_q = seq_q // shards if seq_q % shards == 0 else seq_q
+        local_k = seq_k // shards if seq_k % shards == 0 else seq_k
+        runtime = self.runtime
+        kind = call_kind(self.info, local_q, local_k, call.hidden_tokens, call.encoder_tokens,
+                         runtime.stream_text_tokens or runtime.text_tokens)
+        stream_text = None
+        if kind.kind == "joint" and kind.text_ranges and call.encoder_tokens and call.hidden_tokens:
+            stream_text = local_q - call.hidden_tokens  # AuraFlow adds register tokens to them
+        if kind.kind == "cross":
+            return f"{kind.why}: cross-attention stays dense", [], stream_text, None
+        if kind.kind == "joint" and not kind.text_ranges:
+            return kind.why, [], stream_text, None
+        # its tiles: not in a trace, which would guard on the layer's tile cache (LayerPatch._tiles_of)
+        total = None if torch.compiler.is_compiling() else self._dense_total(call)
+        return None, _sharded(kind.text_ranges, local_q, shards), stream_text, total
 
     def attend(self, call: AttentionCall) -> torch.Tensor | None:
         """One attention call: LiteAttention's ``[B, S, H, D]`` output, or ``None`` (run the original attention).
@@ -259,13 +266,13 @@ class LayerPatch:
         if torch.compiler.is_compiling() and call.ring is None:
             return self._attend_traced(call)
         plan = self._current_plan()
-        reason, must = self.classify(call)
+        reason, must, dense_total = self.classify(call)
         if call.ring is not None:  # diffusers' ring context parallelism: one state per (query shard, K/V chunk)
             return call.ring(self, call, plan, reason, must)
         if reason is not None:
             self._refused(call, plan, reason)
             return None
-        return self._run(call, plan, must)
+        return self._run(call, plan, must, dense_total)
 
     def attend_planned(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                        scale: float | None, must: list[tuple[int, int]]) -> torch.Tensor:
@@ -276,7 +283,7 @@ class LayerPatch:
         return out if out is not None else sdpa_attention(q, k, v, softmax_scale=scale, key_mask=key_mask)
 
     def _attend_traced(self, call: AttentionCall) -> torch.Tensor | None:
-        reason, must = self.classify(call)
+        reason, must, _ = self.classify(call)
         self.reached = True
         if reason is not None:
             self._refused(call, PLAN_AT_FLUSH, reason)
@@ -290,11 +297,13 @@ class LayerPatch:
         q, k = call.q, call.k
         self.last_call = (plan, reason, self._dense_total(call) if q.dim() == 4 and k.dim() == 4 else 0)
 
-    def _run(self, call: AttentionCall, plan: CallPlan, must: list[tuple[int, int]]) -> torch.Tensor | None:
+    def _run(self, call: AttentionCall, plan: CallPlan, must: list[tuple[int, int]],
+             dense_total: int | None = None) -> torch.Tensor | None:
         """A call the layer takes, as ``plan`` says: LiteAttention on the plan's skip state, or (warm-up, a dense
         layer, threshold -inf) the fastest exact dense kernel where it beats the model's own (else ``None``)."""
         if plan.state is None:
-            self.last_call = (plan, plan.dense_reason, self._dense_total(call))
+            total = dense_total if dense_total is not None else self._dense_total(call)
+            self.last_call = (plan, plan.dense_reason, total)
             return fast_dense(call)
         out = lite_attention(
             call.q, call.k, call.v, plan.state,
@@ -309,6 +318,13 @@ class LayerPatch:
         self._tiles["last"] = plan.state.tiles
         self.last_call = (plan, "", 0)
         return out
+
+
+def _autograd_refusal(call: AttentionCall) -> str | None:
+    q, k, v = call.q, call.k, call.v
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "autograd is recording (the LiteAttention kernel has no backward)"
+    return None
 
 
 def _sharded(ranges: list[tuple[int, int]], local: int, shards: int) -> list[tuple[int, int]]:

@@ -36,6 +36,7 @@ class Runtime:
     # torch.compile traced a ring attention call of this handle (it reads the plans): plans are made before forwards;
     # other traced calls plan when they run (litepatch.compiled_call)
     traced: bool = False
+    timestep_copy: PendingTimestep | None = None  # reused by every forward (its pinned buffer and event)
 
     def start_forward(self, timestep: torch.Tensor | float | None, context_name, inputs) -> None:
         """Observes one top-level call (:class:`~litepatch.context.StepTracker`) and plans every layer's coming call.
@@ -48,7 +49,9 @@ class Runtime:
         self.settle()
         if isinstance(timestep, torch.Tensor):
             if _on_gpu(timestep) and not self.traced and _watch_compiles():
-                self.pending = (PendingTimestep(timestep), context_name, inputs)
+                if self.timestep_copy is None:
+                    self.timestep_copy = PendingTimestep()
+                self.pending = (self.timestep_copy.start(timestep), context_name, inputs)
                 _PENDING.add(self)
                 return
             timestep = float(timestep.item())

@@ -23,9 +23,10 @@ class FakePending:
 
     log: list[str] = []
 
-    def __init__(self, source: torch.Tensor):
+    def start(self, source: torch.Tensor) -> FakePending:
         self._value = float(source.reshape(-1)[0])
         FakePending.log.append("copy started")
+        return self
 
     def value(self) -> float:
         torch._dynamo.graph_break()  # as the real one (a CUDA event's wait): a traced read breaks fullgraph

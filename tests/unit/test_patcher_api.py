@@ -246,6 +246,23 @@ def test_unsupported_calls_fall_back_with_one_warning(sdpa_kwargs, dtype, grad, 
     handle.remove()
 
 
+def test_a_form_of_call_refused_under_autograd_runs_sparse_once_autograd_is_off():
+    """The layer decides a form of call once (shapes, dtypes, masks, text tokens); autograd is asked on every call."""
+    model = SDPACaller()
+    x = torch.randn(1, 200, 32, requires_grad=True)
+    handle = litepatch.apply(model, threshold=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(x)  # recorded when the next forward starts
+    with torch.no_grad():
+        model(x)
+        model(x)
+    records = handle.stats().records
+    assert [r["dense"] for r in records] == [True, False, False], records
+    assert "autograd" in records[0]["reason"]
+    handle.remove()
+
+
 # ------------------------------------------------------------- SDPA reached through helper methods
 class HelperAttention(nn.Module):
     """Hand-written attention whose ``forward`` reaches SDPA only through ``self._attend(...)``."""

@@ -167,8 +167,7 @@ def test_compiled_dense_steps_run_the_fast_dense_kernel_and_records_match_eager(
         fast_calls.append(q.shape)
         return litepatch.kernels.sdpa_attention(q, k, v, softmax_scale=softmax_scale, key_mask=key_mask)
 
-    monkeypatch.setattr(routing, "beats_sdpa", lambda q: True)  # as flash-attn-4 on Hopper
-    monkeypatch.setattr(routing, "dense_attention", fast_dense_kernel)
+    monkeypatch.setattr(routing, "faster_dense_attention", fast_dense_kernel)  # as flash-attn-4 on Hopper
     runs = {}
     for mode in ("eager", "compiled"):
         torch.manual_seed(0)
