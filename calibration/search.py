@@ -252,7 +252,7 @@ def _propose_on(study, space: SearchSpace, plan: Plan, distributions: dict, samp
     seeds = seed_params(plan, space) if sampler != "random" else []
     study.sampler = make_proposer(
         distributions, seeds, lambda s: make_sampler(sampler, s, n_startup=len(seeds)), seed=seed,
-        bisect=(lambda done: bisect_next(done, space)) if bisect and sampler != "random" else None,
+        bisect=(lambda done: bisect_next(done, space, plan.warmup)) if bisect and sampler != "random" else None,
         owner=owner, after_trial=None if constraints_supported() else constraints_after_trial,
     )
     return owner

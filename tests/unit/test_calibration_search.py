@@ -255,3 +255,38 @@ def test_bisection_also_refines_the_uniform_family_when_another_family_is_best()
     assert third == {"level": -2.375, "spread": 1.0, "warmup": 3}
     only_best = [t for t in seeds if t.params["spread"] == 1.0]
     assert bisect_next(only_best, space) == {"level": -2.375, "spread": 1.0, "warmup": 3}  # no uniform trial yet
+
+
+def test_once_the_level_has_converged_the_bisection_tries_fewer_warm_up_steps():
+    """On the H100 video demo the search kept the seeds' 3 warm-up steps (1.42x) where no warm-up held the budget at
+    1.58x. After the best family's level converges, the bisection halves the warm-up at that level; a warm-up that
+    failed at that level or a gentler one bounds it from below; without the plan's warm-up range nothing changes."""
+    import optuna
+
+    from litepatch.calibration.proposals import bisect_next
+
+    space = SearchSpace(level=(-12.0, -1.0))
+
+    def trial(number, level, warmup, seconds, feasible=True):
+        frozen = optuna.trial.create_trial(
+            params={"level": level, "spread": 0.0, "warmup": warmup},
+            distributions={"level": optuna.distributions.FloatDistribution(-12.0, -1.0),
+                           "spread": optuna.distributions.FloatDistribution(0.0, 3.0),
+                           "warmup": optuna.distributions.IntDistribution(0, 6)},
+            value=seconds, user_attrs={"constraints": [-1.0 if feasible else 1.0], "complete_eval": True})
+        frozen.number = number
+        return frozen
+
+    converged = [trial(0, -1.25, 3, 0.44), trial(1, -1.22, 3, 0.43, feasible=False)]
+    assert bisect_next(converged, space) is None
+    assert bisect_next(converged, space, (0, 6)) == {"level": -1.25, "spread": 0.0, "warmup": 1}
+    failed_at_1 = converged + [trial(2, -1.25, 1, 0.40, feasible=False)]
+    assert bisect_next(failed_at_1, space, (0, 6)) == {"level": -1.25, "spread": 0.0, "warmup": 2}
+    failed_at_2 = failed_at_1 + [trial(3, -1.25, 2, 0.41, feasible=False)]
+    assert bisect_next(failed_at_2, space, (0, 6)) is None  # 2 fails, 3 holds: nothing left between
+    held_at_1 = converged + [trial(2, -1.25, 1, 0.40)]  # the new best: its level is bisected next, at warm-up 1
+    assert bisect_next(held_at_1, space, (0, 6)) == {"level": -1.125, "spread": 0.0, "warmup": 1}
+    gentler_failed = converged + [trial(2, -2.0, 0, 0.41, feasible=False)]  # warm-up 0 failed at a gentler level
+    assert bisect_next(gentler_failed, space, (0, 6)) == {"level": -1.25, "spread": 0.0, "warmup": 1}
+    assert bisect_next(gentler_failed + [trial(3, -1.25, 1, 0.42, feasible=False)], space, (0, 6)) == {
+        "level": -1.25, "spread": 0.0, "warmup": 2}
