@@ -81,10 +81,12 @@ def bisect_next(evaluated: Sequence, space: SearchSpace, warmup: tuple[int, int]
     family at its seed level, and the chosen per-layer recipe was 2.6 % slower than uniform threshold -2, which the
     search never tried (``benchmarks/results/calibrate_demo_h200_2026-12-05g.json``).
 
-    Once the best family's level has converged, and ``warmup`` (the plan's warm-up range) is given: a step in
-    warm-up instead (:func:`_warmup_step`), fewer dense steps at the best level. On the H100 video demo the search
-    settled at the seeds' warm-up of 3 steps (1.42x) while settings with no warm-up held the same quality budget at
-    1.58x (``benchmarks/results/calibrate_demo_h100_2026-12-05h.json``, frontier).
+    With ``warmup`` (the plan's warm-up range), a third family: the best trial with fewer warm-up steps at its level
+    (:func:`_warmup_step`), chosen by the same rule (it has no trial yet when first offered, so it comes first). On
+    the H100 video demo the search kept the seeds' 3 warm-up steps (1.42x) while settings with no warm-up held the
+    same quality budget at 1.58x (``benchmarks/results/calibrate_demo_h100_2026-12-05h.json``, frontier); a step
+    offered only once the level had converged never came within 11 trials
+    (``benchmarks/results/calibrate_demo_h100_2026-12-05i.json``).
     """
     feasible = [t for t in evaluated if is_feasible(t)]
     if not feasible:
@@ -96,13 +98,11 @@ def bisect_next(evaluated: Sequence, space: SearchSpace, warmup: tuple[int, int]
         best_uniform = min(uniform, key=lambda t: (t.value, t.number))
         if not _same_family(best_uniform.params, best.params):
             tops.append(best_uniform)
-    steps = []
-    for top in tops:
-        step = _bisect_family(top, evaluated, space)
-        if step is None and top is best and warmup is not None:
-            step = _warmup_step(best, evaluated, warmup[0])
-        if step is not None:
-            steps.append((sum(_same_family(t.params, step) for t in evaluated), len(steps), step))
+    candidates = [_bisect_family(top, evaluated, space) for top in tops]
+    if warmup is not None:
+        candidates.append(_warmup_step(best, evaluated, warmup[0]))
+    steps = [(sum(_same_family(t.params, step) for t in evaluated), i, step)
+             for i, step in enumerate(candidates) if step is not None]
     return min(steps)[2] if steps else None
 
 

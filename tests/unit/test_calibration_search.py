@@ -259,8 +259,9 @@ def test_bisection_also_refines_the_uniform_family_when_another_family_is_best()
 
 def test_once_the_level_has_converged_the_bisection_tries_fewer_warm_up_steps():
     """On the H100 video demo the search kept the seeds' 3 warm-up steps (1.42x) where no warm-up held the budget at
-    1.58x. After the best family's level converges, the bisection halves the warm-up at that level; a warm-up that
-    failed at that level or a gentler one bounds it from below; without the plan's warm-up range nothing changes."""
+    1.58x. The bisection also offers the best trial with half its warm-up at its level, a family of its own taken
+    when it has fewer trials; a warm-up that failed at that level or a gentler one bounds it from below; without
+    the plan's warm-up range nothing changes."""
     import optuna
 
     from litepatch.calibration.proposals import bisect_next
@@ -284,8 +285,15 @@ def test_once_the_level_has_converged_the_bisection_tries_fewer_warm_up_steps():
     assert bisect_next(failed_at_1, space, (0, 6)) == {"level": -1.25, "spread": 0.0, "warmup": 2}
     failed_at_2 = failed_at_1 + [trial(3, -1.25, 2, 0.41, feasible=False)]
     assert bisect_next(failed_at_2, space, (0, 6)) is None  # 2 fails, 3 holds: nothing left between
-    held_at_1 = converged + [trial(2, -1.25, 1, 0.40)]  # the new best: its level is bisected next, at warm-up 1
-    assert bisect_next(held_at_1, space, (0, 6)) == {"level": -1.125, "spread": 0.0, "warmup": 1}
+    held_at_1 = converged + [trial(2, -1.25, 1, 0.40)]  # the new best: no warm-up (no trial yet) before its level
+    assert bisect_next(held_at_1, space, (0, 6)) == {"level": -1.25, "spread": 0.0, "warmup": 0}
+    slower_at_0 = held_at_1 + [trial(3, -1.25, 0, 0.41)]  # held but slower: the warm-up 1 family's level next
+    assert bisect_next(slower_at_0, space, (0, 6)) == {"level": -1.125, "spread": 0.0, "warmup": 1}
+    seed = [trial(0, -2.5, 3, 0.47)]  # before the level converges too: the family with fewer trials first
+    assert bisect_next(seed, space) == {"level": -1.75, "spread": 0.0, "warmup": 3}
+    assert bisect_next(seed, space, (0, 6)) == {"level": -2.5, "spread": 0.0, "warmup": 1}
+    assert bisect_next(seed + [trial(1, -2.5, 1, 0.49)], space, (0, 6)) == {  # held, slower: level, as without
+        "level": -1.75, "spread": 0.0, "warmup": 3}
     gentler_failed = converged + [trial(2, -2.0, 0, 0.41, feasible=False)]  # warm-up 0 failed at a gentler level
     assert bisect_next(gentler_failed, space, (0, 6)) == {"level": -1.25, "spread": 0.0, "warmup": 1}
     assert bisect_next(gentler_failed + [trial(3, -1.25, 1, 0.42, feasible=False)], space, (0, 6)) == {
