@@ -65,11 +65,8 @@ def dense_attention(
     ``key_mask``: bool ``[B, seq_k]``, True where the key takes part. (Callers that need the LSE call
     :func:`litepatch.kernels.lite_attention` with ``threshold=-inf``.)
     """
-    fa4 = _flash_attn_4(q)
-    out = None if fa4 is None else fa4(q, k, v, softmax_scale=softmax_scale, key_mask=key_mask)
-    if out is not None:  # None: a key mask flash-attn-4 cannot take (not valid keys then padding)
-        return out
-    return sdpa_attention(q, k, v, softmax_scale=softmax_scale, key_mask=key_mask)
+    out = faster_dense_attention(q, k, v, softmax_scale=softmax_scale, key_mask=key_mask)
+    return out if out is not None else sdpa_attention(q, k, v, softmax_scale=softmax_scale, key_mask=key_mask)
 
 
 def faster_dense_attention(
@@ -80,9 +77,10 @@ def faster_dense_attention(
     softmax_scale: float | None = None,
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """:func:`dense_attention` where it beats the SDPA call the caller would make itself (:func:`beats_sdpa`),
-    else ``None``: the caller runs its own attention. One kernel lookup, where asking :func:`beats_sdpa` and then
-    calling :func:`dense_attention` made two (the patcher does this on every call that skips nothing).
+    """flash-attn-4's dense forward where it runs, which beats the SDPA call the caller would make itself
+    (:func:`beats_sdpa`), else ``None``: the caller runs its own attention (:func:`dense_attention` runs SDPA then).
+    One kernel lookup, where asking :func:`beats_sdpa` and then calling :func:`dense_attention` made two (the patcher
+    does this on every call that skips nothing).
 
     >>> faster_dense_attention(*[torch.randn(1, 8, 2, 16)] * 3) is None   # on the CPU: SDPA is the fastest
     True
