@@ -223,25 +223,31 @@ def test_the_seed_trials_include_one_threshold_for_every_layer_when_the_space_al
     assert all(s["spread"] == 1.0 for s in seed_params(plan, SearchSpace(level=(-10.0, 0.0), spread=(1.0, 3.0))))
 
 
+def _finished_trial(number: int, seconds: float, feasible: bool = True, **params):
+    """A complete optuna trial with ``params`` (of ``level``, ``spread``, ``warmup``), its time, and whether it met the
+    quality budget (its stored constraint), as the bisection reads finished trials."""
+    import optuna
+
+    ranges = {"level": optuna.distributions.FloatDistribution(-12.0, -1.0),
+              "spread": optuna.distributions.FloatDistribution(0.0, 3.0),
+              "warmup": optuna.distributions.IntDistribution(0, 7)}
+    frozen = optuna.trial.create_trial(
+        params=params, distributions={name: ranges[name] for name in params}, value=seconds,
+        user_attrs={"constraints": [-1.0 if feasible else 1.0], "complete_eval": True})
+    frozen.number = number
+    return frozen
+
+
 def test_bisection_also_refines_the_uniform_family_when_another_family_is_best():
     """The H200 video demo's search bisected only the best (per-layer) family and left the uniform one at its
     seed level: its recipe was 2.6 % slower than a uniform threshold it never tried. The uniform family now gets
     bisection steps too, the less-tried family first; each family's step stays below its own failing level."""
-    import optuna
-
     from litepatch.calibration.proposals import bisect_next
 
     space = SearchSpace(level=(-12.0, -1.0))
 
     def trial(number, level, spread, seconds, feasible=True):
-        frozen = optuna.trial.create_trial(
-            params={"level": level, "spread": spread, "warmup": 3},
-            distributions={"level": optuna.distributions.FloatDistribution(-12.0, -1.0),
-                           "spread": optuna.distributions.FloatDistribution(0.0, 3.0),
-                           "warmup": optuna.distributions.IntDistribution(0, 7)},
-            value=seconds, user_attrs={"constraints": [-1.0 if feasible else 1.0], "complete_eval": True})
-        frozen.number = number
-        return frozen
+        return _finished_trial(number, seconds, feasible, level=level, spread=spread, warmup=3)
 
     seeds = [trial(0, -9.8, 1.0, 0.60), trial(1, -6.5, 1.0, 0.55), trial(2, -3.75, 1.0, 0.50),
              trial(3, -3.75, 0.0, 0.51)]
@@ -262,21 +268,12 @@ def test_once_the_level_has_converged_the_bisection_tries_fewer_warm_up_steps():
     1.58x. The bisection also offers the best trial with half its warm-up at its level, a family of its own taken
     when it has fewer trials; a warm-up that failed at that level or a gentler one bounds it from below; without
     the plan's warm-up range nothing changes."""
-    import optuna
-
     from litepatch.calibration.proposals import bisect_next
 
     space = SearchSpace(level=(-12.0, -1.0))
 
     def trial(number, level, warmup, seconds, feasible=True):
-        frozen = optuna.trial.create_trial(
-            params={"level": level, "spread": 0.0, "warmup": warmup},
-            distributions={"level": optuna.distributions.FloatDistribution(-12.0, -1.0),
-                           "spread": optuna.distributions.FloatDistribution(0.0, 3.0),
-                           "warmup": optuna.distributions.IntDistribution(0, 6)},
-            value=seconds, user_attrs={"constraints": [-1.0 if feasible else 1.0], "complete_eval": True})
-        frozen.number = number
-        return frozen
+        return _finished_trial(number, seconds, feasible, level=level, spread=0.0, warmup=warmup)
 
     converged = [trial(0, -1.25, 3, 0.44), trial(1, -1.22, 3, 0.43, feasible=False)]
     assert bisect_next(converged, space) is None
