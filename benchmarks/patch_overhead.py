@@ -220,6 +220,7 @@ def _cute_rows(q, k, v, state, args, kw) -> dict:
     from flash_attn.cute import interface as fa4_interface
 
     from litepatch.kernels import cute_fwd
+    from litepatch.kernels import launch as launch_module
     from litepatch.kernels.cute_sm90 import run_sm90
     from litepatch.kernels.launch import launch
 
@@ -249,10 +250,21 @@ def _cute_rows(q, k, v, state, args, kw) -> dict:
     def reused_launch():  # the same launch as cute_forward makes it (litepatch.kernels.launch)
         launch(cute_fwd._list_kernel, *list_args, **order)
 
+    others = dict(launch_module._RUNNERS)
+    launch_module._RUNNERS.clear()
+    reused_launch()  # bound by Triton: the one entry is this launch's
+    ((runner, trailing, _),) = launch_module._RUNNERS.values()
+    launch_module._RUNNERS.update(others)
+    constexprs = [order[name] for name in trailing]
+
+    def tritons_launcher():  # the reused compiled kernel through Triton's own launcher (before the direct one)
+        runner(*list_args[1:], *constexprs)
+
     return {
         "cute_forward minus its CuTe call (mocked)": without_cute_call,
         "one Triton launch (the list kernel), bound": list_launch,
         "the same launch, reused (as cute_forward)": reused_launch,
+        "the same launch, reused through Triton's launcher": tritons_launcher,
         "flash-attn-4 dense, its interface (_flash_attn_fwd)": lambda: fa4_interface._flash_attn_fwd(q, k, v)[0],
         "flash-attn-4 dense, launched directly (dense_attention)": lambda: cute_fwd.flash_attn_4_dense(q, k, v),
         "CuTe LiteAttention call alone (run_sm90)": lambda: run_sm90(

@@ -16,8 +16,10 @@ from litepatch.kernels.launch import launch
 class FakeCompiled:
     packed_metadata = ()
 
-    def __init__(self, log):
+    def __init__(self, log, launcher=None):
         self.log = log
+        if launcher is not None:
+            self.run, self.function, self.packed_metadata = launcher, 77, (4, 1, 0)
 
     def __getitem__(self, grid):
         sizes = (grid[0], grid[1], grid[2])  # as Triton's launcher reads them: a 1-d grid would fail here
@@ -29,15 +31,38 @@ class FakeKernel:
 
     arg_names = ["ptr", "n", "FLAG", "WIDTH"]
 
-    def __init__(self, compiles=True):
+    def __init__(self, compiles=True, launcher=None):
         self.log = []
         self.compiles = compiles
+        self.launcher = launcher
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             self.log.append(("triton", grid, args, kwargs))
-            return FakeCompiled(self.log) if self.compiles else None
+            return FakeCompiled(self.log, self.launcher) if self.compiles else None
         return run
+
+
+class FakeHooks:
+    def __init__(self):
+        self.calls = []
+
+
+class FakeRuntime:
+    def __init__(self):
+        self.launch_enter_hook, self.launch_exit_hook = FakeHooks(), FakeHooks()
+
+
+class FakeLauncher:
+    """Triton 3.6's CudaLauncher as :func:`launch` reads it: ``launch`` is the C launcher."""
+
+    launch_cooperative_grid, launch_pdl = False, False
+
+    def __init__(self, log, scratch=0):
+        self.log, self.global_scratch_size, self.profile_scratch_size = log, scratch, 0
+
+    def launch(self, *args):
+        self.log.append(("direct", args))
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +70,17 @@ def fresh_cache(monkeypatch):
     monkeypatch.setattr(launch_module, "_RUNNERS", {})
     monkeypatch.setattr(launch_module, "_current_device", lambda: 0)
     monkeypatch.setattr(launch_module, "REUSABLE", True)
+    monkeypatch.setattr(launch_module, "DIRECT", False)
+
+
+@pytest.fixture
+def triton_3_6(monkeypatch):
+    """The direct path's surroundings: Triton 3.6's hook chains and a current stream per device."""
+    runtime = FakeRuntime()
+    monkeypatch.setattr(launch_module, "DIRECT", True)
+    monkeypatch.setattr(launch_module, "_triton_runtime", lambda: runtime)
+    monkeypatch.setattr(launch_module, "_current_stream", lambda device: 1000 + device)
+    return runtime
 
 
 def kinds(kernel):
@@ -112,3 +148,42 @@ def test_triton_before_3_3_is_left_to_bind_every_launch(monkeypatch):
     for _ in range(2):
         launch(kernel, (1,), x, 5, FLAG=True, WIDTH=32)
     assert kinds(kernel) == ["triton", "triton"]
+
+
+def test_on_triton_3_6_a_reused_launch_calls_the_c_launcher_with_addresses_and_no_hooks(triton_3_6):
+    log = []
+    kernel, x = FakeKernel(launcher=FakeLauncher(log)), torch.zeros(4)
+    for _ in range(2):
+        launch(kernel, (3,), x, 5, WIDTH=32, FLAG=True, num_warps=4)
+    assert kinds(kernel) == ["triton"] and [entry[0] for entry in log] == ["direct"]
+    args = log[0][1]
+    # grid, stream of the current device, function, cooperative, PDL, two scratch buffers, metadata, launch
+    # metadata, two hooks, then the parameters in signature order with the tensor as its address
+    assert args == (3, 1, 1, 1000, 77, False, False, None, None, (4, 1, 0), None, None, None,
+                    x.data_ptr(), 5, True, 32)
+
+
+def test_an_installed_launch_hook_sends_the_launch_through_tritons_launcher(triton_3_6):
+    log = []
+    kernel, x = FakeKernel(launcher=FakeLauncher(log)), torch.zeros(4)
+    launch(kernel, (3,), x, 5, WIDTH=32, FLAG=True)
+    triton_3_6.launch_enter_hook.calls.append(print)  # a profiler
+    launch(kernel, (3,), x, 5, WIDTH=32, FLAG=True)
+    triton_3_6.launch_enter_hook.calls.clear()
+    triton_3_6.launch_exit_hook = print  # assigned, as older Tritons allowed
+    launch(kernel, (3,), x, 5, WIDTH=32, FLAG=True)
+    assert kinds(kernel) == ["triton", "reused", "reused"] and log == []
+
+
+@pytest.mark.parametrize("why", ["scratch", "other triton", "no cuda stream"])
+def test_the_direct_launch_is_left_out_where_its_arguments_are_not_known(triton_3_6, monkeypatch, why):
+    log = []
+    launcher = FakeLauncher(log, scratch=128 if why == "scratch" else 0)
+    if why == "other triton":
+        monkeypatch.setattr(launch_module, "DIRECT", False)
+    if why == "no cuda stream":
+        monkeypatch.setattr(launch_module, "_current_stream", None)
+    kernel, x = FakeKernel(launcher=launcher), torch.zeros(4)
+    for _ in range(2):
+        launch(kernel, (3,), x, 5, WIDTH=32, FLAG=True)
+    assert kinds(kernel) == ["triton", "reused"] and log == []
