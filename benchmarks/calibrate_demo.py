@@ -300,6 +300,7 @@ def main(argv=None) -> int:
         "seconds": calib_seconds, "generations": report.generations, "trials": len(report.trials),
         "trials_to_best": report.trials_to_best(), "chosen_params": report.best["params"],
         "per_layer_threshold": report.per_layer_threshold, "warmup_steps": recipe.warmup_steps,
+        "per_layer_kept": report.per_layer_kept, "made_dense": report.made_dense,
         "calibrator_held_out": report.held_out,
     }
     write()

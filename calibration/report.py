@@ -109,6 +109,7 @@ class CalibrationReport:
     hardware: str
     recipe: Any = None
     extra: dict = field(default_factory=dict)
+    made_dense: dict[str, float] = field(default_factory=dict)  # layer -> kept fraction of its kernel calls
 
     @property
     def speedup(self) -> float:
@@ -152,6 +153,10 @@ class CalibrationReport:
                         if self.held_out_worst(m) is not None)
             + f" (worst sample), {self.held_out_skipped():.1%} of attention tiles skipped, "
             f"{self.patched_seconds:.3g} s vs {self.dense_seconds:.3g} s dense ({self.speedup:.2f}x)",
+            *([f"* made dense in the recipe, since their kernel calls in the chosen trial computed nearly every tile "
+               "(the dense kernel is faster there): "
+               + ", ".join(f"`{name}` ({kept:.1%})" for name, kept in self.made_dense.items())]
+              if self.made_dense else []),
             "",
             "## Chosen parameters",
             "",

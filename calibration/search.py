@@ -17,7 +17,9 @@ Quality is an Optuna constraint (``trial.set_constraint``, or ``constraints_func
 one value per budget clause, worst over samples; a trial stops at the first sample that breaks
 the budget (its constraint then says by how much) so bad trials cost one generation. The objective
 is the measured wall time of the patched generation, or the kept fraction of attention tiles
-(``objective="sparsity"``, hardware independent). Seed trials come first, then a bisection step
+(``objective="sparsity"``, hardware independent). With the time objective, the chosen trial's layers whose kernel
+calls computed at least :data:`~.plan.SATURATED_KEPT` of their tiles are made dense in the final recipe, which the
+held-out check then measures: the dense kernel is faster there and skips nothing. Seed trials come first, then a bisection step
 on ``level`` every other trial (in the best feasible trial's family, and in the uniform family of one
 threshold for every layer when that is another, the less-tried first), so the dominant dimension
 converges geometrically while TPE explores the rest. Which trial evaluates what, across kills, restarts and
@@ -42,7 +44,7 @@ from .budget import Budget
 from .errors import CalibrationError
 from .feasibility import best_feasible, finished_trials
 from .metrics import available_metrics
-from .plan import Plan, layer_thresholds, recipe_from_params
+from .plan import SATURATED_KEPT, Plan, dense_where_saturated, layer_thresholds, recipe_from_params
 from .proposals import (
     bisect_next,
     constraints_after_trial,
@@ -219,6 +221,9 @@ def calibrate(
             return None, None
         best = _best_or_fail(study, study_name, budget)
         recipe = recipe_from_params(best.params, plan, name=name, order=order)
+        made_dense = {}
+        if objective == "time":
+            recipe, made_dense = dense_where_saturated(recipe, best.user_attrs.get("layer_kept") or {})
         check = _HeldOutCheck.run(held_out or samples, dense, handle, recipe, run, model, metric_names)
     finally:
         progress_bar.close()
@@ -226,6 +231,7 @@ def calibrate(
 
     report = _report(study, storage_obj, plan, layers, best, recipe, check, budget=budget, objective=objective,
                      sampler=sampler, held_out=held_out, n_samples=len(samples))
+    report.made_dense = made_dense
     _fill_recipe(recipe, report, budget, samples, held_out, model, context, study_name)
     report.recipe = recipe
     return recipe, report
@@ -402,7 +408,9 @@ def _fill_recipe(recipe, report, budget: Budget, samples, held_out, model, conte
     recipe.provenance = Provenance(
         source="calibration", budget=str(budget), prompts=prompts, seeds=seeds, study=study_name,
         notes=(f"measured: worst case over {len(rows)} {which} samples on {report.hardware}; objective "
-               f"{report.objective}; {report.generations['total']} generations; best trial #{report.best_trial}"),
+               f"{report.objective}; {report.generations['total']} generations; best trial #{report.best_trial}"
+               + (f"; made dense (kernel calls kept >= {SATURATED_KEPT:.0%} of tiles): {', '.join(report.made_dense)}"
+                  if report.made_dense else "")),
     )
 
 

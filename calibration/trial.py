@@ -21,6 +21,7 @@ class SampleResult:
     seconds: float
     kept: float
     ok: bool
+    layer_kept: dict[str, float]  # per layer, over its calls that ran the kernel
 
 
 @dataclass
@@ -77,7 +78,8 @@ class TrialEvaluator:
             warnings.warn(f"calibration trial #{trial.number} failed ({message}); the calibration goes on",
                           RuntimeWarning, stacklevel=2)
             raise GenerationFailed(message) from err
-        return SampleResult(sample_key(sample), values, elapsed, stats.kept_fraction(), self.budget.holds(values))
+        return SampleResult(sample_key(sample), values, elapsed, stats.kept_fraction(), self.budget.holds(values),
+                            stats.per_layer(kernel_calls_only=True))
 
     def _record(self, trial, results: list[SampleResult]) -> float:
         per_sample = [r.metrics for r in results]
@@ -87,6 +89,7 @@ class TrialEvaluator:
         trial.set_user_attr("quality", self.budget.worst(per_sample))
         trial.set_user_attr("metrics", {m: worst_of(m, [p[m] for p in per_sample]) for m in self.metric_names})
         trial.set_user_attr("kept_fraction", kept)
+        trial.set_user_attr("layer_kept", _least_kept_per_layer(results))
         trial.set_user_attr("seconds", seconds)
         trial.set_user_attr("samples_run", len(results))
         trial.set_user_attr("complete_eval", len(results) == len(self.samples))
@@ -96,6 +99,16 @@ class TrialEvaluator:
             for clause, value in zip(self.budget.clauses, violations):
                 trial.set_constraint(str(clause), value)
         return kept if self.objective == "sparsity" else seconds
+
+
+def _least_kept_per_layer(results: list[SampleResult]) -> dict[str, float]:
+    """Per layer, the lowest kept fraction of its kernel calls over the samples run (what
+    :func:`~.plan.dense_where_saturated` reads: a layer counts as saturated only if it was on every sample)."""
+    least: dict[str, float] = {}
+    for r in results:
+        for layer, kept in r.layer_kept.items():
+            least[layer] = min(kept, least.get(layer, kept))
+    return least
 
 
 def _sample_order(study, n: int) -> list[int]:

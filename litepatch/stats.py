@@ -90,11 +90,17 @@ class LiteStats:
         """Tiles computed / tiles of dense attention over every call (dense calls count 1.0)."""
         return _weighted(self.records)
 
-    def per_layer(self) -> dict[str, float]:
-        """Layer name -> tile-weighted kept fraction over all its calls."""
+    def per_layer(self, *, kernel_calls_only: bool = False) -> dict[str, float]:
+        """Layer name -> tile-weighted kept fraction over all its calls; with ``kernel_calls_only``, over the calls
+        that ran the LiteAttention kernel (warm-up, dense-layer and fallback calls left out; a layer with none is
+        absent).
+
+        >>> stats.per_layer(kernel_calls_only=True)  # what skipping did where it ran
+        """
         groups: dict[str, list[dict]] = defaultdict(list)
         for r in self.records:
-            groups[r["layer"]].append(r)
+            if not (kernel_calls_only and r["dense"]):
+                groups[r["layer"]].append(r)
         return {name: _weighted(rs) for name, rs in groups.items()}
 
     def per_step(self) -> dict[int, float]:

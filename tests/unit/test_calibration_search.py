@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from litepatch.calibration import Budget, CalibrationError, SearchSpace, calibrate, get_metric
 from test_calibration_toy import GAINS, SENSITIVE, ToyModel, run
@@ -295,3 +297,64 @@ def test_once_the_level_has_converged_the_bisection_tries_fewer_warm_up_steps():
     assert bisect_next(gentler_failed, space, (0, 6)) == {"level": -1.25, "spread": 0.0, "warmup": 1}
     assert bisect_next(gentler_failed + [trial(3, -1.25, 1, 0.42, feasible=False)], space, (0, 6)) == {
         "level": -1.25, "spread": 0.0, "warmup": 2}
+
+
+class _DiffuseAttention(nn.Module):
+    """Attention with one score for every key: no tile is ever skippable, so the kernel computes all of them."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.v = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        flat = torch.zeros_like(x)[:, None]
+        return F.scaled_dot_product_attention(flat, flat, self.v(x)[:, None])[:, 0]
+
+
+def _toy_with_a_diffuse_layer(index: int = 4) -> ToyModel:
+    model = ToyModel().eval()
+    diffuse = _DiffuseAttention(model.pos.shape[1])
+    with torch.no_grad():
+        diffuse.v.weight.copy_(model.blocks[index].v.weight)
+    model.blocks[index] = diffuse
+    return model
+
+
+@pytest.mark.parametrize("objective", ["time", "sparsity"])
+def test_with_the_time_objective_a_layer_that_skips_nothing_runs_dense_in_the_recipe(objective):
+    """The sparse kernel computing every tile is slower than the dense one: the time objective's recipe makes such a
+    layer dense (the held-out check measures that recipe, the report says why); the sparsity objective keeps the
+    recipe as its trial ran."""
+    model = _toy_with_a_diffuse_layer()
+    recipe, report = calibrate(run, [0], "psnr >= 40", model=model, trials=3, objective=objective, held_out=[5],
+                               progress=False, seed=0, space=SearchSpace(sensitivity_runs=2, warmup=(0, 1)))
+    assert report.best["feasible"]
+    if objective == "sparsity":
+        assert report.made_dense == {} and recipe.threshold_for("blocks.4", 5) is not None
+        return
+    assert report.made_dense == {"blocks.4": 1.0}  # only the layer that skipped nothing
+    assert recipe.threshold_for("blocks.4", 5) is None and recipe.threshold_for("blocks.0", 5) is not None
+    assert report.per_layer_threshold["blocks.4"] is None and report.per_layer_kept["blocks.4"] == 1.0
+    assert "made dense in the recipe" in report.to_markdown() and "`blocks.4` (100.0%)" in report.to_markdown()
+    assert "made dense" in recipe.provenance.notes and "blocks.4" in recipe.provenance.notes
+    handle = _apply(model, recipe=recipe)  # the saved recipe runs that layer dense
+    try:
+        run(model, 5)
+        calls = [r for r in handle.stats().records if r["layer"] == "blocks.4"]
+        assert calls and all(r["dense"] and r["reason"] in ("dense layer", "warm-up") for r in calls)
+    finally:
+        handle.remove()
+
+
+def test_dense_where_saturated_leaves_dense_and_sparse_enough_layers_alone():
+    from litepatch.calibration.plan import SATURATED_KEPT, dense_where_saturated
+    from litepatch.recipes.schema import LayerSetting, Recipe
+
+    recipe = Recipe(threshold=-3.0, layers={"a": LayerSetting(threshold=-2.0), "b": LayerSetting(dense=True)})
+    same, made = dense_where_saturated(recipe, {"a": SATURATED_KEPT - 0.01, "b": 1.0})
+    assert same is recipe and made == {}
+    changed, made = dense_where_saturated(recipe, {"a": SATURATED_KEPT, "c[1]": 0.99})
+    assert made == {"a": SATURATED_KEPT, "c[1]": 0.99}
+    assert changed.threshold_for("a", 0) is None and changed.threshold_for("c[1]", 0) is None
+    assert changed.threshold_for("c1", 0) == -3.0  # the name is escaped, not read as a pattern
+    assert recipe.threshold_for("a", 0) == -2.0  # the original is not changed
