@@ -93,6 +93,13 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
             lite_attention(q, k, v, full, threshold=-math.inf, backend="cute")))),
         "ours_vote_full": (None, lambda: lite_attention(q, k, v, full, threshold=-1e30, backend="cute")),
         "triton_dense": (None, lambda: lite_attention(q, k, v, full, threshold=-math.inf, backend="triton")),
+        # three K/V pipeline stages instead of flash-attn-4's two (kernels/cute_sm90.py STAGES): the producer runs a
+        # tile further ahead of the consumers, which may hide the block list's index load before each K/V copy
+        "ours_read_full_s3": (None, partial(_ablated, dict(stages=3), lambda: lite_attention(
+            q, k, v, full, threshold=-math.inf, backend="cute"))),
+        "ours_vote_full_s3": (None, partial(_ablated, dict(stages=3), lambda: lite_attention(
+            q, k, v, full, threshold=-1e30, backend="cute"))),
+        "dense_attention_s3": (None, partial(_dense_stages, 3, lambda: dense_attention(q, k, v))),
     }
     try:  # the library's block-sparse entry point is not part of litepatch: a refusal only drops this row
         fa4_sparse_full = partial(fa4_interface._flash_attn_fwd, q, k, v, block_sparse_tensors=fa4_full)
@@ -115,6 +122,9 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
 
         calls[f"ours_read_k{fraction}"] = (reset, lambda s=state: lite_attention(q, k, v, s, threshold=-1e30,
                                                                                   backend="cute"))
+        if fraction == 0.5:
+            calls["ours_read_k0.5_s3"] = (reset, partial(_ablated, dict(stages=3), lambda s=state: lite_attention(
+                q, k, v, s, threshold=-1e30, backend="cute")))
         calls[f"triton_k{fraction}"] = (None, lambda s=state_t: lite_attention(q, k, v, s, threshold=-1e30,
                                                                              backend="triton"))
     times = interleaved(calls, warmup, reps)
@@ -138,6 +148,12 @@ def shape_rows(name: str, reps: int, warmup: int) -> dict:
         "ablation_gain": {part: median_ratio(times, "ours_read_full", f"ours_read_full_{part}")
                           for part in ("no_tail", "no_anchor", "neither")},
         "read_k": {str(f): median_ratio(times, f"ours_read_k{f}", "ours_vote_full") for f in FRACTIONS},
+        # time with flash-attn-4's 2 stages / time with 3: above 1, three stages are faster
+        "stages3_gain": {"read_full": median_ratio(times, "ours_read_full", "ours_read_full_s3"),
+                         "vote_full": median_ratio(times, "ours_vote_full", "ours_vote_full_s3"),
+                         "read_k0.5": median_ratio(times, "ours_read_k0.5", "ours_read_k0.5_s3"),
+                         "dense": median_ratio(times, "dense_attention", "dense_attention_s3")},
+        "ours_vote_full_s3_over_fa4": median_ratio(times, "fa4", "ours_vote_full_s3"),
         "compile_s": {str(key): sec for key, sec in COMPILE_SECONDS.items()},
         "triton_k": {str(f): median_ratio(times, f"triton_k{f}", "triton_dense") for f in FRACTIONS},
         "state_bytes": full.nbytes(),
@@ -156,6 +172,16 @@ def _ablated(options, call):
     from litepatch.kernels import cute_fwd
 
     with mock.patch.object(cute_fwd, "run_sm90", partial(cute_fwd.run_sm90, **options)):
+        return call()
+
+
+def _dense_stages(stages: int, call):
+    """``call()`` with flash-attn-4's dense kernel compiled with ``stages`` K/V pipeline stages (results exact)."""
+    from unittest import mock
+
+    from litepatch.kernels import cute_fwd
+
+    with mock.patch.object(cute_fwd, "run_dense_sm90", partial(cute_fwd.run_dense_sm90, stages=stages)):
         return call()
 
 
@@ -222,6 +248,8 @@ def main(argv=None) -> int:
               + "   (Triton: " + " / ".join(f"{x:.3f}" for x in row["triton_k"].values()) + ")"
               + f"   vote: tail select / branch {row['vote_select_over_branch']:.3f}", flush=True)
         print("    -inf over -inf without: " + ", ".join(f"{k} {v:.3f}" for k, v in row["ablation_gain"].items()))
+        print("    3 stages (time with 2 / with 3): " + ", ".join(f"{k} {v:.3f}" for k, v in row["stages3_gain"].items())
+              + f"; voting call with 3 stages / FA4 dense {row['ours_vote_full_s3_over_fa4']:.3f}", flush=True)
         for key, kernels in row["kernels_us"].items():
             print(f"    {key}: " + ", ".join(f"{name} {us}" for name, us in kernels.items()), flush=True)
         torch.cuda.empty_cache()

@@ -19,8 +19,8 @@ the budget (its constraint then says by how much) so bad trials cost one generat
 is the measured wall time of the patched generation, or the kept fraction of attention tiles
 (``objective="sparsity"``, hardware independent). With the time objective, the chosen trial's layers whose kernel
 calls computed at least :data:`~.plan.SATURATED_KEPT` of their tiles are made dense in the final recipe, which the
-held-out check then measures: the dense kernel is faster there and skips nothing. Seed trials come first, then a bisection step
-on ``level`` every other trial (in the best feasible trial's family, and in the uniform family of one
+held-out check then measures: the dense kernel is faster there and skips nothing. Seed trials come first, then
+a bisection step on ``level`` every other trial (in the best feasible trial's family, and in the uniform family of one
 threshold for every layer when that is another, the less-tried first), so the dominant dimension
 converges geometrically while TPE explores the rest. Which trial evaluates what, across kills, restarts and
 workers on one storage, is the business of :mod:`.workers`: a study ends with exactly ``trials``

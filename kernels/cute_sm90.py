@@ -327,16 +327,19 @@ COMPILE_SECONDS: dict[tuple, float] = {}  # first-call JIT time per configuratio
 _READY: dict[tuple, object] = {}
 
 
+STAGES = 2  # K/V pipeline stages: flash-attn-4's SM90 choice (3 fit in shared memory at head dim 128, 224 KiB)
+
+
 def _kernel(dtype: torch.dtype, head_dim: int, vote: bool, baseline: bool = False,
             tail_mode: str | None = None, mask_tail: bool = True,
-            ablate: tuple[str, ...] = ()) -> FlashAttentionForwardSm90:
+            ablate: tuple[str, ...] = (), stages: int = STAGES) -> FlashAttentionForwardSm90:
     tile_m = tile_m_for(head_dim)
     kind, extra = ((FlashAttentionForwardSm90, {}) if baseline else (LiteAttentionForwardSm90, dict(
         vote=vote, tail_mode=tail_mode, mask_tail=mask_tail, ablate=ablate)))
     return kind(
         _TORCH_TO_CUTE[dtype], head_dim, head_dim, 1, is_causal=False, is_local=False, pack_gqa=False,
         # one producer warpgroup, one consumer warpgroup per 64 query rows
-        tile_m=tile_m, tile_n=TILE_N, num_stages=2, num_threads=128 * (tile_m // 64 + 1),
+        tile_m=tile_m, tile_n=TILE_N, num_stages=stages, num_threads=128 * (tile_m // 64 + 1),
         Q_in_regs=False, intra_wg_overlap=True, mma_pv_is_rs=head_dim != 96, has_aux_tensors=not baseline, **extra,
     )
 
@@ -366,14 +369,14 @@ def _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, 
 
 def compile_sm90(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, *, vote: bool, stream,
                  baseline: bool = False, tail_mode: str | None = None, mask_tail: bool = True,
-                 ablate: tuple[str, ...] = ()):
+                 ablate: tuple[str, ...] = (), stages: int = STAGES):
     """Compiles the kernel for these inputs' configuration (dtype, head dim, vote, key lengths or not).
 
     ``baseline=True`` compiles flash-attn-4's own block-sparse forward with the same tiles and lists instead (no
     vote, no anchor): what ``benchmarks/cute_sass.py`` compares the subclass against. ``tail_mode``, ``mask_tail``
-    and ``ablate``: see :class:`LiteAttentionForwardSm90`.
+    and ``ablate``: see :class:`LiteAttentionForwardSm90`; ``stages``: K/V pipeline stages (:data:`STAGES`).
     """
-    kernel = _kernel(q.dtype, q.shape[-1], vote, baseline, tail_mode, mask_tail, ablate)
+    kernel = _kernel(q.dtype, q.shape[-1], vote, baseline, tail_mode, mask_tail, ablate, stages)
     args = _cute_args(q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, stream)
     if baseline:
         args[-4] = AuxData()  # flash-attn-4's default: no aux tensors
@@ -392,17 +395,17 @@ def _ready_kernel(ready_key: tuple, key: tuple, compile_for_stream) -> object:
     return kernel
 
 
-def compile_dense_sm90(q, k, v, out, softmax_scale, seqused_k, *, stream):
+def compile_dense_sm90(q, k, v, out, softmax_scale, seqused_k, *, stream, stages: int = STAGES):
     """Compiles flash-attn-4's dense SM90 forward, unchanged, for these inputs' configuration (dtype, head dim, key
     lengths or not): the kernel its interface builds for a dense sm90 call without LSE (one split; flash-attn-4 has
-    no split-KV on sm90)."""
-    kernel = _kernel(q.dtype, q.shape[-1], vote=False, baseline=True)
+    no split-KV on sm90); ``stages`` other than its 2 for benchmarks."""
+    kernel = _kernel(q.dtype, q.shape[-1], vote=False, baseline=True, stages=stages)
     return cute.compile(kernel, *_dense_args(q, k, v, out, softmax_scale, seqused_k, stream),
                         options="--enable-tvm-ffi")
 
 
 def run_dense_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float | None,
-                   seqused_k: torch.Tensor | None) -> torch.Tensor:
+                   seqused_k: torch.Tensor | None, stages: int = STAGES) -> torch.Tensor:
     """flash-attn-4's own dense SM90 forward on ``[B, S, H, D]`` CUDA tensors (its kernel class unchanged, with the
     tiles and options its interface picks on sm90), launched directly: its interface's per-call Python
     (``_flash_attn_fwd``) took 62-77 us of host time on the H200's host, a direct launch about 20 us.
@@ -415,11 +418,11 @@ def run_dense_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ready_key = ("dense", q.dtype, head_dim, seqused_k is not None)
+    ready_key = ("dense", q.dtype, head_dim, seqused_k is not None, stages)
     kernel = _READY.get(ready_key)
     if kernel is None:
-        kernel = _ready_kernel(ready_key, (_SOURCE, "dense", str(q.dtype), head_dim, seqused_k is not None),
-                               partial(compile_dense_sm90, q, k, v, out, scale, seqused_k))
+        key = (_SOURCE, "dense", str(q.dtype), head_dim, seqused_k is not None, stages)
+        kernel = _ready_kernel(ready_key, key, partial(compile_dense_sm90, q, k, v, out, scale, seqused_k, stages=stages))
     kernel(q, k, v, out, None, scale, None, None, None, seqused_k, None, None, None, None, None, AuxData(), None, None)
     return out
 
@@ -439,6 +442,7 @@ def run_sm90(
     tail_mode: str | None = None,
     mask_tail: bool | None = None,
     ablate: tuple[str, ...] = (),
+    stages: int = STAGES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One LiteAttention call on ``[B, S, H, D]`` CUDA tensors; returns ``(out, lse [B, H, Sq])``.
 
@@ -447,8 +451,8 @@ def run_sm90(
     whether a valid row needed the tile, ``slot`` (set to the int64 minimum) the packed anchor candidate, and
     ``tail`` holds the position of the key sequence's last tile in each list (-1: not listed).
     ``threshold=-inf`` compiles the variant without the vote; keys that fill their last tile (no ``seqused_k``,
-    length a multiple of the tile) the variant without the tail mask. ``tail_mode``, ``mask_tail`` (forced) and
-    ``ablate`` (benchmarks): see :class:`LiteAttentionForwardSm90`.
+    length a multiple of the tile) the variant without the tail mask. ``tail_mode``, ``mask_tail`` (forced),
+    ``ablate`` (benchmarks): see :class:`LiteAttentionForwardSm90`; ``stages``: K/V pipeline stages (:data:`STAGES`).
     """
     q, k, v = tma_inputs(q, k, v)
     vote = threshold > -float("inf")
@@ -457,14 +461,14 @@ def run_sm90(
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     if mask_tail is None:
         mask_tail = seqused_k is not None or k.shape[1] % TILE_N != 0
-    ready_key = (q.dtype, head_dim, vote, seqused_k is not None, tail_mode, mask_tail, tuple(ablate))
+    ready_key = (q.dtype, head_dim, vote, seqused_k is not None, tail_mode, mask_tail, tuple(ablate), stages)
     kernel = _READY.get(ready_key)
     if kernel is None:
         key = (_SOURCE, str(q.dtype), head_dim, vote, seqused_k is not None, tail_mode, mask_tail,
-               tuple(sorted(ablate)))
+               tuple(sorted(ablate)), stages)
         kernel = _ready_kernel(ready_key, key, partial(
             compile_sm90, q, k, v, out, lse, softmax_scale, seqused_k, lists, votes, slot, tail, vote=vote,
-            tail_mode=tail_mode, mask_tail=mask_tail, ablate=ablate))
+            tail_mode=tail_mode, mask_tail=mask_tail, ablate=ablate, stages=stages))
     kernel(
         q, k, v, out, lse, softmax_scale, None, None, None, seqused_k, None, None, None, None,
         (*lists, None, None, None, None), AuxData([votes, slot, tail], (threshold if vote else 0.0,)),
