@@ -362,7 +362,9 @@ def main(argv=None) -> int:
     notes = (f"benchmarks/calibrate_demo.py --model {args.model}: {report.generations['total']} calibration "
              f"generations, objective {objective}; held-out worst PSNR {ours['worst_psnr']:.2f} dB over "
              f"{len(held_out)} samples; end-to-end speed-up {baseline / ours['mean_seconds']:.2f}x vs the fastest "
-             f"dense kernel ({result['dense']['baseline']}).")
+             f"dense kernel ({result['dense']['baseline']})."
+             + (f" Dense because their kernel calls computed nearly every tile: {', '.join(report.made_dense)}."
+                if report.made_dense else ""))
     final = replace(recipe, name=RECIPE_NAMES[args.model], measured=measured,
                     provenance=replace(recipe.provenance, notes=notes),
                     description=f"Built-in {args.model} demo DiT of litepatch demo ({cfg.layers} layers, {cfg.heads} "
