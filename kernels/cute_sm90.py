@@ -422,7 +422,8 @@ def run_dense_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax
     kernel = _READY.get(ready_key)
     if kernel is None:
         key = (_SOURCE, "dense", str(q.dtype), head_dim, seqused_k is not None, stages)
-        kernel = _ready_kernel(ready_key, key, partial(compile_dense_sm90, q, k, v, out, scale, seqused_k, stages=stages))
+        kernel = _ready_kernel(ready_key, key,
+                               partial(compile_dense_sm90, q, k, v, out, scale, seqused_k, stages=stages))
     kernel(q, k, v, out, None, scale, None, None, None, seqused_k, None, None, None, None, None, AuxData(), None, None)
     return out
 
