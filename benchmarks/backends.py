@@ -100,7 +100,8 @@ def shape_rows(name: str, reps: int, warmup: int, three_stages: bool = False) ->
                 q, k, v, full, threshold=-math.inf, backend="cute"))),
             "ours_vote_full_s3": (None, partial(_ablated, dict(stages=3), lambda: lite_attention(
                 q, k, v, full, threshold=-1e30, backend="cute"))),
-            "dense_attention_s3": (None, partial(_dense_stages, 3, lambda: dense_attention(q, k, v))),
+            "dense_attention_s3": (None, partial(_ablated, dict(stages=3), lambda: dense_attention(q, k, v),
+                                                 "run_dense_sm90")),
         })
     try:  # the library's block-sparse entry point is not part of litepatch: a refusal only drops this row
         fa4_sparse_full = partial(fa4_interface._flash_attn_fwd, q, k, v, block_sparse_tensors=fa4_full)
@@ -165,24 +166,16 @@ def shape_rows(name: str, reps: int, warmup: int, three_stages: bool = False) ->
     return row
 
 
-def _ablated(options, call):
-    """``call()`` with the CuTe kernel compiled with ``options`` (``tail_mode``, ``mask_tail=False``, ``ablate``:
-    ``kernels/cute_sm90.py``); where the keys do not fill their last tile, its results are wrong (timing only)."""
+def _ablated(options, call, launcher: str = "run_sm90"):
+    """``call()`` with the kernel ``cute_fwd.<launcher>`` launches compiled with ``options``: for ``run_sm90`` (the
+    CuTe LiteAttention kernel) ``tail_mode``, ``mask_tail=False``, ``ablate``, ``stages`` (``kernels/cute_sm90.py``;
+    where the keys do not fill their last tile, ``mask_tail=False`` gives wrong results: timing only); for
+    ``run_dense_sm90`` (flash-attn-4 dense) ``stages``."""
     from unittest import mock
 
     from litepatch.kernels import cute_fwd
 
-    with mock.patch.object(cute_fwd, "run_sm90", partial(cute_fwd.run_sm90, **options)):
-        return call()
-
-
-def _dense_stages(stages: int, call):
-    """``call()`` with flash-attn-4's dense kernel compiled with ``stages`` K/V pipeline stages (results exact)."""
-    from unittest import mock
-
-    from litepatch.kernels import cute_fwd
-
-    with mock.patch.object(cute_fwd, "run_dense_sm90", partial(cute_fwd.run_dense_sm90, stages=stages)):
+    with mock.patch.object(cute_fwd, launcher, partial(getattr(cute_fwd, launcher), **options)):
         return call()
 
 

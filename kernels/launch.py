@@ -38,18 +38,8 @@ MAX_KEYS = 4096  # distinct (layer, branch, shape) calls remembered; past it the
 _RUNNERS: dict[tuple, tuple[Callable, tuple[str, ...], Callable | None]] = {}
 
 
-def _triton_launches_with_every_parameter() -> bool:
-    """Whether a compiled kernel's launcher takes every parameter, constexprs included, in signature order: Triton
-    3.3 and later (before, only the others; this module then leaves every launch to Triton)."""
-    try:
-        import triton
-    except ImportError:
-        return False
-    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
-    return (major, minor) >= (3, 3)
-
-
 def _triton_version() -> tuple[int, int] | None:
+    """Triton's (major, minor), or ``None`` without Triton."""
     try:
         import triton
     except ImportError:
@@ -57,7 +47,9 @@ def _triton_version() -> tuple[int, int] | None:
     return tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
-REUSABLE = _triton_launches_with_every_parameter()
+# Triton 3.3 and later: a compiled kernel's launcher takes every parameter, constexprs included, in signature order
+# (before, only the others; this module then leaves every launch to Triton)
+REUSABLE = (_triton_version() or (0, 0)) >= (3, 3)
 DIRECT = _triton_version() == (3, 6)  # the C launcher's argument list this module packs is Triton 3.6's
 _HAS_CUDA = torch.cuda.is_available()
 
