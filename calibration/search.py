@@ -230,8 +230,7 @@ def calibrate(
         handle.remove()
 
     report = _report(study, storage_obj, plan, layers, best, recipe, check, budget=budget, objective=objective,
-                     sampler=sampler, held_out=held_out, n_samples=len(samples))
-    report.made_dense = made_dense
+                     sampler=sampler, held_out=held_out, n_samples=len(samples), made_dense=made_dense)
     _fill_recipe(recipe, report, budget, samples, held_out, model, context, study_name)
     report.recipe = recipe
     return recipe, report
@@ -302,7 +301,7 @@ class _HeldOutCheck:
 
 
 def _report(study, storage, plan: Plan, layers: list[str], best, recipe, check: _HeldOutCheck, *, budget: Budget,
-            objective: str, sampler: str, held_out: list, n_samples: int):
+            objective: str, sampler: str, held_out: list, n_samples: int, made_dense: dict[str, float]):
     from .report import CalibrationReport, trial_rows
 
     return CalibrationReport(
@@ -314,7 +313,7 @@ def _report(study, storage, plan: Plan, layers: list[str], best, recipe, check: 
         dense_seconds=sum(check.dense_times) / len(check.dense_times),
         patched_seconds=sum(r["seconds"] for r in check.rows) / len(check.rows),
         generations=_cost(study, plan, n_samples), held_out_generations=2 * len(check.samples),
-        hardware=hardware(),
+        hardware=hardware(), made_dense=made_dense,
     )
 
 
