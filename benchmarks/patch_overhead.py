@@ -466,8 +466,8 @@ def print_breakdown(model, latents, text, layers: int, null_sdpa=None, forwards:
         for patch in patches:
             patch.stop()
     kernel = "null kernel" if null_sdpa is not None else f"{latents.device.type} kernels"
-    print(f"where a forward's patcher time goes at threshold {threshold} ({layers} layers, {kernel}, {forwards} forwards, "
-          f"{per_forward_us:.0f} us per forward):")
+    print(f"where a forward's patcher time goes at threshold {threshold} ({layers} layers, {kernel}, "
+          f"{forwards} forwards, {per_forward_us:.0f} us per forward):")
     for label, ns in spent.most_common():
         print(f"  {label:<28} {ns / forwards / 1e3:7.1f} us per forward  ({calls[label] / forwards:.0f} calls)")
 
