@@ -22,6 +22,9 @@ def _spawned(rank: int, world_size: int, init_file: str, result_dir: str, timeou
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+        # gloo's connectFullMesh can return on one rank before its peer has finished the handshake; a rank that
+        # then leaves at once (a cheap fn, or one that raises) closes the pair and fails its peer's init
+        dist.barrier()
         torch.set_num_threads(1)
         try:
             result = fn(rank, world_size, *args)
