@@ -252,13 +252,17 @@ class LiteHandle:
         return new
 
     def stats(self) -> LiteStats:
-        """Per-call sparsity of the patched layers since ``apply``/``configure``/``clear_stats``."""
+        """Per-call sparsity of the patched layers since ``apply``/``configure``/``clear_stats`` (past
+        :data:`litepatch.stats.MAX_CALL_RECORDS` calls the oldest are summed per layer, step and branch into
+        :attr:`LiteStats.summed`; the summaries count every call)."""
         recipe = self._runtime.recipe
         self._runtime.flush()
+        records, summed = self._runtime.log.freeze()
         return LiteStats(
-            records=self._runtime.log.freeze(),
+            records=records,
             recipe_name=recipe.name,
             hub_revision=recipe.provenance.hub_revision,
+            summed=summed,
         )
 
     def to_recipe(self, name: str | None = None, *, measured: bool = True) -> Recipe:
@@ -278,7 +282,7 @@ class LiteHandle:
         kept = None
         if measured:
             stats = self.stats()
-            kept = stats.kept_fraction() if stats.records else None
+            kept = stats.kept_fraction() if stats.calls() else None
         measured_values = dataclasses.replace(
             recipe.measured, kept_fraction=kept if kept is not None else recipe.measured.kept_fraction,
             litepatch_version=__version__,

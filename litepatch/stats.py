@@ -4,6 +4,11 @@ During generation each sparse call appends a raw record whose computed-tile coun
 tensor on the device (no host synchronisation); :meth:`CallLog.freeze` turns them into numbers in
 one transfer when :meth:`LiteHandle.stats` is called.
 
+The log is bounded: past :data:`MAX_CALL_RECORDS` records (a model served for days never calls
+``clear_stats``; each record held about 470 bytes), the oldest half is summed into one row per
+(layer, step, branch, dense, reason), on the device and without a sync. The summaries stay exact over every
+call; ``LiteStats.records`` then holds the recent calls and ``LiteStats.summed`` the older ones.
+
 Example:
     >>> stats = handle.stats()
     >>> stats.kept_fraction()        # over every call of the sparse layers, dense calls count 1.0
@@ -23,6 +28,9 @@ RECORD_KEYS = (
 )
 RAW_FIELDS = ("layer", "step", "branch", "generation", "dense", "reason", "kept", "total")  # CallLog.raw tuples
 KEPT = RAW_FIELDS.index("kept")
+MAX_CALL_RECORDS = 100_000
+"""Per-call records a handle holds before the oldest half is summed (a 40-layer model with CFG writes 4,000 in a
+50-step generation: 25 generations in detail, about 47 MB)."""
 
 
 @dataclass
@@ -31,6 +39,11 @@ class CallLog:
     a device tensor until :meth:`freeze`."""
 
     raw: list[tuple] = field(default_factory=list)
+    limit: int = MAX_CALL_RECORDS  # records held before the oldest half is summed (:meth:`_sum_oldest`)
+    # the summed calls: a row per (layer, step, branch, dense, reason) -> [kept tiles of dense calls, total tiles,
+    # calls]; the sparse calls' kept tiles are in ``_summed_kept`` (a device's int64 vector, a slot per row)
+    _rows: dict[tuple, list[int]] = field(default_factory=dict, repr=False)
+    _summed_kept: dict = field(default_factory=dict, repr=False)
 
     def add(self, records: list[tuple[list, torch.Tensor | None]]) -> None:
         """Adds ``(fields, count)`` records in order, ``fields`` in :data:`RAW_FIELDS` order. Where a record comes with
@@ -44,24 +57,78 @@ class CallLog:
             for index, copy in zip(indices, torch.stack([records[i][1] for i in indices]).unbind()):
                 records[index][0][KEPT] = copy
         self.raw.extend(tuple(fields) for fields, _ in records)
+        if len(self.raw) > self.limit:
+            self._sum_oldest(len(self.raw) - self.limit // 2)
+
+    def _sum_oldest(self, count: int) -> None:
+        """Sums the ``count`` oldest records into their rows. Device counts are added on the device (one stack and
+        one ``index_add_`` per device, the row indices copied from pinned memory): no host-device sync."""
+        oldest, self.raw = self.raw[:count], self.raw[count:]
+        on_device: dict = {}  # device -> (row indices, counts)
+        for layer, step, branch, _, dense, reason, kept, total in oldest:
+            key = (layer, step, branch, dense, reason)
+            row = self._rows.get(key)
+            if row is None:
+                row = self._rows[key] = [len(self._rows), 0, 0, 0]  # slot, dense kept, total, calls
+            row[2] += int(total)
+            row[3] += 1
+            if isinstance(kept, torch.Tensor):
+                slots, counts = on_device.setdefault(kept.device, ([], []))
+                slots.append(row[0])
+                counts.append(kept)
+            else:
+                row[1] += int(kept)
+        for device, (slots, counts) in on_device.items():
+            summed = self._summed_kept.get(device)
+            if summed is None or summed.numel() < len(self._rows):  # new rows: a longer vector, the sums copied over
+                longer = torch.zeros(2 * len(self._rows), dtype=torch.int64, device=device)
+                if summed is not None:
+                    longer[: summed.numel()] = summed
+                summed = self._summed_kept[device] = longer
+            index = torch.tensor(slots, dtype=torch.int64, pin_memory=device.type == "cuda")
+            summed.index_add_(0, index.to(device, non_blocking=True), torch.stack(counts).to(torch.int64))
 
     def clear(self) -> None:
         self.raw.clear()
+        self._rows.clear()
+        self._summed_kept.clear()
 
-    def freeze(self) -> list[dict]:
+    def freeze(self) -> tuple[list[dict], list[dict]]:
+        """``(records, summed)``: the held calls, one dict each, and the summed older calls, one dict per row (with
+        ``calls``, and ``generation`` ``None``)."""
         tensors = [r[KEPT] for r in self.raw if isinstance(r[KEPT], torch.Tensor)]
-        # One transfer for all calls: the counts stay on the device until here.
-        values = iter(torch.stack([t.detach().to(torch.int64) for t in tensors]).tolist() if tensors else [])
+        parts = [t.detach().to(torch.int64).reshape(1) for t in tensors] + list(self._summed_kept.values())
+        values = _host_ints(parts)  # one transfer per device: the counts stay there until here
+        held, device_sums = iter(v[0] for v in values[: len(tensors)]), values[len(tensors):]
         records = []
         for layer, step, branch, generation, dense, reason, kept, total in self.raw:
-            kept = next(values) if isinstance(kept, torch.Tensor) else int(kept)
-            total = int(total)
-            records.append(
-                {"layer": layer, "step": step, "branch": branch, "generation": generation,
-                 "kept_fraction": kept / total if total else 1.0, "dense": dense, "reason": reason,
-                 "kept_tiles": kept, "total_tiles": total}
-            )
-        return records
+            kept = next(held) if isinstance(kept, torch.Tensor) else int(kept)
+            records.append(_record(layer, step, branch, generation, dense, reason, kept, int(total)))
+        summed = []
+        for (layer, step, branch, dense, reason), (slot, kept, total, calls) in self._rows.items():
+            kept += sum(sums[slot] for sums in device_sums if slot < len(sums))
+            summed.append({**_record(layer, step, branch, None, dense, reason, kept, total), "calls": calls})
+        return records, summed
+
+
+def _host_ints(parts: list[torch.Tensor]) -> list[list[int]]:
+    """Each 1-dim tensor of ``parts`` as a list of ints, with one concatenation and one copy per device."""
+    by_device: dict = {}
+    for i, part in enumerate(parts):
+        by_device.setdefault(part.device, []).append(i)
+    out: list[list[int]] = [[] for _ in parts]
+    for indices in by_device.values():
+        flat = torch.cat([parts[i] for i in indices]).tolist()
+        start = 0
+        for i in indices:
+            out[i], start = flat[start : start + parts[i].numel()], start + parts[i].numel()
+    return out
+
+
+def _record(layer, step, branch, generation, dense, reason, kept: int, total: int) -> dict:
+    return {"layer": layer, "step": step, "branch": branch, "generation": generation,
+            "kept_fraction": kept / total if total else 1.0, "dense": dense, "reason": reason,
+            "kept_tiles": kept, "total_tiles": total}
 
 
 def _weighted(records: list[dict]) -> float:
@@ -80,15 +147,27 @@ class LiteStats:
             (warm-up, dense layer or fallback: computed every tile), ``reason``, ``kept_tiles``, ``total_tiles``.
         recipe_name: the effective recipe's name.
         hub_revision: ``recipe.provenance.hub_revision`` (None for local recipes).
+        summed: calls older than the last :data:`MAX_CALL_RECORDS` or so, summed per (layer, step, branch, dense,
+            reason): the same keys with ``generation`` ``None``, plus ``calls``. Empty until that many calls. The
+            summaries below count them.
     """
 
     records: list[dict]
     recipe_name: str = "custom"
     hub_revision: str | None = None
+    summed: list[dict] = field(default_factory=list)
+
+    @property
+    def _rows(self) -> list[dict]:
+        return self.summed + self.records  # the older calls first: layers and steps in the order they came
+
+    def calls(self) -> int:
+        """Attention calls recorded, the summed older ones included."""
+        return len(self.records) + sum(r["calls"] for r in self.summed)
 
     def kept_fraction(self) -> float:
         """Tiles computed / tiles of dense attention over every call (dense calls count 1.0)."""
-        return _weighted(self.records)
+        return _weighted(self._rows)
 
     def per_layer(self, *, kernel_calls_only: bool = False) -> dict[str, float]:
         """Layer name -> tile-weighted kept fraction over all its calls; with ``kernel_calls_only``, over the calls
@@ -98,7 +177,7 @@ class LiteStats:
         >>> stats.per_layer(kernel_calls_only=True)  # what skipping did where it ran
         """
         groups: dict[str, list[dict]] = defaultdict(list)
-        for r in self.records:
+        for r in self._rows:
             if not (kernel_calls_only and r["dense"]):
                 groups[r["layer"]].append(r)
         return {name: _weighted(rs) for name, rs in groups.items()}
@@ -106,36 +185,39 @@ class LiteStats:
     def per_step(self) -> dict[int, float]:
         """Step -> tile-weighted kept fraction over all layers, branches and generations."""
         groups: dict[int, list[dict]] = defaultdict(list)
-        for r in self.records:
+        for r in self._rows:
             groups[r["step"]].append(r)
         return {step: _weighted(groups[step]) for step in sorted(groups)}
 
     def per_branch(self) -> dict:
         """Branch key (index or cache-context name) -> tile-weighted kept fraction."""
         groups: dict = defaultdict(list)
-        for r in self.records:
+        for r in self._rows:
             groups[r["branch"]].append(r)
         return {branch: _weighted(rs) for branch, rs in groups.items()}
 
     def table(self) -> str:
         """A plain-text table: per step (kept fraction, dense calls) then per layer."""
-        if not self.records:
+        if not self._rows:
             return f"litepatch stats ({self.recipe_name}): no attention calls recorded"
         lines = [f"litepatch stats: recipe {self.recipe_name}"
                  + (f" @ {self.hub_revision}" if self.hub_revision else "")
-                 + f", {len(self.records)} calls, kept {self.kept_fraction():.1%} of tiles"]
+                 + f", {self.calls()} calls, kept {self.kept_fraction():.1%} of tiles"
+                 + (f" ({self.calls() - len(self.records)} older calls summed)" if self.summed else "")]
         lines.append(f"{'step':>5}  {'kept':>7}  {'calls':>5}  {'dense':>5}")
         by_step: dict[int, list[dict]] = defaultdict(list)
-        for r in self.records:
+        for r in self._rows:
             by_step[r["step"]].append(r)
         for step in sorted(by_step):
             rs = by_step[step]
-            lines.append(f"{step:>5}  {_weighted(rs):>7.1%}  {len(rs):>5}  {sum(r['dense'] for r in rs):>5}")
+            calls = sum(r.get("calls", 1) for r in rs)
+            dense = sum(r.get("calls", 1) for r in rs if r["dense"])
+            lines.append(f"{step:>5}  {_weighted(rs):>7.1%}  {calls:>5}  {dense:>5}")
         width = max(len(name) for name in self.per_layer())
         lines.append(f"{'layer':<{width}}  {'kept':>7}")
         for name, frac in self.per_layer().items():
             lines.append(f"{name:<{width}}  {frac:>7.1%}")
-        reasons = sorted({r["reason"] for r in self.records if r["dense"]})
+        reasons = sorted({r["reason"] for r in self._rows if r["dense"]})
         if reasons:
             lines.append("dense calls: " + "; ".join(reasons))
         return "\n".join(lines)

@@ -150,3 +150,29 @@ def _relative_generations(records: list[dict]) -> list[dict]:
     """``records`` with generations counted from the first one (configure() starts a new one)."""
     first = records[0]["generation"]
     return [{**r, "generation": r["generation"] - first} for r in records]
+
+
+def test_summing_the_oldest_records_of_device_counts_does_not_synchronise():
+    """A bounded log sums its oldest records on the device (litepatch.stats.CallLog._sum_oldest): no host-device sync
+    while a model runs, and the same numbers as an unbounded log."""
+    import warnings
+
+    from litepatch.stats import CallLog
+
+    bounded, unbounded = CallLog(limit=16), CallLog(limit=10**9)
+    counts = torch.arange(4, device="cuda")
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for forward in range(20):
+                for log in (bounded, unbounded):
+                    log.add([([f"l{i}", forward % 3, 0, 0, False, "", None, 8], counts[i] + forward)
+                             for i in range(4)])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert not [w for w in caught if "synchronizing" in str(w.message)]
+    (held, summed), (every, _) = bounded.freeze(), unbounded.freeze()
+    assert summed and held == every[-len(held):]
+    assert sum(r["kept_tiles"] for r in summed) == sum(r["kept_tiles"] for r in every[: len(every) - len(held)])

@@ -181,8 +181,50 @@ def test_call_records_keep_their_order_and_a_copy_of_each_count():
     log.add(live)
     for count in counts:
         count.fill_(0)  # the next call's list kernel zeroes the state's count
-    assert [(r["layer"], r["kept_tiles"], r["dense"]) for r in log.freeze()] == [("a", 5, False), ("b", 10, True),
-                                                                                 ("c", 7, False)]
+    records, summed = log.freeze()
+    assert [(r["layer"], r["kept_tiles"], r["dense"]) for r in records] == [("a", 5, False), ("b", 10, True),
+                                                                           ("c", 7, False)]
+    assert summed == []
+
+
+def test_a_long_run_holds_a_bounded_log_and_its_summaries_stay_exact():
+    """A model served for days never calls clear_stats: past the limit the oldest records are summed per layer, step,
+    branch, dense and reason (each record held about 470 bytes, without bound), and every summary still counts every
+    call, as with an unbounded log."""
+    from litepatch.stats import CallLog, LiteStats
+
+    bounded, unbounded = CallLog(limit=40), CallLog(limit=10**9)
+    for forward in range(60):
+        step, generation = forward % 5, forward // 5
+        live = []
+        for layer in ("a", "b", "c"):
+            dense = step == 0 or layer == "c"
+            reason = "warm-up" if step == 0 else ("dense layer" if dense else "")
+            count = None if dense else torch.tensor(forward % 7 + (layer == "b"))
+            live.append(([layer, step, forward % 2, generation, dense, reason, 10 if dense else None, 10], count))
+        for log in (bounded, unbounded):
+            log.add([(list(fields), count) for fields, count in live])
+    assert len(bounded.raw) <= 40 and len(unbounded.raw) == 180
+    (held, summed), (every, _) = bounded.freeze(), unbounded.freeze()
+    assert held == every[-len(held):]  # the recent calls in detail
+    assert sum(r["calls"] for r in summed) + len(held) == 180
+    assert all(r["generation"] is None for r in summed)
+    kept = {}
+    for r in every[: 180 - len(held)]:
+        row = kept.setdefault((r["layer"], r["step"], r["branch"], r["dense"], r["reason"]), [0, 0, 0])
+        row[0], row[1], row[2] = row[0] + r["kept_tiles"], row[1] + r["total_tiles"], row[2] + 1
+    assert {(r["layer"], r["step"], r["branch"], r["dense"], r["reason"]): [r["kept_tiles"], r["total_tiles"], r["calls"]]
+            for r in summed} == kept
+    stats, reference = LiteStats(held, summed=summed), LiteStats(every)
+    assert stats.calls() == reference.calls() == 180
+    assert stats.kept_fraction() == reference.kept_fraction() < 1.0
+    assert stats.per_layer() == reference.per_layer()
+    assert stats.per_layer(kernel_calls_only=True) == reference.per_layer(kernel_calls_only=True)
+    assert stats.per_step() == reference.per_step() and stats.per_branch() == reference.per_branch()
+    assert stats.table().splitlines()[1:] == reference.table().splitlines()[1:]
+    assert f"({180 - len(held)} older calls summed)" in stats.table().splitlines()[0]
+    bounded.clear()
+    assert bounded.freeze() == ([], [])
 
 
 def test_kept_counts_stay_on_device_until_stats():
