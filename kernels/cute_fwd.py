@@ -294,6 +294,8 @@ def no_masked_blocks(device: torch.device, batch: int, heads: int, q_tiles: int)
     """flash-attn-4's "masked block" lists, empty: int32 zeros ``[B, H, QT]`` and ``[B, H, QT, 1]``."""
     key = (device, batch, heads, q_tiles)
     if key not in _NO_MASKED:
+        if len(_NO_MASKED) >= 64:  # many resolutions (a service): start over rather than hold device memory for each
+            _NO_MASKED.clear()
         _NO_MASKED[key] = (torch.zeros(batch, heads, q_tiles, dtype=torch.int32, device=device),
                            torch.zeros(batch, heads, q_tiles, 1, dtype=torch.int32, device=device))
     return _NO_MASKED[key]

@@ -97,6 +97,8 @@ class LayerPatch:
                 tiles = registry.tiles(q, seq_k, backend=self.runtime.backend, key_padding=key_padding)
             except registry.BackendUnavailable:
                 tiles = self._tiles.get("last") or registry.get("reference").tiles(q.shape[-1])
+            if len(self._tiles) >= 64:  # many sequence lengths (prompts of any length): start over, keep the last
+                self._tiles = {"last": self._tiles["last"]} if "last" in self._tiles else {}
             self._tiles[key] = tiles
         return tiles
 

@@ -227,6 +227,20 @@ def test_a_long_run_holds_a_bounded_log_and_its_summaries_stay_exact():
     assert bounded.freeze() == ([], [])
 
 
+def test_a_layers_tile_cache_stays_bounded_over_many_sequence_lengths():
+    """Prompts of any length (a text mask, Qwen-Image) give each call its own key length: the layer's cache of tile
+    sizes starts over past 64 of them instead of growing for as long as the model is served."""
+    model, _ = _smooth_wan_style()
+    handle = litepatch.apply(model, threshold=-4.0)
+    layer = next(iter(handle._runtime.layers.values()))
+    q = torch.zeros(1, 8, 2, 16)
+    for seq_k in range(1, 300):
+        tiles = layer._tiles_of(q, seq_k, False)
+    assert len(layer._tiles) <= 64
+    assert tiles == litepatch.kernels.registry.tiles(q, 299, backend=handle._runtime.backend)
+    handle.remove()
+
+
 def test_kept_counts_stay_on_device_until_stats():
     model, inputs = _smooth_wan_style()
     handle = litepatch.apply(model, threshold=0.0)
