@@ -164,6 +164,12 @@ def _check_against_model(recipe: Recipe, model, allow_mismatch: bool, adapter=No
 class LiteHandle:
     """A patched model: statistics, reconfiguration and removal. Returned by :func:`apply`.
 
+    Also a context manager that removes the patch on leaving, an exception included (which it does not swallow):
+
+    >>> with litepatch.apply(pipe.transformer, recipe="wan-720p") as handle:
+    ...     video = pipe(prompt).frames
+    ...     print(handle.stats().table())
+
     Attributes:
         layers: names of the patched (self and joint) attention layers.
         recipe: the effective :class:`~litepatch.recipes.schema.Recipe` (keyword overrides applied).
@@ -307,6 +313,13 @@ class LiteHandle:
         """
         self._check_active()
         return {name: dict(layer.states) for name, layer in self._runtime.layers.items()}
+
+    def __enter__(self) -> LiteHandle:
+        self._check_active()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
 
     def _check_active(self) -> None:
         if self._removed:

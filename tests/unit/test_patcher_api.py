@@ -79,6 +79,24 @@ def test_reapply_raises_unless_forced_and_remove_is_exact():
     assert torch.equal(_run(model, inputs), reference)
 
 
+def test_a_handle_used_as_a_context_manager_removes_the_patch_on_leaving_even_on_an_error():
+    model, inputs = tm.wan_style()
+    reference = _run(model, inputs)
+    before = _instance_attrs(model)
+    with litepatch.apply(model, threshold=-6.0, warmup_steps=0) as handle:
+        assert handle.active and model.blocks[0].self_attn._litepatch.name == "blocks.0.self_attn"
+        _run(model, inputs)
+        assert handle.stats().calls() > 0
+    assert not handle.active and _instance_attrs(model) == before
+    with pytest.raises(ZeroDivisionError), litepatch.apply(model, threshold=-6.0) as handle:
+        _run(model, inputs)
+        1 / 0  # noqa: B018  (the error the block raises, which leaving must not swallow)
+    assert not handle.active and _instance_attrs(model) == before
+    assert torch.equal(_run(model, inputs), reference)
+    with pytest.raises(RuntimeError, match="was removed"), handle:
+        pass
+
+
 def test_defaults_recipe_and_overrides():
     model, _ = tm.wan_style()
     handle = litepatch.apply(model)
