@@ -15,6 +15,7 @@ import numbers
 import os
 import warnings
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,9 @@ from .layer_patch import LayerPatch
 from .root_patch import RootPatch
 from .runtime import Runtime
 from .stats import LiteStats
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 def _roots(model) -> list[tuple[str, torch.nn.Module]]:
@@ -314,7 +318,7 @@ class LiteHandle:
         self._check_active()
         return {name: dict(layer.states) for name, layer in self._runtime.layers.items()}
 
-    def __enter__(self) -> LiteHandle:
+    def __enter__(self) -> Self:
         self._check_active()
         return self
 
