@@ -97,9 +97,8 @@ class CallLog:
         """``(records, summed)``: the held calls, one dict each, and the summed older calls, one dict per row (with
         ``calls``, and ``generation`` ``None``)."""
         tensors = [r[KEPT] for r in self.raw if isinstance(r[KEPT], torch.Tensor)]
-        parts = [t.detach().to(torch.int64).reshape(1) for t in tensors] + list(self._summed_kept.values())
-        values = _host_ints(parts)  # one transfer per device: the counts stay there until here
-        held, device_sums = iter(v[0] for v in values[: len(tensors)]), values[len(tensors):]
+        held = iter(_host_ints(tensors))  # the counts stay on the device until here: one transfer per device
+        device_sums = [sums.tolist() for sums in self._summed_kept.values()]
         records = []
         for layer, step, branch, generation, dense, reason, kept, total in self.raw:
             kept = next(held) if isinstance(kept, torch.Tensor) else int(kept)
@@ -111,17 +110,15 @@ class CallLog:
         return records, summed
 
 
-def _host_ints(parts: list[torch.Tensor]) -> list[list[int]]:
-    """Each 1-dim tensor of ``parts`` as a list of ints, with one concatenation and one copy per device."""
+def _host_ints(counts: list[torch.Tensor]) -> list[int]:
+    """0-dim ``counts`` as ints, in order, with one stack and one copy per device."""
     by_device: dict = {}
-    for i, part in enumerate(parts):
-        by_device.setdefault(part.device, []).append(i)
-    out: list[list[int]] = [[] for _ in parts]
+    for i, count in enumerate(counts):
+        by_device.setdefault(count.device, []).append(i)
+    out = [0] * len(counts)
     for indices in by_device.values():
-        flat = torch.cat([parts[i] for i in indices]).tolist()
-        start = 0
-        for i in indices:
-            out[i], start = flat[start : start + parts[i].numel()], start + parts[i].numel()
+        for i, value in zip(indices, torch.stack([counts[i].detach().to(torch.int64) for i in indices]).tolist()):
+            out[i] = value
     return out
 
 
