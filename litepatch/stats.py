@@ -49,11 +49,7 @@ class CallLog:
         """Adds ``(fields, count)`` records in order, ``fields`` in :data:`RAW_FIELDS` order. Where a record comes with
         a 0-dim ``count`` tensor (a skip state's, which the next call overwrites), the counts are copied here, in one
         stack per device, and each record keeps its view of the copy as ``kept``."""
-        by_device: dict = {}
-        for index, (_, count) in enumerate(records):
-            if count is not None:
-                by_device.setdefault(count.device, []).append(index)
-        for indices in by_device.values():
+        for indices in _by_device([count for _, count in records]).values():
             for index, copy in zip(indices, torch.stack([records[i][1] for i in indices]).unbind()):
                 records[index][0][KEPT] = copy
         self.raw.extend(tuple(fields) for fields, _ in records)
@@ -110,13 +106,19 @@ class CallLog:
         return records, summed
 
 
+def _by_device(tensors: list[torch.Tensor | None]) -> dict:
+    """Device -> the indices of ``tensors`` on it (``None`` entries left out), in order."""
+    indices: dict = {}
+    for i, tensor in enumerate(tensors):
+        if tensor is not None:
+            indices.setdefault(tensor.device, []).append(i)
+    return indices
+
+
 def _host_ints(counts: list[torch.Tensor]) -> list[int]:
     """0-dim ``counts`` as ints, in order, with one stack and one copy per device."""
-    by_device: dict = {}
-    for i, count in enumerate(counts):
-        by_device.setdefault(count.device, []).append(i)
     out = [0] * len(counts)
-    for indices in by_device.values():
+    for indices in _by_device(counts).values():
         for i, value in zip(indices, torch.stack([counts[i].detach().to(torch.int64) for i in indices]).tolist()):
             out[i] = value
     return out
