@@ -157,7 +157,7 @@ class LiteStats:
     summed: list[dict] = field(default_factory=list)
 
     @property
-    def _rows(self) -> list[dict]:
+    def _every_call(self) -> list[dict]:
         return self.summed + self.records  # the older calls first: layers and steps in the order they came
 
     def calls(self) -> int:
@@ -166,7 +166,7 @@ class LiteStats:
 
     def kept_fraction(self) -> float:
         """Tiles computed / tiles of dense attention over every call (dense calls count 1.0)."""
-        return _weighted(self._rows)
+        return _weighted(self._every_call)
 
     def per_layer(self, *, kernel_calls_only: bool = False) -> dict[str, float]:
         """Layer name -> tile-weighted kept fraction over all its calls; with ``kernel_calls_only``, over the calls
@@ -176,7 +176,7 @@ class LiteStats:
         >>> stats.per_layer(kernel_calls_only=True)  # what skipping did where it ran
         """
         groups: dict[str, list[dict]] = defaultdict(list)
-        for r in self._rows:
+        for r in self._every_call:
             if not (kernel_calls_only and r["dense"]):
                 groups[r["layer"]].append(r)
         return {name: _weighted(rs) for name, rs in groups.items()}
@@ -184,20 +184,20 @@ class LiteStats:
     def per_step(self) -> dict[int, float]:
         """Step -> tile-weighted kept fraction over all layers, branches and generations."""
         groups: dict[int, list[dict]] = defaultdict(list)
-        for r in self._rows:
+        for r in self._every_call:
             groups[r["step"]].append(r)
         return {step: _weighted(groups[step]) for step in sorted(groups)}
 
     def per_branch(self) -> dict:
         """Branch key (index or cache-context name) -> tile-weighted kept fraction."""
         groups: dict = defaultdict(list)
-        for r in self._rows:
+        for r in self._every_call:
             groups[r["branch"]].append(r)
         return {branch: _weighted(rs) for branch, rs in groups.items()}
 
     def table(self) -> str:
         """A plain-text table: per step (kept fraction, dense calls) then per layer."""
-        if not self._rows:
+        if not self._every_call:
             return f"litepatch stats ({self.recipe_name}): no attention calls recorded"
         lines = [f"litepatch stats: recipe {self.recipe_name}"
                  + (f" @ {self.hub_revision}" if self.hub_revision else "")
@@ -205,7 +205,7 @@ class LiteStats:
                  + (f" ({self.calls() - len(self.records)} older calls summed)" if self.summed else "")]
         lines.append(f"{'step':>5}  {'kept':>7}  {'calls':>5}  {'dense':>5}")
         by_step: dict[int, list[dict]] = defaultdict(list)
-        for r in self._rows:
+        for r in self._every_call:
             by_step[r["step"]].append(r)
         for step in sorted(by_step):
             rs = by_step[step]
@@ -216,7 +216,7 @@ class LiteStats:
         lines.append(f"{'layer':<{width}}  {'kept':>7}")
         for name, frac in self.per_layer().items():
             lines.append(f"{name:<{width}}  {frac:>7.1%}")
-        reasons = sorted({r["reason"] for r in self._rows if r["dense"]})
+        reasons = sorted({r["reason"] for r in self._every_call if r["dense"]})
         if reasons:
             lines.append("dense calls: " + "; ".join(reasons))
         return "\n".join(lines)
