@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 
 import pytest
 from PIL import Image
@@ -21,10 +23,18 @@ def test_demo_is_the_registered_subcommand():
     assert COMMANDS["demo"][0] == "litepatch.demo.cli"
 
 
-def test_demo_end_to_end_writes_both_pngs(tmp_path, capsys):
-    out = tmp_path / "out"
-    assert _run(["--steps", "3", "--threshold", "0", "--warmup-steps", "1", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def end_to_end(tmp_path_factory) -> tuple:
+    """One demo run with the CPU's defaults (CFG included), 3 steps, threshold 0: its output folder and printed text
+    (two tests read it; each run costs about 5 s on 2 cores)."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert _run(["--steps", "3", "--threshold", "0", "--warmup-steps", "1", "--out", str(out)]) == 0
+    return out, printed.getvalue()
+
+
+def test_demo_end_to_end_writes_both_pngs(end_to_end):
+    out, text = end_to_end
     assert "PSNR vs dense" in text and "final: PSNR" in text
     lines = text.splitlines()
     last = lines[-3:]  # what the run says about speed comes last
@@ -109,9 +119,8 @@ def test_the_cfg_mode_and_the_compiled_regions_default_by_device_and_yield_to_fl
     assert (args.cfg_mode, args.fuse_pointwise) == expected
 
 
-def test_the_header_says_how_cfg_runs(tmp_path, capsys):
-    assert _run(["--steps", "2", "--out", str(tmp_path)]) == 0
-    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("litepatch demo:"))
+def test_the_header_says_how_cfg_runs(end_to_end):
+    header = next(line for line in end_to_end[1].splitlines() if line.startswith("litepatch demo:"))
     assert "CFG 4.0 (sequential)" in header
 
 
