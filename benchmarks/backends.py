@@ -13,8 +13,8 @@ Per shape (bf16), all in one interleaved round per repetition:
 * the voting kernel with its tail mask on every visit over the one with it behind a branch (the default)
   (``vote_select_over_branch``: above 1, the branch is the faster);
 * where the dense gap goes (stages left out one at a time): flash-attn-4 dense; flash-attn-4's own block-sparse
-  forward with every block listed (the library's cost of reading lists); ours at ``-inf`` (our read lists and commit
-  inside the kernel and the anchor tracking on top); ours at ``-1e30`` (the vote on top).
+  forward with every block listed (the library's cost of reading lists); ours at ``-inf`` (our list and commit
+  kernels and the anchor tracking on top); ours at ``-1e30`` (the vote on top).
 
 Usage::
 
@@ -160,7 +160,7 @@ def shape_rows(name: str, reps: int, warmup: int, three_stages: bool = False) ->
         "triton_k": {str(f): median_ratio(times, f"triton_k{f}", "triton_dense") for f in FRACTIONS},
         "state_bytes": full.nbytes(),
         # GPU time per kernel inside one call (where ours' gap to flash-attn-4 dense goes: main kernel vs the small
-        # read-list and commit work inside it)
+        # list and commit kernels)
         "kernels_us": {key: _kernel_times_or_error(calls[key][1]) for key in ("fa4", "ours_read_full", "ours_vote_full")},
     }
     return row

@@ -115,21 +115,16 @@ def compile_one(head_dim: int, vote: bool, baseline: bool, dump: Path, tail_mode
     q, k, v = (torch.zeros(batch, seq, heads, head_dim, dtype=torch.bfloat16) for _ in range(3))
     q_tiles, k_tiles = math.ceil(seq / tile_m), math.ceil(seq / cute_sm90.TILE_N)
     ints = lambda *shape: torch.zeros(*shape, dtype=torch.int32)  # noqa: E731
+    lists = (ints(batch, heads, q_tiles), ints(batch, heads, q_tiles, 1), ints(batch, heads, q_tiles),
+             ints(batch, heads, q_tiles, k_tiles))
     for old in dump.glob("*.cubin"):  # the file name does not tell the vote variants apart: one at a time
         old.unlink()
-    out, lse = torch.empty_like(q), torch.empty(batch, heads, seq)
-    stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=False)  # no GPU tensors to find a stream on
-    if baseline:
-        lists = (ints(batch, heads, q_tiles), ints(batch, heads, q_tiles, 1), ints(batch, heads, q_tiles),
-                 ints(batch, heads, q_tiles, k_tiles))
-        cute_sm90.compile_block_sparse_sm90(q, k, v, out, lse, 0.1, lists, stream=stream)
-    else:
-        n_words = math.ceil(k_tiles / 32)
-        cute_sm90.compile_sm90(
-            q, k, v, out, lse, 0.1, None, ints(batch, heads, q_tiles, n_words), ints(batch, heads, q_tiles),
-            torch.zeros((), dtype=torch.int64), torch.zeros(q_tiles, dtype=torch.bool),
-            torch.zeros(k_tiles, dtype=torch.bool), ints(2, cute_sm90.scratch_words(batch * heads * q_tiles, n_words)),
-            vote=vote, order="anchor", stream=stream, tail_mode=tail_mode, mask_tail=mask_tail, ablate=ablate)
+    cute_sm90.compile_sm90(
+        q, k, v, torch.empty_like(q), torch.empty(batch, heads, seq), 0.1, None, lists, ints(batch, heads, q_tiles, 1),
+        torch.zeros(batch, heads, q_tiles, dtype=torch.int64), ints(batch, heads, q_tiles), vote=vote,
+        baseline=baseline, tail_mode=tail_mode, mask_tail=mask_tail, ablate=ablate,
+        stream=cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=False),  # no GPU tensors to find a stream on
+    )
     (cubin,) = dump.glob("*.cubin")
     return str(cubin)
 

@@ -33,6 +33,8 @@ from litepatch.recipes import resolve
 FAMILIES = (  # kernel name fragment -> family, first match wins
     ("LiteAttentionForwardSm90", "LiteAttention (CuTe)"),
     ("FlashAttentionForwardSm90", "flash-attn-4 dense"),
+    ("_list_kernel", "list + commit kernels"),
+    ("_commit_kernel", "list + commit kernels"),
     ("_lite_fwd", "LiteAttention (Triton)"),
     ("triton", "other Triton (fused pointwise, ...)"),
     ("flash", "SDPA flash / cuDNN / other attention"),

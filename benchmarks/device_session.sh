@@ -23,7 +23,7 @@
 #
 # Stages (give several; they run in this order of arguments):
 #   install  wheels from .whl/ into /tmp/site; the project installed without dependencies
-#   verify   GPU tests with a 150-case fuzz                                          -> $OUT/gpu_tests.txt
+#   verify   GPU tests with a 150-case fuzz, and the CuTe protocol check             -> $OUT/gpu_tests.txt
 #   crossover  benchmarks/dense_crossover.py: flash-attn-4 dense (direct launch, interface) vs SDPA, host time in  -> $OUT/dense_crossover.json
 #   kernel   benchmarks/backends.py over the six shapes                              -> $OUT/backends.json
 #   host     benchmarks/patch_overhead.py, 150 paired rounds of 2 forwards, then 30 of 20  -> $OUT/patch_overhead*.json
@@ -69,7 +69,8 @@ for stage in "$@"; do
         && $PY -m pip install -q --no-deps --no-build-isolation -e . \
         && $PY -c 'import diffusers, omegaconf, optuna, xdist, flash_attn.cute, litepatch.kernels.cute_fwd; print(\"ready\")'" ;;
     verify)
-      run "GPU tests" "$OUT/gpu_tests.txt" env LITEPATCH_FUZZ_CASES=150 $PY -m pytest -q -n 8 tests/gpu ;;
+      run "GPU tests" "$OUT/gpu_tests.txt" env LITEPATCH_FUZZ_CASES=150 $PY -m pytest -q -n 8 tests/gpu
+      run "CuTe protocol" "$OUT/gpu_tests.txt" $PY -m pytest -q tests/unit/test_cute_protocol.py ;;
     crossover)
       run crossover "$OUT/log.txt" $PY benchmarks/dense_crossover.py --json "$OUT/dense_crossover.json" ;;
     kernel)

@@ -210,26 +210,66 @@ def per_call_host_us(iters: int = 2000) -> dict[str, float]:
 
 def _cute_rows(q, k, v, state, args, kw) -> dict:
     """The CuTe backend's host time, stage by stage (empty where it cannot run): flash-attn-4's dense call, the
-    CuTe LiteAttention launch alone, and the whole backend call (the launch and the Python around it)."""
+    CuTe LiteAttention call alone (lists ready), and the whole backend call (list kernel + CuTe + commit kernel)."""
     from litepatch.kernels import registry
 
     if "cute" not in registry.available_backends() or registry.get("cute").refusal(q, k.shape[1]) is not None:
         return {}
-    from flash_attn.cute import interface as fa4_interface
-    from litepatch.kernels import cute_fwd
-    from litepatch.kernels.cute_sm90 import run_sm90
+    from unittest import mock
 
+    from flash_attn.cute import interface as fa4_interface
+
+    from litepatch.kernels import cute_fwd
+    from litepatch.kernels import launch as launch_module
+    from litepatch.kernels.cute_sm90 import run_sm90
+    from litepatch.kernels.launch import launch
+
+    keep = state.buffers().keep
+    batch, heads, q_tiles, _ = keep.shape
+    slot, count, tail, index, votes = cute_fwd.scratch_views(keep, state.k_tiles)
+    lists = (*cute_fwd.no_masked_blocks(q.device, batch, heads, q_tiles), count, index)
     cute_forward = registry.get("cute").forward
-    cute_forward(*args, **kw)  # the scratch buffer exists from here on
-    keep, anchor, kept, must_q, must_k = args[3:8]
-    (scratch,) = cute_fwd._SCRATCH.values()
+    cute_forward(*args, **kw)  # the lists above now hold this call's
+    out, lse = run_sm90(q, k, v, lists, votes, slot, tail, softmax_scale=kw["softmax_scale"], threshold=-4.0,
+                        seqused_k=None)
+
+    def without_cute_call():  # the list and commit launches and the Python around them
+        with mock.patch.object(cute_fwd, "run_sm90", lambda *a, **k: (out, lse)):
+            cute_forward(*args, **kw)
+
+    anchor, kept = args[4], args[5]
+    order = cute_fwd.launch_options(state.k_tiles, use_anchor=kw["use_anchor"], descending=kw["descending"],
+                                    key_mask=False)
+
+    list_args = ((batch * heads * q_tiles,), keep, anchor, count, index, count, tail, votes, slot, kept, q_tiles,
+                 state.k_tiles, keep.shape[-1], heads)
+
+    def list_launch():  # one Triton launch, bound by Triton
+        cute_fwd._list_kernel[list_args[0]](*list_args[1:], **order)
+
+    def reused_launch():  # the same launch as cute_forward makes it (litepatch.kernels.launch)
+        launch(cute_fwd._list_kernel, *list_args, **order)
+
+    others = dict(launch_module._RUNNERS)
+    launch_module._RUNNERS.clear()
+    reused_launch()  # bound by Triton: the one entry is this launch's
+    ((runner, trailing, _),) = launch_module._RUNNERS.values()
+    launch_module._RUNNERS.update(others)
+    constexprs = [order[name] for name in trailing]
+
+    def tritons_launcher():  # the reused compiled kernel through Triton's own launcher (before the direct one)
+        runner(*list_args[1:], *constexprs)
+
     return {
+        "cute_forward minus its CuTe call (mocked)": without_cute_call,
+        "one Triton launch (the list kernel), bound": list_launch,
+        "the same launch, reused (as cute_forward)": reused_launch,
+        "the same launch, reused through Triton's launcher": tritons_launcher,
         "flash-attn-4 dense, its interface (_flash_attn_fwd)": lambda: fa4_interface._flash_attn_fwd(q, k, v)[0],
         "flash-attn-4 dense, launched directly (dense_attention)": lambda: cute_fwd.flash_attn_4_dense(q, k, v),
-        "CuTe LiteAttention launch alone (run_sm90)": lambda: run_sm90(
-            q, k, v, keep, anchor, kept, must_q, must_k, scratch, softmax_scale=kw["softmax_scale"], threshold=-4.0,
-            seqused_k=None, order="anchor"),
-        "cute_forward (the launch and its Python)": lambda: cute_forward(*args, **kw),
+        "CuTe LiteAttention call alone (run_sm90)": lambda: run_sm90(
+            q, k, v, lists, votes, slot, tail, softmax_scale=kw["softmax_scale"], threshold=-4.0, seqused_k=None),
+        "cute_forward (list + CuTe + commit kernels)": lambda: cute_forward(*args, **kw),
     }
 
 

@@ -1,20 +1,35 @@
 """CuTe-DSL LiteAttention backend for Hopper (sm90), built on flash-attn-4 as a library.
 
 Every call with the backend's tiles (:func:`tiles_for_head_dim`: 128 key rows; 192 query rows at head dim 64, 128
-above) is one launch of :class:`~litepatch.kernels.cute_sm90.LiteAttentionForwardSm90`, flash-attn-4's SM90 forward
-with the skip vote inside each tile's online softmax, which reads the skip state itself (each q-tile's read list in
-the visiting order) and writes the next one (the commit, on an idle producer warp). Between the consumers and the
-commit, votes and anchor candidates go through one zeroed int32 scratch buffer per device shared by every layer
-(:func:`scratch_bytes`); the kernel leaves it zero again, so no launch prepares it.
+above) runs :class:`~litepatch.kernels.cute_sm90.LiteAttentionForwardSm90`, flash-attn-4's SM90 forward with the
+skip vote inside each tile's online softmax. Around it, two small
+Triton kernels of this file, one program per (batch row, head, q-tile), which share :func:`_visit_order` (the
+q-tile's read list, minus key tiles with no valid key, and each read tile's visit position: anchor first then
+ascending, or all descending / ascending for ``order="alternate"``):
+
+1. :func:`_list_kernel` writes flash-attn-4's "full block" list in *reverse* visiting order (the kernel walks
+   lists from last entry to first) and the visit position of the key sequence's last tile (the kernel masks it
+   by key length), zeroes the ``votes`` bitmask and ``kept``, and sets the anchor slot to its minimum.
+2. :func:`_commit_kernel` rebuilds the same visiting order (``state.keep`` and ``state.anchor`` are unchanged
+   until then), sums the visited tiles into ``kept`` and drops from ``keep`` the visited tiles no valid row voted
+   for, except the first visited and must-compute ones; it decodes the anchor slot's visit position into a tile.
+   ``threshold=-inf`` calls drop nothing. (Zeroing ``kept`` in one kernel and counting in the next, which the
+   stream orders after it, saves the launch of a separate zeroing kernel.)
+
+Both launch through :func:`litepatch.kernels.launch.launch`: a layer passes the same tensors at every step, so
+Triton's per-call binding runs once per (layer, branch, shape).
+
+The lists, ``votes``, tail positions and slots live in one int32 scratch buffer per device shared by every
+layer (:func:`scratch_bytes`), not in the per-layer state, which keeps :mod:`litepatch.kernels.state`'s layout.
 
 Key-padding masks: prefix masks (valid keys then padding per batch row, the text mask of HunyuanVideo and
-Qwen-Image) become flash-attn-4's ``seqused_k``; tiles past a row's length are not read. Other masks,
+Qwen-Image) become flash-attn-4's ``seqused_k``; tiles past a row's length leave the lists. Other masks,
 and other tile sizes, run the Triton kernel (:mod:`litepatch.kernels.triton_fwd`) at the state's tile sizes (it takes
 192-row query tiles too), so the state layout stays the same. Dense calls (:func:`flash_attn_4_dense`, reached through
 :func:`litepatch.kernels.dense_attention`) run flash-attn-4's plain forward.
 
 Requires ``pip install "litepatch[cuda]"`` (flash-attn-4 4.0.0b36, nvidia-cutlass-dsl 4.8.1). The first call
-per configuration (dtype, head dim, vote on/off, visiting order, key lengths or not) JIT-compiles in a few seconds
+per configuration (dtype, head dim, vote on/off, key lengths or not) JIT-compiles in a few seconds
 (:data:`~litepatch.kernels.cute_sm90.COMPILE_SECONDS`); ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` (set
 by default here) keeps compiled kernels on disk between processes.
 
@@ -24,14 +39,19 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
+import triton
+import triton.language as tl
 from flash_attn.cute import interface as _fa4
 
-from .cute_sm90 import TILE_N, run_dense_sm90, run_sm90, scratch_words, tile_m_for
-from .key_masks import mask_facts
+from .cute_sm90 import TILE_N, run_dense_sm90, run_sm90, tile_m_for
+from .key_masks import mask_facts, mask_tiles
+from .launch import launch
 from .registry import Backend, Constraints, register_backend
 from .state import TileConfig
-from .triton_fwd import MAX_K_TILES, triton_forward
+from .triton_fwd import MAX_K_TILES, _bit_or, triton_forward
 
 HEAD_DIMS = (64, 128)  # verified on the H200; 96 compiles (mma_pv_is_rs off) but has not run there
 CONSTRAINTS = Constraints(
@@ -41,6 +61,82 @@ CONSTRAINTS = Constraints(
     cuda_archs=(9,),  # verified on sm90 (H100/H200) only
     max_k_tiles=MAX_K_TILES,
 )
+
+
+@triton.jit
+def _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles, n_words, heads,
+                 USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
+                 HAS_KEY_MASK: tl.constexpr):
+    """For the key tiles ``j`` of one q-tile (``row`` = (batch row * heads + head) * q_tiles + q-tile): whether
+    this call reads each (``read``), its visit position (``pos``, where read), the number read, and the last key
+    tile holding a valid key."""
+    j = tl.arange(0, KT_POW2)
+    in_range = j < k_tiles
+    stored = (((tl.load(keep_ptr + row.to(tl.int64) * n_words + j // 32, mask=in_range, other=0) >> (j % 32)) & 1)
+              != 0) & in_range
+    read = stored
+    valid = in_range
+    if HAS_KEY_MASK:  # key tiles with no valid key: not visited, and left in the stored list
+        b = row // (q_tiles * heads)
+        valid = valid & (tl.load(tile_valid_ptr + b * k_tiles + j, mask=in_range, other=0) != 0)
+        read = read & valid
+    read_i = read.to(tl.int32)
+    total = tl.sum(read_i, axis=0)
+    if USE_ANCHOR:
+        is_anchor = read & (j == tl.load(anchor_ptr + row))
+        has_anchor = tl.sum(is_anchor.to(tl.int32), axis=0)
+        pos = tl.cumsum((read & ~is_anchor).to(tl.int32), axis=0) - 1 + has_anchor
+        pos = tl.where(is_anchor, 0, pos)
+    elif DESCENDING:
+        pos = total - tl.cumsum(read_i, axis=0)
+    else:
+        pos = tl.cumsum(read_i, axis=0) - 1
+    last = tl.max(tl.where(valid, j, -1), axis=0)
+    return j, read, pos, total, last
+
+
+@triton.jit
+def _list_kernel(keep_ptr, anchor_ptr, tile_valid_ptr, idx_ptr, cnt_ptr, tail_ptr, votes_ptr, slot_ptr, kept_ptr,
+                 q_tiles, k_tiles, n_words, heads,
+                 USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
+                 HAS_KEY_MASK: tl.constexpr):
+    row = tl.program_id(0)
+    j, read, pos, total, last = _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles, n_words,
+                                             heads, USE_ANCHOR, DESCENDING, KT_POW2, HAS_KEY_MASK)
+    tl.store(idx_ptr + row.to(tl.int64) * k_tiles + (total - 1 - pos), j, mask=read)
+    tl.store(cnt_ptr + row, total)
+    tl.store(kept_ptr, tl.zeros((), tl.int64), mask=row == 0)  # the commit kernel, launched after, counts into it
+    tl.store(tail_ptr + row, tl.sum(tl.where(read & (j == last), pos + 1, 0), axis=0) - 1)  # -1: not read
+    w = tl.arange(0, KT_POW2 // 32)
+    tl.store(votes_ptr + row.to(tl.int64) * n_words + w, tl.zeros_like(w), mask=w < n_words)
+    tl.store(slot_ptr + row, -9223372036854775807 - 1)
+
+
+@triton.jit
+def _commit_kernel(keep_ptr, anchor_ptr, tile_valid_ptr, must_q_ptr, must_k_ptr, votes_ptr, slot_ptr, kept_ptr,
+                   q_tiles, k_tiles, n_words, heads,
+                   USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
+                   HAS_KEY_MASK: tl.constexpr, VOTE: tl.constexpr):
+    row = tl.program_id(0)
+    j, read, pos, total, last = _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles, n_words,
+                                             heads, USE_ANCHOR, DESCENDING, KT_POW2, HAS_KEY_MASK)
+    tl.atomic_add(kept_ptr, total.to(tl.int64))
+    slot = tl.load(slot_ptr + row)
+    visited = slot != -9223372036854775807 - 1
+    best = 65535 - (slot & 0xFFFF).to(tl.int32)  # the anchor's visit position (cute_sm90.LAST_POSITION)
+    anchor = tl.sum(tl.where(read & (pos == best) & visited, j, 0), axis=0)  # tile 0 when nothing was visited
+    if VOTE:
+        in_range = j < k_tiles
+        word = tl.load(votes_ptr + row.to(tl.int64) * n_words + pos // 32, mask=read, other=0)
+        voted = ((word >> (pos % 32)) & 1) != 0
+        must_k = tl.load(must_k_ptr + j, mask=in_range, other=0).to(tl.int32)
+        must = (tl.load(must_q_ptr + row % q_tiles).to(tl.int32) + must_k) > 0
+        stays = (~read | (pos == 0) | must | voted) & in_range
+        words = tl.reduce(tl.reshape(stays.to(tl.int32) << (j % 32), (KT_POW2 // 32, 32)), 1, _bit_or)
+        w = tl.arange(0, KT_POW2 // 32)
+        offs = keep_ptr + row.to(tl.int64) * n_words + w
+        tl.store(offs, tl.load(offs, mask=w < n_words, other=0) & words, mask=w < n_words)
+    tl.store(anchor_ptr + row, anchor)
 
 
 _TILES = {tile_m: TileConfig(tile_m, TILE_N) for tile_m in {tile_m_for(64), tile_m_for(128)}}
@@ -61,19 +157,41 @@ def tiles_for_head_dim(head_dim: int) -> TileConfig:
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
 
 
-def _scratch(device: torch.device, words: int) -> torch.Tensor:
-    """The int32 ``[2, >= words]`` buffer of ``device`` shared by every layer and call (:func:`scratch_words`: each
-    call's kernel leaves row 0 zero)."""
+def _scratch(device: torch.device, numel: int) -> torch.Tensor:
+    """An int32 buffer of at least ``numel`` elements, one per device, shared by every layer and call."""
     buffer = _SCRATCH.get(device)
-    if buffer is None or buffer.shape[1] < words:
-        buffer = _SCRATCH[device] = torch.zeros(2, words, dtype=torch.int32, device=device)
+    if buffer is None or buffer.numel() < numel:
+        _VIEWS.clear()  # they hold the smaller buffer
+        buffer = _SCRATCH[device] = torch.empty(numel, dtype=torch.int32, device=device)
     return buffer
 
 
+# scratch_views per (buffer, state shape, key tiles): making the five views costs more host time than the
+# list and commit launches together, and a model asks for the same few shapes on every call
+_VIEWS: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
 def scratch_bytes() -> int:
-    """Bytes held by the shared scratch buffers (anchor slots, vote words and visiting orders of one call; not per
-    layer)."""
+    """Bytes held by the shared scratch buffers (lists, votes, tail positions, anchor slots; not per layer)."""
     return sum(b.numel() * b.element_size() for b in _SCRATCH.values())
+
+
+def scratch_views(keep: torch.Tensor, k_tiles: int):
+    """(slot int64 [B,H,QT], count [B,H,QT], tail [B,H,QT], index [B,H,QT,KT], votes [B,H,QT,W]) in the shared
+    buffer: what one call's list, kernel and commit steps pass between them."""
+    batch, heads, q_tiles, n_words = keep.shape
+    rows = batch * heads * q_tiles
+    sizes = (2 * rows, rows, rows, rows * k_tiles, rows * n_words)  # the int64 slots first: 8-byte aligned
+    buffer = _scratch(keep.device, sum(sizes))
+    key = (buffer.data_ptr(), batch, heads, q_tiles, n_words, k_tiles)
+    if key not in _VIEWS:
+        if len(_VIEWS) >= 64:  # many shapes (varying lengths): start over rather than grow
+            _VIEWS.clear()
+        slot, count, tail, index, votes = torch.split(buffer[: sum(sizes)], sizes)
+        per_q_tile = (batch, heads, q_tiles)
+        _VIEWS[key] = (slot.view(torch.int64).view(per_q_tile), count.view(per_q_tile), tail.view(per_q_tile),
+                       index.view(*per_q_tile, k_tiles), votes.view(*per_q_tile, n_words))
+    return _VIEWS[key]
 
 
 def _prefix_lengths(key_valid: torch.Tensor | None) -> torch.Tensor | None | bool:
@@ -91,7 +209,21 @@ def _prefix_lengths(key_valid: torch.Tensor | None) -> torch.Tensor | None | boo
     return facts["lengths"]
 
 
-_ORDERS = {(True, False): "anchor", (True, True): "anchor", (False, False): "ascending", (False, True): "descending"}
+_LAUNCH_OPTIONS: dict[tuple, dict] = {}
+
+
+def launch_options(k_tiles: int, *, use_anchor: bool, descending: bool, key_mask: bool) -> dict:
+    """The compile-time options of one call's list and commit kernels (the visiting order they rebuild); made once
+    per form (3 us of host time per call otherwise). The dict is shared: pass it on, do not change it."""
+    key = (k_tiles, use_anchor, descending, key_mask)
+    options = _LAUNCH_OPTIONS.get(key)
+    if options is None:
+        if len(_LAUNCH_OPTIONS) >= 256:  # many key lengths: start over rather than grow
+            _LAUNCH_OPTIONS.clear()
+        options = _LAUNCH_OPTIONS[key] = dict(
+            USE_ANCHOR=use_anchor, DESCENDING=descending, KT_POW2=max(32, triton.next_power_of_2(k_tiles)),
+            HAS_KEY_MASK=key_mask, num_warps=4 if k_tiles <= 1024 else 8)
+    return options
 
 
 def cute_forward(
@@ -120,10 +252,23 @@ def cute_forward(
             q, k, v, keep, anchor, kept, must_q, must_k, key_valid, block_m=block_m, block_n=block_n,
             threshold=threshold, softmax_scale=softmax_scale, use_anchor=use_anchor, descending=descending,
         )
+    k_tiles = math.ceil(k.shape[1] / block_n)
     batch, heads, q_tiles, n_words = keep.shape
-    scratch = _scratch(q.device, scratch_words(batch * heads * q_tiles, n_words))
-    return run_sm90(q, k, v, keep, anchor, kept, must_q, must_k, scratch, softmax_scale=softmax_scale,
-                    threshold=threshold, seqused_k=lengths, order=_ORDERS[use_anchor, descending])
+    rows = batch * heads * q_tiles
+    slot, count, tail, index, votes = scratch_views(keep, k_tiles)
+    valid_tiles = None if key_valid is None else mask_tiles(key_valid, block_n, k_tiles)
+    order = launch_options(k_tiles, use_anchor=use_anchor, descending=descending, key_mask=valid_tiles is not None)
+    valid_tiles = valid_tiles if valid_tiles is not None else count  # a placeholder pointer without a key mask
+    launch(_list_kernel, (rows,), keep, anchor, valid_tiles, index, count, tail, votes, slot, kept, q_tiles, k_tiles,
+           n_words, heads, **order)
+    no_mask_cnt, no_mask_idx = no_masked_blocks(q.device, batch, heads, q_tiles)
+    out, lse = run_sm90(
+        q, k, v, (no_mask_cnt, no_mask_idx, count, index), votes, slot, tail, softmax_scale=softmax_scale,
+        threshold=threshold, seqused_k=lengths,
+    )
+    launch(_commit_kernel, (rows,), keep, anchor, valid_tiles, must_q, must_k, votes, slot, kept, q_tiles, k_tiles,
+           n_words, heads, VOTE=threshold > -math.inf, **order)
+    return out, lse
 
 
 def flash_attn_4_dense(
@@ -140,6 +285,20 @@ def flash_attn_4_dense(
     if q.shape[1] and k.shape[1] and k.shape == v.shape:
         return run_dense_sm90(q, k, v, softmax_scale=softmax_scale, seqused_k=lengths)
     return _fa4._flash_attn_fwd(q, k, v, softmax_scale=softmax_scale, seqused_k=lengths)[0]
+
+
+_NO_MASKED: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def no_masked_blocks(device: torch.device, batch: int, heads: int, q_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash-attn-4's "masked block" lists, empty: int32 zeros ``[B, H, QT]`` and ``[B, H, QT, 1]``."""
+    key = (device, batch, heads, q_tiles)
+    if key not in _NO_MASKED:
+        if len(_NO_MASKED) >= 64:  # many resolutions (a service): start over rather than hold device memory for each
+            _NO_MASKED.clear()
+        _NO_MASKED[key] = (torch.zeros(batch, heads, q_tiles, dtype=torch.int32, device=device),
+                           torch.zeros(batch, heads, q_tiles, 1, dtype=torch.int32, device=device))
+    return _NO_MASKED[key]
 
 
 cute_forward.dense = flash_attn_4_dense  # type: ignore[attr-defined]  (used by litepatch.kernels.dense)

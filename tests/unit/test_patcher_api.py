@@ -198,7 +198,7 @@ def test_call_records_keep_their_order_and_a_copy_of_each_count():
             (["c", 0, 0, 1, False, "", None, 10], counts[1])]
     log.add(live)
     for count in counts:
-        count.fill_(0)  # the next call's kernel overwrites the state's count
+        count.fill_(0)  # the next call's list kernel zeroes the state's count
     records, summed = log.freeze()
     assert [(r["layer"], r["kept_tiles"], r["dense"]) for r in records] == [("a", 5, False), ("b", 10, True),
                                                                            ("c", 7, False)]

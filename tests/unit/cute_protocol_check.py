@@ -1,0 +1,110 @@
+"""The CuTe backend's scratch protocol, checked on the CPU: run by ``test_cute_protocol.py`` under Triton's
+interpreter (``TRITON_INTERPRET=1``, set before Triton is imported).
+
+:func:`litepatch.kernels.cute_fwd.cute_forward` runs its list and commit kernels (Triton, interpreted on CPU
+tensors) around :func:`emulated_sm90`, a plain PyTorch statement of what the CuTe kernel must do with the
+scratch buffers: walk each list from last entry to first, count visits, mask the visit at the tail position by
+key length, vote per visit position, and fold the anchor candidate ``(score, 65535 - position)`` into the slot.
+Over several calls the state must equal :func:`~litepatch.kernels.reference.reference_forward`'s bit for bit.
+A failure here is in the protocol (lists, positions, commit); one that only the GPU fuzz test shows is in the
+CuTe kernel itself.
+
+Usage: ``TRITON_INTERPRET=1 python tests/unit/cute_protocol_check.py`` (exit status 1 on a mismatch).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+
+import torch
+
+from litepatch.kernels import SkipState, cute_fwd, reference_forward
+
+LOG2E = 1.4426950408889634
+
+
+def emulated_sm90(q, k, v, lists, votes, slot, tail, *, softmax_scale, threshold, seqused_k):
+    """What ``cute_sm90.run_sm90`` does, in PyTorch (fp32), for CPU tensors."""
+    count, index = lists[2], lists[3]
+    batch, seq_q, heads, dim = q.shape
+    seq_k, block_m, block_n = k.shape[1], cute_fwd.tiles_for_head_dim(dim).block_m, cute_fwd.TILE_N
+    out, lse = torch.zeros(batch, seq_q, heads, dim), torch.full((batch, heads, seq_q), -math.inf)
+    scale_log2 = softmax_scale * LOG2E
+    for b, h, qt in itertools.product(range(batch), range(heads), range(count.shape[2])):
+        visits = index[b, h, qt, : int(count[b, h, qt])].flip(0).tolist()  # lists are stored last visit first
+        rows = torch.arange(qt * block_m, min((qt + 1) * block_m, seq_q))
+        if not visits or len(rows) == 0:
+            continue
+        length = int(seqused_k[b]) if seqused_k is not None else seq_k
+        running, total = torch.full((len(rows),), -math.inf), torch.zeros(len(rows))
+        acc, best = torch.zeros(len(rows), dim), torch.zeros(len(rows), dtype=torch.long)
+        for position, tile in enumerate(visits):
+            cols = torch.arange(tile * block_n, min((tile + 1) * block_n, seq_k))
+            scores = q[b, rows, h].float() @ k[b, cols, h].float().T
+            if position in (0, int(tail[b, h, qt])):  # flash-attn-4 masks the first visit, the kernel the tail's
+                scores = scores.masked_fill(cols[None] >= length, -math.inf)
+            tile_max, previous = scores.amax(-1), running
+            running = torch.maximum(previous, tile_max)
+            best = torch.where(tile_max > previous, position, best)
+            finite_max = torch.where(running == -math.inf, 0.0, running)
+            exps = torch.exp2((scores - finite_max[:, None]) * scale_log2)
+            rescale = torch.exp2((previous - finite_max) * scale_log2) if position else torch.ones(len(rows))
+            total = total * rescale + exps.sum(-1)
+            acc = acc * rescale[:, None] + exps @ v[b, cols, h].float()
+            gap = tile_max - previous
+            skippable = (gap * scale_log2 <= threshold) & gap.isfinite() & exps.sum(-1).isfinite()
+            if threshold > -math.inf and position and not skippable.all():
+                bit = 1 << (position % 32)
+                votes[b, h, qt, position // 32] |= bit if bit < 2**31 else -(2**31)  # int32 storage
+        out[b, rows, h] = acc / total[:, None]
+        lse[b, h, rows] = (running + torch.log2(total)) / LOG2E
+        if running.max() > -math.inf:  # one candidate per q-tile here, so the score bits need not be ordered
+            slot[b, h, qt] = 2**40 + 65535 - int(best[running == running.max()].min())
+    return out.to(q.dtype), lse
+
+
+def local_qkv(batch, seq, heads, dim, seed=0):
+    """q/k whose scores peak where positions are close (so tiles get skipped), fp16."""
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.arange(seq, dtype=torch.float32)[:, None] * torch.logspace(-2.2, -0.5, dim // 2)
+    feats = 4 * torch.cat([pos.cos(), pos.sin()], -1)[None, :, None]
+    q, k = (feats + 0.3 * torch.randn(batch, seq, heads, dim, generator=gen) for _ in range(2))
+    return q.half(), k.half(), torch.randn(batch, seq, heads, dim, generator=gen).half()
+
+
+def check(dim, masked, order, threshold, seq=700, calls=4) -> bool:
+    """``calls`` consecutive calls of both, from one fresh state each; True when every state matches."""
+    batch, heads = 2, 2
+    q, k, v = local_qkv(batch, seq, heads, dim)
+    key_valid = torch.arange(seq)[None] < torch.tensor([[seq - 50], [seq - 300]]) if masked else None
+    tiles = cute_fwd.tiles_for_head_dim(dim)
+    runs = []
+    for forward in (cute_fwd.cute_forward, reference_forward):
+        state, states = SkipState(), []
+        state.initialize((batch, heads, seq, seq), tiles, q.device, ((0, 20),), ())
+        for call in range(calls):
+            out, _ = forward(q, k, v, *state.buffers(), *state.must_masks(q.device), key_valid,
+                             block_m=tiles.block_m, block_n=tiles.block_n, threshold=threshold,
+                             softmax_scale=1 / math.sqrt(dim), use_anchor=order == "anchor",
+                             descending=order == "alternate" and call % 2 == 0)
+            states.append((out.float(), state.keep.clone(), state.anchor.clone(), int(state.kept)))
+        runs.append(states)
+    ok = all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) and a[3] == b[3]
+             and float((a[0] - b[0]).abs().max()) < 1e-2 for a, b in zip(*runs))
+    print(f"D={dim} mask={masked} {order} threshold={threshold} kept per call {[s[3] for s in runs[0]]}: "
+          f"{'ok' if ok else 'MISMATCH'}", flush=True)
+    return ok
+
+
+def main() -> int:
+    cute_fwd.run_sm90 = emulated_sm90
+    cases = list(itertools.product((64, 128), (False, True), ("anchor", "alternate"), (-4.0, -math.inf)))
+    results = [check(*case) for case in cases]
+    results.append(check(128, True, "anchor", -3.0, seq=4500, calls=3))  # more than 32 visits: several vote words
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
