@@ -5,10 +5,21 @@ import sys
 
 
 def test_import_litepatch_does_not_import_heavy_optional_packages():
-    code = "import sys, litepatch, litepatch.cli; litepatch.cli.build_parser(); " \
+    code = "import sys, litepatch, litepatch.cli\nfor c in litepatch.cli.COMMANDS: litepatch.cli.build_parser(c)\n" \
            "print(sorted(m for m in ('diffusers', 'optuna', 'triton', 'huggingface_hub') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_top_level_help_imports_no_command_and_no_torch():
+    """`litepatch --help` lists every command without importing their modules (each pulls in torch: 4 s)."""
+    code = ("import sys, contextlib, io\nfrom litepatch.cli import main, COMMANDS\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+            "print(all(c in out.getvalue() for c in COMMANDS), 'torch' in sys.modules,"
+            " sorted(m for m, _ in COMMANDS.values() if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True False []"
 
 
 def test_calibrate_front_door_reaches_the_calibrator(monkeypatch):
