@@ -41,35 +41,26 @@ if __name__ != "litepatch.kernels":
     # re-register the custom op against an empty backend registry: hand out the one real package.
     _sys.modules[__name__] = _installed_namesake(__name__) or _importlib.import_module("litepatch.kernels")
 else:
-    from .dense import beats_sdpa, dense_attention, dense_kernel_name, faster_dense_attention, sdpa_attention
-    from .interface import available_backends, check_threshold, key_mask_from, key_padding_view, lite_attention
-    from .reference import reference_forward
-    from .registry import Backend, BackendUnavailable, Constraints, register_backend
-    from .state import DEFAULT_TILES, ORDERS, SkipState, TileConfig, pack_bits, unpack_bits
-    from .vocabulary import DEFAULT_ORDER, DEFAULT_THRESHOLD
+    # Names load on first use (PEP 562), so that a room above reading only the vocabulary (thresholds, orders: the
+    # recipes) does not import torch and torch._dynamo through the backends (4 s of `litepatch recipes list`).
+    _LAZY = {
+        **dict.fromkeys(("beats_sdpa", "dense_attention", "dense_kernel_name", "faster_dense_attention",
+                         "sdpa_attention"), "dense"),
+        **dict.fromkeys(("available_backends", "check_threshold", "key_mask_from", "key_padding_view",
+                         "lite_attention"), "interface"),
+        "reference_forward": "reference",
+        **dict.fromkeys(("Backend", "BackendUnavailable", "Constraints", "register_backend"), "registry"),
+        **dict.fromkeys(("DEFAULT_TILES", "ORDERS", "SkipState", "TileConfig", "pack_bits", "unpack_bits"), "state"),
+        **dict.fromkeys(("DEFAULT_ORDER", "DEFAULT_THRESHOLD"), "vocabulary"),
+    }
+    __all__ = sorted(_LAZY)
 
-    __all__ = [
-        "DEFAULT_ORDER",
-        "DEFAULT_THRESHOLD",
-        "DEFAULT_TILES",
-        "Backend",
-        "BackendUnavailable",
-        "Constraints",
-        "key_mask_from",
-        "key_padding_view",
-        "ORDERS",
-        "SkipState",
-        "TileConfig",
-        "available_backends",
-        "beats_sdpa",
-        "check_threshold",
-        "dense_attention",
-        "dense_kernel_name",
-        "faster_dense_attention",
-        "lite_attention",
-        "pack_bits",
-        "reference_forward",
-        "register_backend",
-        "sdpa_attention",
-        "unpack_bits",
-    ]
+    def __getattr__(name: str):
+        if name not in _LAZY:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(globals()) | set(_LAZY))

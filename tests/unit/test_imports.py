@@ -70,3 +70,11 @@ def test_repo_root_does_not_shadow_an_installed_kernels_package(tmp_path):
     (package / "__init__.py").write_text("from .sub import MARK\n")
     (package / "sub.py").write_text("MARK = 'namesake'\n")
     assert _import_kernels_from_root(str(tmp_path)) == "False namesake ['kernels.sub'] litepatch.kernels"
+
+
+def test_the_recipes_read_the_kernels_vocabulary_without_importing_torch():
+    """`litepatch recipes list/show/pull/push` need the recipes and the kernels' vocabulary (thresholds, orders), not
+    the backends: `litepatch.kernels` loads its names on first use (0.4 s for the command instead of 4.5 s)."""
+    code = "import sys, litepatch.recipes.cli, litepatch.kernels.vocabulary; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
