@@ -19,8 +19,8 @@ ascending, or all descending / ascending for ``order="alternate"``):
 Both launch through :func:`litepatch.kernels.launch.launch`: a layer passes the same tensors at every step, so
 Triton's per-call binding runs once per (layer, branch, shape).
 
-The lists, ``votes``, tail positions and slots live in one int32 scratch buffer per device shared by every
-layer (:func:`scratch_bytes`), not in the per-layer state, which keeps :mod:`litepatch.kernels.state`'s layout.
+The lists, ``votes``, tail positions and slots live in one int32 scratch buffer per device and CUDA stream, shared by
+every layer (:func:`scratch_bytes`), not in the per-layer state, which keeps :mod:`litepatch.kernels.state`'s layout.
 
 Key-padding masks: prefix masks (valid keys then padding per batch row, the text mask of HunyuanVideo and
 Qwen-Image) become flash-attn-4's ``seqused_k``; tiles past a row's length leave the lists. Other masks,
@@ -154,15 +154,22 @@ def tiles_for_head_dim(head_dim: int) -> TileConfig:
     return _TILES[tile_m_for(head_dim)]
 
 
-_SCRATCH: dict[torch.device, torch.Tensor] = {}
+_SCRATCH: dict[tuple[torch.device, int], torch.Tensor] = {}
+MAX_SCRATCH_STREAMS = 8  # (device, stream) buffers kept; past it they start over
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # device index -> raw stream handle
 
 
 def _scratch(device: torch.device, numel: int) -> torch.Tensor:
-    """An int32 buffer of at least ``numel`` elements, one per device, shared by every layer and call."""
-    buffer = _SCRATCH.get(device)
+    """An int32 buffer of at least ``numel`` elements shared by every layer and call on one CUDA stream of
+    ``device``: a call's list, kernel and commit pass their data through it in stream order, and calls on two
+    streams of a device (a server's requests, each on its own stream) may run at the same time."""
+    key = (device, _current_raw_stream(device.index) if _current_raw_stream is not None else 0)
+    buffer = _SCRATCH.get(key)
     if buffer is None or buffer.numel() < numel:
         _VIEWS.clear()  # they hold the smaller buffer
-        buffer = _SCRATCH[device] = torch.empty(numel, dtype=torch.int32, device=device)
+        if buffer is None and len(_SCRATCH) >= MAX_SCRATCH_STREAMS:
+            _SCRATCH.clear()  # each buffer is used on its own stream only: freeing it is stream-ordered
+        buffer = _SCRATCH[key] = torch.empty(numel, dtype=torch.int32, device=device)
     return buffer
 
 

@@ -359,6 +359,34 @@ def test_reused_triton_launches_match_bound_ones(threshold):
 
 
 @pytest.mark.skipif(not CUTE_RUNS, reason="needs sm90 and flash-attn-4 (pip install 'litepatch[cuda]')")
+def test_calls_on_two_streams_at_once_match_the_same_calls_in_turn():
+    """The CuTe backend's scratch (lists, votes, anchor slots) is one per stream: two models' calls on two streams of
+    one device, queued without waiting for each other, give the outputs and states of the same calls made in turn."""
+    gen = torch.Generator(device=DEVICE).manual_seed(11)
+    inputs = [_inputs(gen, 1, 4000, 4000, 8, 128, torch.bfloat16, "bshd"),
+              _inputs(gen, 2, 3000, 3000, 4, 64, torch.bfloat16, "bshd")]
+
+    def run(streams):
+        states, outputs = [SkipState(), SkipState()], [[], []]
+        for _ in range(4):
+            for i, (q, k, v) in enumerate(inputs):
+                with torch.cuda.stream(streams[i]):
+                    outputs[i].append(lite_attention(q, k, v, states[i], threshold=-3.0, backend="cute"))
+        torch.cuda.synchronize()
+        return outputs, states
+
+    default = torch.cuda.current_stream()
+    side = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in side:
+        stream.wait_stream(default)  # the inputs are ready
+    (in_turn, states_in_turn), (at_once, states_at_once) = run([default, default]), run(side)
+    for outs, outs_b in zip(in_turn, at_once):
+        assert all(torch.equal(a, b) for a, b in zip(outs, outs_b))
+    for a, b in zip(states_in_turn, states_at_once):
+        assert torch.equal(a.keep, b.keep) and torch.equal(a.anchor, b.anchor) and int(a.kept) == int(b.kept)
+
+
+@pytest.mark.skipif(not CUTE_RUNS, reason="needs sm90 and flash-attn-4 (pip install 'litepatch[cuda]')")
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_direct_dense_launch_is_flash_attn_4s_own_kernel(head_dim):
     """Dense calls launch flash-attn-4's kernel directly: bit-identical to its interface, with and without key
