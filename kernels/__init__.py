@@ -56,9 +56,17 @@ else:
     __all__ = sorted(_LAZY)
 
     def __getattr__(name: str):
-        if name not in _LAZY:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        """A public name from the module that owns it, or a submodule (``litepatch.kernels.registry``), on first
+        use."""
+        if name in _LAZY:
+            value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        else:
+            try:
+                value = _importlib.import_module(f"{__name__}.{name}")
+            except ModuleNotFoundError as err:
+                if err.name != f"{__name__}.{name}":
+                    raise
+                raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
         globals()[name] = value
         return value
 

@@ -78,3 +78,13 @@ def test_the_recipes_read_the_kernels_vocabulary_without_importing_torch():
     code = "import sys, litepatch.recipes.cli, litepatch.kernels.vocabulary; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_kernels_submodules_are_attributes_of_the_package_as_before():
+    """`litepatch.kernels` loads lazily; its submodules still come as attributes (`litepatch.kernels.registry`)."""
+    code = ("import litepatch.kernels as k\n"
+            "print(k.registry.__name__, k.state.SkipState.__name__, 'torch' in dir(k))\n"
+            "try:\n    k.no_such_name\nexcept AttributeError as err:\n    print(err)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["litepatch.kernels.registry SkipState False",
+                                "module 'litepatch.kernels' has no attribute 'no_such_name'"]
