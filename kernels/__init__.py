@@ -43,7 +43,9 @@ if __name__ != "litepatch.kernels":
 else:
     # Names load on first use (PEP 562), so that a room above reading only the vocabulary (thresholds, orders: the
     # recipes) does not import torch and torch._dynamo through the backends (4 s of `litepatch recipes list`).
-    _LAZY = {
+    from .lazy_names import lazy_names as _lazy_names
+
+    _LAZY = {  # public name -> its submodule
         **dict.fromkeys(("beats_sdpa", "dense_attention", "dense_kernel_name", "faster_dense_attention",
                          "sdpa_attention"), "dense"),
         **dict.fromkeys(("available_backends", "check_threshold", "key_mask_from", "key_padding_view",
@@ -54,21 +56,4 @@ else:
         **dict.fromkeys(("DEFAULT_ORDER", "DEFAULT_THRESHOLD"), "vocabulary"),
     }
     __all__ = sorted(_LAZY)
-
-    def __getattr__(name: str):
-        """A public name from the module that owns it, or a submodule (``litepatch.kernels.registry``), on first
-        use."""
-        if name in _LAZY:
-            value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        else:
-            try:
-                value = _importlib.import_module(f"{__name__}.{name}")
-            except ModuleNotFoundError as err:
-                if err.name != f"{__name__}.{name}":
-                    raise
-                raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-        globals()[name] = value
-        return value
-
-    def __dir__() -> list[str]:
-        return sorted(set(globals()) | set(_LAZY))
+    __getattr__, __dir__ = _lazy_names(globals(), {name: f"{__name__}.{module}" for name, module in _LAZY.items()})

@@ -13,8 +13,9 @@ the rooms above it. ``litepatch.apply`` imports the patcher, ``litepatch.calibra
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from litepatch.kernels.lazy_names import lazy_names as _lazy_names
 
 from .version import __version__
 
@@ -43,23 +44,7 @@ if TYPE_CHECKING:
     from litepatch.stats import LiteStats
 
 
-def __getattr__(name: str):
-    """A public name from the module that owns it, or a submodule (``litepatch.recipes``) on first use."""
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-    else:
-        try:
-            value = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_names(globals(), _LAZY)
 
 
 def calibrate(*args, **kwargs):
