@@ -197,7 +197,8 @@ class LiteStats:
 
     def table(self) -> str:
         """A plain-text table: per step (kept fraction, dense calls) then per layer."""
-        if not self._every_call:
+        every = self._every_call  # summed + recent: built once here, not per loop
+        if not every:
             return f"litepatch stats ({self.recipe_name}): no attention calls recorded"
         lines = [f"litepatch stats: recipe {self.recipe_name}"
                  + (f" @ {self.hub_revision}" if self.hub_revision else "")
@@ -205,18 +206,19 @@ class LiteStats:
                  + (f" ({self.calls() - len(self.records)} older calls summed)" if self.summed else "")]
         lines.append(f"{'step':>5}  {'kept':>7}  {'calls':>5}  {'dense':>5}")
         by_step: dict[int, list[dict]] = defaultdict(list)
-        for r in self._every_call:
+        for r in every:
             by_step[r["step"]].append(r)
         for step in sorted(by_step):
             rs = by_step[step]
             calls = sum(r.get("calls", 1) for r in rs)
             dense = sum(r.get("calls", 1) for r in rs if r["dense"])
             lines.append(f"{step:>5}  {_weighted(rs):>7.1%}  {calls:>5}  {dense:>5}")
-        width = max(len(name) for name in self.per_layer())
+        per_layer = self.per_layer()
+        width = max(len(name) for name in per_layer)
         lines.append(f"{'layer':<{width}}  {'kept':>7}")
-        for name, frac in self.per_layer().items():
+        for name, frac in per_layer.items():
             lines.append(f"{name:<{width}}  {frac:>7.1%}")
-        reasons = sorted({r["reason"] for r in self._every_call if r["dense"]})
+        reasons = sorted({r["reason"] for r in every if r["dense"]})
         if reasons:
             lines.append("dense calls: " + "; ".join(reasons))
         return "\n".join(lines)
