@@ -416,6 +416,18 @@ BREAKDOWN = (
     ("litepatch.layer_patch", "LayerPatch", "_dense_total"), ("litepatch.layer_patch", None, "fast_dense"),
     ("litepatch.dense_routing", None, "faster_dense_attention"),
 )
+# Inside the kernel call on a GPU (the CuTe backend's steps and the interface's), and the records' flush: where the
+# sparse path's time goes beyond the patcher's own functions
+GPU_BREAKDOWN = (
+    ("litepatch.kernels.cute_fwd", None, "launch"), ("litepatch.kernels.cute_fwd", None, "run_sm90"),
+    ("litepatch.kernels.cute_fwd", None, "run_dense_sm90"), ("litepatch.kernels.cute_fwd", None, "scratch_views"),
+    ("litepatch.kernels.cute_fwd", None, "no_masked_blocks"), ("litepatch.kernels.cute_fwd", None, "launch_options"),
+    ("litepatch.kernels.cute_fwd", None, "_prefix_lengths"), ("litepatch.kernels.cute_sm90", None, "tma_inputs"),
+    ("litepatch.kernels.interface", None, "normalize_ranges"), ("litepatch.kernels.interface", None, "key_mask_from"),
+    ("litepatch.kernels.state", "SkipState", "must_masks"), ("litepatch.kernels.state", "SkipState", "count_call"),
+    ("litepatch.kernels.state", "SkipState", "descending"), ("litepatch.layer_patch", "LayerPatch", "flush"),
+    ("litepatch.stats", "CallLog", "add"), ("litepatch.layer_patch", "LayerPatch", "_current_plan"),
+)
 
 
 def print_breakdown(model, latents, text, layers: int, null_sdpa=None, forwards: int = 300,
@@ -435,7 +447,7 @@ def print_breakdown(model, latents, text, layers: int, null_sdpa=None, forwards:
     import litepatch
 
     spent, calls, patches = collections.Counter(), collections.Counter(), []
-    for module_name, owner_name, name in BREAKDOWN:
+    for module_name, owner_name, name in BREAKDOWN + (GPU_BREAKDOWN if latents.is_cuda else ()):
         module = importlib.import_module(module_name)
         owner = getattr(module, owner_name) if owner_name else module
         label = f"{owner_name}.{name}" if owner_name else name
