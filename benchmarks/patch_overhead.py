@@ -227,13 +227,15 @@ def _cute_rows(q, k, v, state, args, kw) -> dict:
     from litepatch.kernels import launch as launch_module
     from litepatch.kernels.cute_sm90 import run_sm90
     from litepatch.kernels.launch import launch
+    from litepatch.kernels.state import derived_from
 
     keep = state.buffers().keep
     batch, heads, q_tiles, _ = keep.shape
-    slot, count, tail, index, votes = cute_fwd.scratch_views(keep, state.k_tiles)
-    lists = (*cute_fwd.no_masked_blocks(q.device, batch, heads, q_tiles), count, index)
     cute_forward = registry.get("cute").forward
-    cute_forward(*args, **kw)  # the lists above now hold this call's
+    cute_forward(*args, **kw)  # the lists below now hold this call's: the state's own (a small state) or the shared
+    own = derived_from(keep)
+    slot, count, tail, index, votes = own.views if own is not None else cute_fwd.scratch_views(keep, state.k_tiles)
+    lists = (*cute_fwd.no_masked_blocks(q.device, batch, heads, q_tiles), count, index)
     out, lse = run_sm90(q, k, v, lists, votes, slot, tail, softmax_scale=kw["softmax_scale"], threshold=-4.0,
                         seqused_k=None)
 

@@ -22,6 +22,14 @@ Triton's per-call binding runs once per (layer, branch, shape).
 The lists, ``votes``, tail positions and slots live in one int32 scratch buffer per device and CUDA stream, shared by
 every layer (:func:`scratch_bytes`), not in the per-layer state, which keeps :mod:`litepatch.kernels.state`'s layout.
 
+Small states (lists of at most :data:`OWN_LISTS_MAX_BYTES`, no key mask) keep their own lists instead, on their
+``keep`` tensor (:class:`_OwnLists`), and :func:`_commit_relist_kernel` replaces the commit: it commits, then writes
+the list of the call it expects next from the state it has just written. Their calls launch two kernels, not three:
+the list kernel runs only at a state's first call, or after another writer (the reference or Triton backend,
+:meth:`~litepatch.kernels.SkipState.set_read_words`) wrote the state. Those are the calls whose host time shows: the
+GPU finishes them before the host has launched the next; a large state's lists would cost memory per layer and
+branch (55 MiB for Wan2.1-14B at 720p) where the host time hides behind the GPU's.
+
 Key-padding masks: prefix masks (valid keys then padding per batch row, the text mask of HunyuanVideo and
 Qwen-Image) become flash-attn-4's ``seqused_k``; tiles past a row's length leave the lists. Other masks,
 and other tile sizes, run the Triton kernel (:mod:`litepatch.kernels.triton_fwd`) at the state's tile sizes (it takes
@@ -50,7 +58,7 @@ from .cute_sm90 import TILE_N, run_dense_sm90, run_sm90, tile_m_for
 from .key_masks import mask_facts, mask_tiles
 from .launch import launch
 from .registry import Backend, Constraints, register_backend
-from .state import TileConfig
+from .state import TileConfig, derived_from, keep_written, remember_derived
 from .triton_fwd import MAX_K_TILES, _bit_or, triton_forward
 
 HEAD_DIMS = (64, 128)  # verified on the H200; 96 compiles (mma_pv_is_rs off) but has not run there
@@ -64,26 +72,24 @@ CONSTRAINTS = Constraints(
 
 
 @triton.jit
-def _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles, n_words, heads,
-                 USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
-                 HAS_KEY_MASK: tl.constexpr):
-    """For the key tiles ``j`` of one q-tile (``row`` = (batch row * heads + head) * q_tiles + q-tile): whether
-    this call reads each (``read``), its visit position (``pos``, where read), the number read, and the last key
-    tile holding a valid key."""
+def _stored_bits(keep_ptr, row, k_tiles, n_words, KT_POW2: tl.constexpr):
+    """The key tiles ``j`` of one q-tile (``row`` = (batch row * heads + head) * q_tiles + q-tile) and whether its
+    stored list holds each."""
     j = tl.arange(0, KT_POW2)
     in_range = j < k_tiles
-    stored = (((tl.load(keep_ptr + row.to(tl.int64) * n_words + j // 32, mask=in_range, other=0) >> (j % 32)) & 1)
-              != 0) & in_range
-    read = stored
-    valid = in_range
-    if HAS_KEY_MASK:  # key tiles with no valid key: not visited, and left in the stored list
-        b = row // (q_tiles * heads)
-        valid = valid & (tl.load(tile_valid_ptr + b * k_tiles + j, mask=in_range, other=0) != 0)
-        read = read & valid
+    word = tl.load(keep_ptr + row.to(tl.int64) * n_words + j // 32, mask=in_range, other=0)
+    return j, (((word >> (j % 32)) & 1) != 0) & in_range
+
+
+@triton.jit
+def _order_of(j, stored, valid, anchor, USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr):
+    """Whether this call reads each tile (``read``: stored and holding a valid key), its visit position (``pos``,
+    where read), the number read, and the last key tile holding a valid key."""
+    read = stored & valid
     read_i = read.to(tl.int32)
     total = tl.sum(read_i, axis=0)
     if USE_ANCHOR:
-        is_anchor = read & (j == tl.load(anchor_ptr + row))
+        is_anchor = read & (j == anchor)
         has_anchor = tl.sum(is_anchor.to(tl.int32), axis=0)
         pos = tl.cumsum((read & ~is_anchor).to(tl.int32), axis=0) - 1 + has_anchor
         pos = tl.where(is_anchor, 0, pos)
@@ -92,7 +98,36 @@ def _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles, n_
     else:
         pos = tl.cumsum(read_i, axis=0) - 1
     last = tl.max(tl.where(valid, j, -1), axis=0)
+    return read, pos, total, last
+
+
+@triton.jit
+def _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles, n_words, heads,
+                 USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
+                 HAS_KEY_MASK: tl.constexpr):
+    """:func:`_order_of` the q-tile's list as the state holds it (see :func:`_stored_bits`)."""
+    j, stored = _stored_bits(keep_ptr, row, k_tiles, n_words, KT_POW2)
+    valid = j < k_tiles
+    if HAS_KEY_MASK:  # key tiles with no valid key: not visited, and left in the stored list
+        b = row // (q_tiles * heads)
+        valid = valid & (tl.load(tile_valid_ptr + b * k_tiles + j, mask=j < k_tiles, other=0) != 0)
+    read, pos, total, last = _order_of(j, stored, valid, tl.load(anchor_ptr + row), USE_ANCHOR, DESCENDING)
     return j, read, pos, total, last
+
+
+@triton.jit
+def _write_list(idx_ptr, cnt_ptr, tail_ptr, row, k_tiles, j, read, pos, total, last):
+    """The q-tile's "full block" list in reverse visiting order, its count, and the tail tile's position."""
+    tl.store(idx_ptr + row.to(tl.int64) * k_tiles + (total - 1 - pos), j, mask=read)
+    tl.store(cnt_ptr + row, total)
+    tl.store(tail_ptr + row, tl.sum(tl.where(read & (j == last), pos + 1, 0), axis=0) - 1)  # -1: not read
+
+
+@triton.jit
+def _clear_votes(votes_ptr, slot_ptr, row, n_words, KT_POW2: tl.constexpr):
+    w = tl.arange(0, KT_POW2 // 32)
+    tl.store(votes_ptr + row.to(tl.int64) * n_words + w, tl.zeros_like(w), mask=w < n_words)
+    tl.store(slot_ptr + row, -9223372036854775807 - 1)
 
 
 @triton.jit
@@ -103,13 +138,35 @@ def _list_kernel(keep_ptr, anchor_ptr, tile_valid_ptr, idx_ptr, cnt_ptr, tail_pt
     row = tl.program_id(0)
     j, read, pos, total, last = _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles, n_words,
                                              heads, USE_ANCHOR, DESCENDING, KT_POW2, HAS_KEY_MASK)
-    tl.store(idx_ptr + row.to(tl.int64) * k_tiles + (total - 1 - pos), j, mask=read)
-    tl.store(cnt_ptr + row, total)
+    _write_list(idx_ptr, cnt_ptr, tail_ptr, row, k_tiles, j, read, pos, total, last)
     tl.store(kept_ptr, tl.zeros((), tl.int64), mask=row == 0)  # the commit kernel, launched after, counts into it
-    tl.store(tail_ptr + row, tl.sum(tl.where(read & (j == last), pos + 1, 0), axis=0) - 1)  # -1: not read
+    _clear_votes(votes_ptr, slot_ptr, row, n_words, KT_POW2)
+
+
+@triton.jit
+def _committed(j, read, pos, stored, row, must_q_ptr, must_k_ptr, votes_ptr, slot_ptr, q_tiles, k_tiles, n_words,
+               VOTE: tl.constexpr):
+    """The q-tile's stored bits and anchor after a call that read ``read`` in the order ``pos``: the visited tiles
+    no valid row voted for leave the list (except the first visited and must-compute ones; none at ``VOTE=False``),
+    and the anchor slot's visit position becomes a tile (tile 0 when nothing was visited)."""
+    slot = tl.load(slot_ptr + row)
+    visited = slot != -9223372036854775807 - 1
+    best = 65535 - (slot & 0xFFFF).to(tl.int32)  # the anchor's visit position (cute_sm90.LAST_POSITION)
+    anchor = tl.sum(tl.where(read & (pos == best) & visited, j, 0), axis=0)
+    if VOTE:
+        word = tl.load(votes_ptr + row.to(tl.int64) * n_words + pos // 32, mask=read, other=0)
+        voted = ((word >> (pos % 32)) & 1) != 0
+        must_k = tl.load(must_k_ptr + j, mask=j < k_tiles, other=0).to(tl.int32)
+        must = (tl.load(must_q_ptr + row % q_tiles).to(tl.int32) + must_k) > 0
+        stored = stored & (~read | (pos == 0) | must | voted)
+    return stored, anchor
+
+
+@triton.jit
+def _store_keep(keep_ptr, row, j, stored, n_words, KT_POW2: tl.constexpr):
+    words = tl.reduce(tl.reshape(stored.to(tl.int32) << (j % 32), (KT_POW2 // 32, 32)), 1, _bit_or)
     w = tl.arange(0, KT_POW2 // 32)
-    tl.store(votes_ptr + row.to(tl.int64) * n_words + w, tl.zeros_like(w), mask=w < n_words)
-    tl.store(slot_ptr + row, -9223372036854775807 - 1)
+    tl.store(keep_ptr + row.to(tl.int64) * n_words + w, words, mask=w < n_words)
 
 
 @triton.jit
@@ -118,25 +175,45 @@ def _commit_kernel(keep_ptr, anchor_ptr, tile_valid_ptr, must_q_ptr, must_k_ptr,
                    USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
                    HAS_KEY_MASK: tl.constexpr, VOTE: tl.constexpr):
     row = tl.program_id(0)
-    j, read, pos, total, last = _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles, n_words,
-                                             heads, USE_ANCHOR, DESCENDING, KT_POW2, HAS_KEY_MASK)
+    j, stored = _stored_bits(keep_ptr, row, k_tiles, n_words, KT_POW2)
+    valid = j < k_tiles
+    if HAS_KEY_MASK:
+        b = row // (q_tiles * heads)
+        valid = valid & (tl.load(tile_valid_ptr + b * k_tiles + j, mask=j < k_tiles, other=0) != 0)
+    read, pos, total, last = _order_of(j, stored, valid, tl.load(anchor_ptr + row), USE_ANCHOR, DESCENDING)
     tl.atomic_add(kept_ptr, total.to(tl.int64))
-    slot = tl.load(slot_ptr + row)
-    visited = slot != -9223372036854775807 - 1
-    best = 65535 - (slot & 0xFFFF).to(tl.int32)  # the anchor's visit position (cute_sm90.LAST_POSITION)
-    anchor = tl.sum(tl.where(read & (pos == best) & visited, j, 0), axis=0)  # tile 0 when nothing was visited
+    stored, anchor = _committed(j, read, pos, stored, row, must_q_ptr, must_k_ptr, votes_ptr, slot_ptr, q_tiles,
+                                k_tiles, n_words, VOTE)
     if VOTE:
-        in_range = j < k_tiles
-        word = tl.load(votes_ptr + row.to(tl.int64) * n_words + pos // 32, mask=read, other=0)
-        voted = ((word >> (pos % 32)) & 1) != 0
-        must_k = tl.load(must_k_ptr + j, mask=in_range, other=0).to(tl.int32)
-        must = (tl.load(must_q_ptr + row % q_tiles).to(tl.int32) + must_k) > 0
-        stays = (~read | (pos == 0) | must | voted) & in_range
-        words = tl.reduce(tl.reshape(stays.to(tl.int32) << (j % 32), (KT_POW2 // 32, 32)), 1, _bit_or)
-        w = tl.arange(0, KT_POW2 // 32)
-        offs = keep_ptr + row.to(tl.int64) * n_words + w
-        tl.store(offs, tl.load(offs, mask=w < n_words, other=0) & words, mask=w < n_words)
+        _store_keep(keep_ptr, row, j, stored, n_words, KT_POW2)
     tl.store(anchor_ptr + row, anchor)
+
+
+@triton.jit
+def _commit_relist_kernel(keep_ptr, anchor_ptr, must_q_ptr, must_k_ptr, votes_ptr, slot_ptr, kept_ptr,
+                          idx_ptr, cnt_ptr, tail_ptr, sum_ptr, q_tiles, k_tiles, n_words, rows,
+                          USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, NEXT_DESCENDING: tl.constexpr,
+                          KT_POW2: tl.constexpr, VOTE: tl.constexpr):
+    """:func:`_commit_kernel` for a state with its own lists (no key mask), which then writes the next call's list
+    from the state it committed, still in registers, and clears the votes; the last program to finish writes
+    ``kept`` (``sum_ptr``: int64 [running sum, finished programs], left zero)."""
+    row = tl.program_id(0)
+    j, stored = _stored_bits(keep_ptr, row, k_tiles, n_words, KT_POW2)
+    valid = j < k_tiles
+    read, pos, total, last = _order_of(j, stored, valid, tl.load(anchor_ptr + row), USE_ANCHOR, DESCENDING)
+    stored, anchor = _committed(j, read, pos, stored, row, must_q_ptr, must_k_ptr, votes_ptr, slot_ptr, q_tiles,
+                                k_tiles, n_words, VOTE)
+    tl.debug_barrier()  # every lane has read the vote words and the slot before any is cleared
+    if VOTE:
+        _store_keep(keep_ptr, row, j, stored, n_words, KT_POW2)
+    tl.store(anchor_ptr + row, anchor)
+    read, pos, upcoming, last = _order_of(j, stored, valid, anchor, USE_ANCHOR, NEXT_DESCENDING)
+    _write_list(idx_ptr, cnt_ptr, tail_ptr, row, k_tiles, j, read, pos, upcoming, last)
+    _clear_votes(votes_ptr, slot_ptr, row, n_words, KT_POW2)
+    tl.atomic_add(sum_ptr, total.to(tl.int64))
+    if tl.atomic_add(sum_ptr + 1, 1) == rows - 1:  # acq_rel: the last program sees every program's sum
+        tl.store(kept_ptr, tl.atomic_xchg(sum_ptr, 0))
+        tl.atomic_xchg(sum_ptr + 1, 0)
 
 
 _TILES = {tile_m: TileConfig(tile_m, TILE_N) for tile_m in {tile_m_for(64), tile_m_for(128)}}
@@ -163,7 +240,8 @@ def _scratch(device: torch.device, numel: int) -> torch.Tensor:
     """An int32 buffer of at least ``numel`` elements shared by every layer and call on one CUDA stream of
     ``device``: a call's list, kernel and commit pass their data through it in stream order, and calls on two
     streams of a device (a server's requests, each on its own stream) may run at the same time."""
-    key = (device, _current_raw_stream(device.index) if _current_raw_stream is not None else 0)
+    on_stream = device.type == "cuda" and _current_raw_stream is not None  # CPU tensors: the interpreted protocol test
+    key = (device, _current_raw_stream(device.index) if on_stream else 0)
     buffer = _SCRATCH.get(key)
     if buffer is None or buffer.numel() < numel:
         _VIEWS.clear()  # they hold the smaller buffer
@@ -187,18 +265,77 @@ def scratch_views(keep: torch.Tensor, k_tiles: int):
     """(slot int64 [B,H,QT], count [B,H,QT], tail [B,H,QT], index [B,H,QT,KT], votes [B,H,QT,W]) in the shared
     buffer: what one call's list, kernel and commit steps pass between them."""
     batch, heads, q_tiles, n_words = keep.shape
-    rows = batch * heads * q_tiles
-    sizes = (2 * rows, rows, rows, rows * k_tiles, rows * n_words)  # the int64 slots first: 8-byte aligned
-    buffer = _scratch(keep.device, sum(sizes))
+    buffer = _scratch(keep.device, _scratch_words(keep.shape, k_tiles))
     key = (buffer.data_ptr(), batch, heads, q_tiles, n_words, k_tiles)
     if key not in _VIEWS:
         if len(_VIEWS) >= 64:  # many shapes (varying lengths): start over rather than grow
             _VIEWS.clear()
-        slot, count, tail, index, votes = torch.split(buffer[: sum(sizes)], sizes)
-        per_q_tile = (batch, heads, q_tiles)
-        _VIEWS[key] = (slot.view(torch.int64).view(per_q_tile), count.view(per_q_tile), tail.view(per_q_tile),
-                       index.view(*per_q_tile, k_tiles), votes.view(*per_q_tile, n_words))
+        _VIEWS[key] = _split(buffer, keep.shape, k_tiles)
     return _VIEWS[key]
+
+
+def _sizes(keep_shape, k_tiles: int) -> tuple[int, ...]:
+    batch, heads, q_tiles, n_words = keep_shape
+    rows = batch * heads * q_tiles
+    return (2 * rows, rows, rows, rows * k_tiles, rows * n_words)  # the int64 slots first: 8-byte aligned
+
+
+def _scratch_words(keep_shape, k_tiles: int) -> int:
+    return sum(_sizes(keep_shape, k_tiles))
+
+
+def _split(buffer: torch.Tensor, keep_shape, k_tiles: int) -> tuple[torch.Tensor, ...]:
+    batch, heads, q_tiles, n_words = keep_shape
+    sizes = _sizes(keep_shape, k_tiles)
+    slot, count, tail, index, votes = torch.split(buffer[: sum(sizes)], sizes)
+    per_q_tile = (batch, heads, q_tiles)
+    return (slot.view(torch.int64).view(per_q_tile), count.view(per_q_tile), tail.view(per_q_tile),
+            index.view(*per_q_tile, k_tiles), votes.view(*per_q_tile, n_words))
+
+
+# A state whose lists take at most this many bytes keeps its own (:class:`_OwnLists`): the commit after each call
+# writes the next call's list, one launch fewer per call. Small calls are the ones whose host time shows (the GPU
+# finishes them before the host has launched the next); larger ones share the per-stream scratch.
+OWN_LISTS_MAX_BYTES = 1 << 20
+
+
+class _OwnLists:
+    """A small state's lists between its calls, stored on its ``keep`` tensor
+    (:func:`~litepatch.kernels.state.remember_derived`; not ready once another writer writes the state).
+
+    ``views``: as :func:`scratch_views`; ``sums``: int64 [running kept sum, finished programs] of the commit, which
+    leaves them zero; ``ready``: the call the lists were written for (anchor tensor, order, visiting direction),
+    ``None`` when they are not ready (new, or :meth:`invalidate`)."""
+
+    __slots__ = ("views", "sums", "k_tiles", "ready")
+
+    def __init__(self, keep: torch.Tensor, k_tiles: int):
+        buffer = torch.empty(_scratch_words(keep.shape, k_tiles), dtype=torch.int32, device=keep.device)
+        self.views = _split(buffer, keep.shape, k_tiles)
+        self.sums = torch.zeros(2, dtype=torch.int64, device=keep.device)
+        self.k_tiles = k_tiles
+        self.ready = None
+
+    def invalidate(self) -> None:
+        """Another writer wrote the state: the next call lists it again (the buffers are kept)."""
+        self.ready = None
+
+    def nbytes(self) -> int:
+        """Device bytes held (counted in :meth:`~litepatch.kernels.SkipState.nbytes`)."""
+        return self.views[0].untyped_storage().nbytes() + self.sums.numel() * self.sums.element_size()
+
+
+def _own_lists(keep: torch.Tensor, k_tiles: int) -> _OwnLists | None:
+    """The state's own lists (made at its first call), or ``None`` when they would take more than
+    :data:`OWN_LISTS_MAX_BYTES`."""
+    own = derived_from(keep)
+    if own is not None and own.k_tiles == k_tiles:
+        return own
+    if 4 * _scratch_words(keep.shape, k_tiles) > OWN_LISTS_MAX_BYTES:
+        return None
+    own = _OwnLists(keep, k_tiles)
+    remember_derived(keep, own)
+    return own
 
 
 def _prefix_lengths(key_valid: torch.Tensor | None) -> torch.Tensor | None | bool:
@@ -260,6 +397,11 @@ def cute_forward(
             threshold=threshold, softmax_scale=softmax_scale, use_anchor=use_anchor, descending=descending,
         )
     k_tiles = math.ceil(k.shape[1] / block_n)
+    own = _own_lists(keep, k_tiles) if key_valid is None else None
+    if own is not None:
+        return _forward_own_lists(q, k, v, keep, anchor, kept, must_q, must_k, own, threshold=threshold,
+                                  softmax_scale=softmax_scale, use_anchor=use_anchor, descending=descending)
+    keep_written(keep)
     batch, heads, q_tiles, n_words = keep.shape
     rows = batch * heads * q_tiles
     slot, count, tail, index, votes = scratch_views(keep, k_tiles)
@@ -275,6 +417,31 @@ def cute_forward(
     )
     launch(_commit_kernel, (rows,), keep, anchor, valid_tiles, must_q, must_k, votes, slot, kept, q_tiles, k_tiles,
            n_words, heads, VOTE=threshold > -math.inf, **order)
+    return out, lse
+
+
+def _forward_own_lists(q, k, v, keep, anchor, kept, must_q, must_k, own: _OwnLists, *, threshold: float,
+                       softmax_scale: float, use_anchor: bool, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cute_forward` of a state with its own lists: the list kernel only when the lists are not ready (the
+    state's first call, or another writer wrote it since), then the CuTe kernel, then the commit, which writes the
+    list of the call it expects next (same order; ``"alternate"`` flips the direction)."""
+    batch, heads, q_tiles, n_words = keep.shape
+    rows, k_tiles = batch * heads * q_tiles, own.k_tiles
+    slot, count, tail, index, votes = own.views
+    if own.ready != (anchor.data_ptr(), use_anchor, descending):
+        order = launch_options(k_tiles, use_anchor=use_anchor, descending=descending, key_mask=False)
+        launch(_list_kernel, (rows,), keep, anchor, count, index, count, tail, votes, slot, kept, q_tiles, k_tiles,
+               n_words, heads, **order)
+    no_mask_cnt, no_mask_idx = no_masked_blocks(q.device, batch, heads, q_tiles)
+    out, lse = run_sm90(q, k, v, (no_mask_cnt, no_mask_idx, count, index), votes, slot, tail,
+                        softmax_scale=softmax_scale, threshold=threshold, seqused_k=None)
+    upcoming = descending if use_anchor else not descending
+    options = launch_options(k_tiles, use_anchor=use_anchor, descending=descending, key_mask=False)
+    launch(_commit_relist_kernel, (rows,), keep, anchor, must_q, must_k, votes, slot, kept, index, count, tail,
+           own.sums, q_tiles, k_tiles, n_words, rows, USE_ANCHOR=use_anchor, DESCENDING=descending,
+           NEXT_DESCENDING=upcoming, KT_POW2=options["KT_POW2"], VOTE=threshold > -math.inf,
+           num_warps=options["num_warps"])
+    own.ready = (anchor.data_ptr(), use_anchor, upcoming)
     return out, lse
 
 

@@ -30,7 +30,7 @@ import math
 import torch
 
 from .registry import Backend, Constraints, register_backend
-from .state import DEFAULT_TILES, pack_bits, unpack_bits
+from .state import DEFAULT_TILES, keep_written, pack_bits, unpack_bits
 
 LOG2E = 1.4426950408889634
 _MAX_CHUNK_ELEMENTS = 1 << 26  # scores held at once (256 MiB of fp32)
@@ -95,6 +95,7 @@ def reference_forward(
             new_read[b, hs] = result["next_read"] | (stored[b, hs] & ~read[b, hs])
             new_anchor[b, hs] = result["anchor"]
     kept.copy_(read.sum())
+    keep_written(keep)
     keep.copy_(pack_bits(new_read))
     anchor.copy_(new_anchor)
     return out, lse

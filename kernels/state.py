@@ -115,6 +115,29 @@ def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :n].bool()
 
 
+DERIVED_ATTR = "_litepatch_derived"  # what a backend derived from a state's keep/anchor, kept on the keep tensor
+
+
+def derived_from(keep: torch.Tensor):
+    """What a backend stored on ``keep`` (:func:`remember_derived`), else ``None``."""
+    return keep.__dict__.get(DERIVED_ATTR)
+
+
+def remember_derived(keep: torch.Tensor, value) -> None:
+    """Stores ``value`` on ``keep`` (a new or cloned state does not carry it). ``value.invalidate()`` is called
+    whenever another writer writes the state (:func:`keep_written`), and the backend then derives it again;
+    ``value.nbytes()`` counts in the state's :meth:`SkipState.nbytes`."""
+    keep.__dict__[DERIVED_ATTR] = value
+
+
+def keep_written(keep: torch.Tensor) -> None:
+    """Marks what was derived from ``keep`` out of date: every writer of a state's keep or anchor that is not the
+    backend which derived it calls this (the reference and Triton backends, :meth:`SkipState.set_read_words`)."""
+    derived = keep.__dict__.get(DERIVED_ATTR)
+    if derived is not None:
+        derived.invalidate()
+
+
 class SkipBuffers(NamedTuple):
     """The device tensors a backend reads and rewrites in place (layout in the module docstring)."""
 
@@ -253,7 +276,8 @@ class SkipState:
 
     def set_read_words(self, words: torch.Tensor) -> None:
         """Overwrites the read lists in place with packed words that broadcast to ``[B, H, q_tiles, n_words]``."""
-        self.buffers().keep.copy_(words.to(self.keep.device).expand_as(self.keep))
+        keep_written(self.buffers().keep)
+        self.keep.copy_(words.to(self.keep.device).expand_as(self.keep))
 
     def set_read_list(self, mask: torch.Tensor) -> None:
         """Overwrites the read lists in place: bool ``[..., q_tiles, k_tiles]`` broadcast to every batch row and
@@ -294,8 +318,10 @@ class SkipState:
         return float(self.kept) / self.total_tiles()
 
     def nbytes(self) -> int:
-        """Bytes of skip state held on the device."""
-        return sum(t.numel() * t.element_size() for t in (self.keep, self.anchor, self.kept) if t is not None)
+        """Bytes of skip state held on the device (with what a backend derived from it, such as its own lists)."""
+        held = sum(t.numel() * t.element_size() for t in (self.keep, self.anchor, self.kept) if t is not None)
+        derived = derived_from(self.keep) if self.keep is not None else None
+        return held + (derived.nbytes() if derived is not None else 0)
 
 
 def initial_anchor(seq_q: int, seq_k: int, tiles: TileConfig, device) -> torch.Tensor:

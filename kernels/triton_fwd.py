@@ -39,7 +39,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .key_masks import mask_bytes, mask_tiles
 from .registry import Backend, Constraints, register_backend
-from .state import TileConfig
+from .state import TileConfig, keep_written
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -309,6 +309,7 @@ def triton_forward(
     n_words = keep.shape[-1]
     rows = batch * heads * q_tiles
     device = q.device
+    keep_written(keep)
     visit = torch.empty(rows * k_tiles, dtype=torch.int16, device=device)
     count = torch.empty(rows, dtype=torch.int32, device=device)
     has_mask = key_valid is not None

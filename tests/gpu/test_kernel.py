@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from litepatch.kernels import SkipState, TileConfig, lite_attention, reference_forward, registry, unpack_bits
-from litepatch.kernels.state import normalize_ranges
+from litepatch.kernels.state import derived_from, normalize_ranges
 
 pytestmark = pytest.mark.gpu
 
@@ -359,9 +359,38 @@ def test_reused_triton_launches_match_bound_ones(threshold):
 
 
 @pytest.mark.skipif(not CUTE_RUNS, reason="needs sm90 and flash-attn-4 (pip install 'litepatch[cuda]')")
-def test_calls_on_two_streams_at_once_match_the_same_calls_in_turn():
-    """The CuTe backend's scratch (lists, votes, anchor slots) is one per stream: two models' calls on two streams of
-    one device, queued without waiting for each other, give the outputs and states of the same calls made in turn."""
+@pytest.mark.parametrize("order", ["anchor", "alternate"])
+@pytest.mark.parametrize("threshold", [-math.inf, -3.0])
+def test_own_lists_match_the_shared_scratch_and_see_other_writers(monkeypatch, threshold, order):
+    """A small state keeps its own lists, which the commit after each call writes for the next one (one launch
+    fewer): call after call, outputs and states equal those of calls through the shared scratch, bit for bit, and a
+    read list forced between calls (another writer) is what the next call reads."""
+    gen = torch.Generator(device=DEVICE).manual_seed(23)
+    q, k, v = _inputs(gen, 2, 1500, 1500, 2, 128, torch.bfloat16, "bshd")
+    runs = {}
+    for limit in (1 << 20, 0):
+        monkeypatch.setattr(cute_fwd, "OWN_LISTS_MAX_BYTES", limit)
+        state, calls = SkipState(), []
+        for call in range(6):
+            if call == 3:  # every tile listed again: the next call computes all of them
+                state.set_read_list(torch.ones(state.q_tiles, state.k_tiles, dtype=torch.bool))
+            out = lite_attention(q, k, v, state, threshold=threshold, order=order, backend="cute", return_lse=True)
+            calls.append((*out, state.keep.clone(), state.anchor.clone(), int(state.kept)))
+            assert (derived_from(state.keep) is not None) == bool(limit)
+            if call == 3:
+                assert calls[-1][-1] == state.total_tiles()
+        runs[limit] = calls
+    for own, shared in zip(runs[1 << 20], runs[0]):
+        assert all(torch.equal(a, b) for a, b in zip(own[:4], shared[:4])) and own[4] == shared[4]
+
+
+@pytest.mark.skipif(not CUTE_RUNS, reason="needs sm90 and flash-attn-4 (pip install 'litepatch[cuda]')")
+@pytest.mark.parametrize("own_lists", [True, False])
+def test_calls_on_two_streams_at_once_match_the_same_calls_in_turn(monkeypatch, own_lists):
+    """The CuTe backend's scratch (lists, votes, anchor slots) is one per stream (or the state's own): two models'
+    calls on two streams of one device, queued without waiting for each other, give the outputs and states of the
+    same calls made in turn."""
+    monkeypatch.setattr(cute_fwd, "OWN_LISTS_MAX_BYTES", (1 << 20) if own_lists else 0)
     gen = torch.Generator(device=DEVICE).manual_seed(11)
     inputs = [_inputs(gen, 1, 4000, 4000, 8, 128, torch.bfloat16, "bshd"),
               _inputs(gen, 2, 3000, 3000, 4, 64, torch.bfloat16, "bshd")]

@@ -21,6 +21,7 @@ import sys
 import torch
 
 from litepatch.kernels import SkipState, cute_fwd, reference_forward
+from litepatch.kernels.state import derived_from
 
 LOG2E = 1.4426950408889634
 
@@ -74,13 +75,24 @@ def local_qkv(batch, seq, heads, dim, seed=0):
     return q.half(), k.half(), torch.randn(batch, seq, heads, dim, generator=gen).half()
 
 
-def check(dim, masked, order, threshold, seq=700, calls=4) -> bool:
-    """``calls`` consecutive calls of both, from one fresh state each; True when every state matches."""
+def check(dim, masked, order, threshold, seq=700, calls=4, own_lists=True) -> bool:
+    """``calls`` consecutive calls of both, from one fresh state each; True when every state matches.
+
+    ``own_lists``: the state keeps its own lists where it may (no key mask, small), so that the list kernel runs at
+    its first call only (the commit writes the next call's list); else every call uses the shared scratch."""
+    cute_fwd.OWN_LISTS_MAX_BYTES = 1 << 20 if own_lists else 0
     batch, heads = 2, 2
     q, k, v = local_qkv(batch, seq, heads, dim)
     key_valid = torch.arange(seq)[None] < torch.tensor([[seq - 50], [seq - 300]]) if masked else None
     tiles = cute_fwd.tiles_for_head_dim(dim)
-    runs = []
+    runs, list_launches = [], []
+    launch = cute_fwd.launch
+
+    def counted(kernel, *args, **kwargs):
+        list_launches.append(kernel is cute_fwd._list_kernel)
+        return launch(kernel, *args, **kwargs)
+
+    cute_fwd.launch = counted
     for forward in (cute_fwd.cute_forward, reference_forward):
         state, states = SkipState(), []
         state.initialize((batch, heads, seq, seq), tiles, q.device, ((0, 20),), ())
@@ -90,11 +102,23 @@ def check(dim, masked, order, threshold, seq=700, calls=4) -> bool:
                              softmax_scale=1 / math.sqrt(dim), use_anchor=order == "anchor",
                              descending=order == "alternate" and call % 2 == 0)
             states.append((out.float(), state.keep.clone(), state.anchor.clone(), int(state.kept)))
+        own = derived_from(state.keep)
+        if (own is not None) != (own_lists and not masked and forward is cute_fwd.cute_forward):
+            print(f"own lists: {own}")
+            return False
+        if own is not None and state.nbytes() != sum(t.nbytes for t in state.buffers()) + own.nbytes():
+            print(f"state.nbytes() {state.nbytes()} does not count the state's own lists ({own.nbytes()} bytes)")
+            return False
         runs.append(states)
+    cute_fwd.launch = launch
+    expected = 1 if own_lists and not masked else calls  # list kernel launches
+    if sum(list_launches) != expected:
+        print(f"{sum(list_launches)} list kernel launches in {calls} calls, expected {expected}")
+        return False
     ok = all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) and a[3] == b[3]
              and float((a[0] - b[0]).abs().max()) < 1e-2 for a, b in zip(*runs))
-    print(f"D={dim} mask={masked} {order} threshold={threshold} kept per call {[s[3] for s in runs[0]]}: "
-          f"{'ok' if ok else 'MISMATCH'}", flush=True)
+    print(f"D={dim} mask={masked} {order} threshold={threshold} own lists={own_lists} "
+          f"kept per call {[s[3] for s in runs[0]]}: {'ok' if ok else 'MISMATCH'}", flush=True)
     return ok
 
 
@@ -102,6 +126,8 @@ def main() -> int:
     cute_fwd.run_sm90 = emulated_sm90
     cases = list(itertools.product((64, 128), (False, True), ("anchor", "alternate"), (-4.0, -math.inf)))
     results = [check(*case) for case in cases]
+    results += [check(dim, False, order, threshold, own_lists=False)  # the shared scratch without a key mask
+                for dim, order, threshold in itertools.product((64, 128), ("anchor", "alternate"), (-4.0,))]
     results.append(check(128, True, "anchor", -3.0, seq=4500, calls=3))  # more than 32 visits: several vote words
     return 0 if all(results) else 1
 

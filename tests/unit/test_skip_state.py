@@ -79,3 +79,29 @@ def test_initial_anchor_is_the_key_tile_at_each_q_tiles_centre(seq, block_m, blo
     anchor = initial_anchor(seq, seq, TileConfig(block_m, block_n), torch.device("cpu"))
     assert anchor.dtype == torch.int32 and anchor.tolist() == expected
     assert initial_anchor(seq, seq + 1, TileConfig(block_m, block_n), torch.device("cpu")).tolist() == [0] * q_tiles
+
+
+def test_what_a_backend_derived_from_keep_is_forgotten_by_every_other_writer():
+    """A backend may keep data derived from a state's lists on its keep tensor (the CuTe backend's next-call lists);
+    a write by anyone else must drop it, or the next call would read lists of the old state."""
+    from litepatch.kernels.state import derived_from, remember_derived
+
+    class Lists:
+        ready = True
+
+        def invalidate(self):
+            self.ready = False
+
+        def nbytes(self):
+            return 1000
+
+    state, q = _used_state()
+    lists, held = Lists(), state.nbytes()
+    remember_derived(state.keep, lists)
+    assert derived_from(state.keep) is lists and lists.ready and state.nbytes() == held + 1000
+    assert derived_from(state.keep.clone()) is None  # a copied state does not carry it
+    state.set_read_words(state.read_words())
+    assert not lists.ready
+    lists.ready = True
+    lite_attention(q, q, q, state, threshold=-2.0, backend="reference")
+    assert not lists.ready and derived_from(state.keep) is lists
