@@ -36,3 +36,21 @@ def test_what_tma_cannot_read_is_copied_with_the_same_values():
         for copy in (q, v):
             assert copy is not bad and tma_ready(copy) and torch.equal(copy, bad)
     assert not tma_ready(torch.zeros(1, 100, 2, 64, dtype=torch.bfloat16).transpose(-1, -2))  # last dim strided
+
+
+def test_the_four_dim_check_agrees_with_the_general_rule():
+    """tma_ready takes a shortcut for [B, S, H, D] tensors; it must answer as the rule does, stride by stride."""
+    def rule(t):
+        strides, size = t.stride(), t.element_size()
+        return strides[-1] == 1 and t.data_ptr() % 16 == 0 and all(s > 0 and s * size % 16 == 0 for s in strides[:-1])
+
+    base = torch.zeros(2, 40, 3, 72, dtype=torch.float32)
+    views = [base, base[..., :64], base[..., 1:65], base[:, 1:], base.transpose(1, 2), base[..., ::2],
+             base[:1].expand(2, 40, 3, 72), base.permute(0, 2, 1, 3)]
+    for dtype in (torch.bfloat16, torch.float32, torch.float64, torch.uint8):
+        for view in views:
+            for t in (view.to(dtype), _at_offset(tuple(view.shape), 1).to(dtype).contiguous()[..., :]):
+                assert tma_ready(t) == rule(t), (dtype, t.shape, t.stride())
+            typed = torch.zeros(2, 40, 3, 80, dtype=dtype)[..., :72]
+            for t in (typed, typed[:, :, :, 8:], typed[..., 1:]):
+                assert tma_ready(t) == rule(t), (dtype, t.shape, t.stride())
