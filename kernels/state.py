@@ -133,7 +133,7 @@ def remember_derived(keep: torch.Tensor, value) -> None:
 def keep_written(keep: torch.Tensor) -> None:
     """Marks what was derived from ``keep`` out of date: every writer of a state's keep or anchor that is not the
     backend which derived it calls this (the reference and Triton backends, :meth:`SkipState.set_read_words`)."""
-    derived = keep.__dict__.get(DERIVED_ATTR)
+    derived = derived_from(keep)
     if derived is not None:
         derived.invalidate()
 
