@@ -20,6 +20,7 @@
 #                                                   # expected there, as eager; PROFILE_COMPILED=0 skips it)
 #   bash benchmarks/device_session.sh demo-quick    # the shipped recipe and thresholds -1, 0 against dense
 # (`host` also prints cProfile's top functions of patched forwards and the per-function breakdown.)
+# To compare an earlier commit with the working tree on the same warm machine: benchmarks/device_ab.sh.
 #
 # Stages (give several; they run in this order of arguments):
 #   install  wheels from .whl/ into /tmp/site; the project installed without dependencies
