@@ -8,7 +8,7 @@
 #   bash benchmarks/device_ab.sh STAGE [STAGE...]  # e.g. host, or kernel with KERNEL_ARGS="--shapes flux-1024"
 # Each side is installed (editable, no dependencies) before its stages run; the working tree is installed again at the
 # end. Outputs: $OUT/old and $OUT/new, each as device_session.sh writes them; the summary lines are printed.
-set -u
+set -uo pipefail
 if [ "${1:-}" = prepare ]; then
   ref=${2:?usage: bash benchmarks/device_ab.sh prepare REF}
   mkdir -p .whl && git archive "$ref" | gzip > .whl/old.tar.gz && echo ".whl/old.tar.gz: $(git rev-parse --short "$ref")"
