@@ -105,14 +105,15 @@ def _order_of(j, stored, valid, anchor, USE_ANCHOR: tl.constexpr, DESCENDING: tl
 def _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles, n_words, heads,
                  USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
                  HAS_KEY_MASK: tl.constexpr):
-    """:func:`_order_of` the q-tile's list as the state holds it (see :func:`_stored_bits`)."""
+    """The q-tile's key tiles, stored bits (:func:`_stored_bits`) and tiles holding a valid key, and
+    :func:`_order_of` the list as the state holds it."""
     j, stored = _stored_bits(keep_ptr, row, k_tiles, n_words, KT_POW2)
     valid = j < k_tiles
     if HAS_KEY_MASK:  # key tiles with no valid key: not visited, and left in the stored list
         b = row // (q_tiles * heads)
         valid = valid & (tl.load(tile_valid_ptr + b * k_tiles + j, mask=j < k_tiles, other=0) != 0)
     read, pos, total, last = _order_of(j, stored, valid, tl.load(anchor_ptr + row), USE_ANCHOR, DESCENDING)
-    return j, read, pos, total, last
+    return j, stored, valid, read, pos, total, last
 
 
 @triton.jit
@@ -136,8 +137,8 @@ def _list_kernel(keep_ptr, anchor_ptr, tile_valid_ptr, idx_ptr, cnt_ptr, tail_pt
                  USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
                  HAS_KEY_MASK: tl.constexpr):
     row = tl.program_id(0)
-    j, read, pos, total, last = _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles, n_words,
-                                             heads, USE_ANCHOR, DESCENDING, KT_POW2, HAS_KEY_MASK)
+    j, _, _, read, pos, total, last = _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles,
+                                                   n_words, heads, USE_ANCHOR, DESCENDING, KT_POW2, HAS_KEY_MASK)
     _write_list(idx_ptr, cnt_ptr, tail_ptr, row, k_tiles, j, read, pos, total, last)
     tl.store(kept_ptr, tl.zeros((), tl.int64), mask=row == 0)  # the commit kernel, launched after, counts into it
     _clear_votes(votes_ptr, slot_ptr, row, n_words, KT_POW2)
@@ -175,12 +176,8 @@ def _commit_kernel(keep_ptr, anchor_ptr, tile_valid_ptr, must_q_ptr, must_k_ptr,
                    USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
                    HAS_KEY_MASK: tl.constexpr, VOTE: tl.constexpr):
     row = tl.program_id(0)
-    j, stored = _stored_bits(keep_ptr, row, k_tiles, n_words, KT_POW2)
-    valid = j < k_tiles
-    if HAS_KEY_MASK:
-        b = row // (q_tiles * heads)
-        valid = valid & (tl.load(tile_valid_ptr + b * k_tiles + j, mask=j < k_tiles, other=0) != 0)
-    read, pos, total, last = _order_of(j, stored, valid, tl.load(anchor_ptr + row), USE_ANCHOR, DESCENDING)
+    j, stored, _, read, pos, total, _ = _visit_order(keep_ptr, anchor_ptr, tile_valid_ptr, row, q_tiles, k_tiles,
+                                                     n_words, heads, USE_ANCHOR, DESCENDING, KT_POW2, HAS_KEY_MASK)
     tl.atomic_add(kept_ptr, total.to(tl.int64))
     stored, anchor = _committed(j, read, pos, stored, row, must_q_ptr, must_k_ptr, votes_ptr, slot_ptr, q_tiles,
                                 k_tiles, n_words, VOTE)
@@ -198,9 +195,8 @@ def _commit_relist_kernel(keep_ptr, anchor_ptr, must_q_ptr, must_k_ptr, votes_pt
     from the state it committed, still in registers, and clears the votes; the last program to finish writes
     ``kept`` (``sum_ptr``: int64 [running sum, finished programs], left zero)."""
     row = tl.program_id(0)
-    j, stored = _stored_bits(keep_ptr, row, k_tiles, n_words, KT_POW2)
-    valid = j < k_tiles
-    read, pos, total, last = _order_of(j, stored, valid, tl.load(anchor_ptr + row), USE_ANCHOR, DESCENDING)
+    j, stored, valid, read, pos, total, _ = _visit_order(keep_ptr, anchor_ptr, keep_ptr, row, q_tiles, k_tiles,
+                                                         n_words, 1, USE_ANCHOR, DESCENDING, KT_POW2, False)
     stored, anchor = _committed(j, read, pos, stored, row, must_q_ptr, must_k_ptr, votes_ptr, slot_ptr, q_tiles,
                                 k_tiles, n_words, VOTE)
     tl.debug_barrier()  # every lane has read the vote words and the slot before any is cleared
@@ -428,19 +424,18 @@ def _forward_own_lists(q, k, v, keep, anchor, kept, must_q, must_k, own: _OwnLis
     batch, heads, q_tiles, n_words = keep.shape
     rows, k_tiles = batch * heads * q_tiles, own.k_tiles
     slot, count, tail, index, votes = own.views
+    order = launch_options(k_tiles, use_anchor=use_anchor, descending=descending, key_mask=False)
     if own.ready != (anchor.data_ptr(), use_anchor, descending):
-        order = launch_options(k_tiles, use_anchor=use_anchor, descending=descending, key_mask=False)
         launch(_list_kernel, (rows,), keep, anchor, count, index, count, tail, votes, slot, kept, q_tiles, k_tiles,
                n_words, heads, **order)
     no_mask_cnt, no_mask_idx = no_masked_blocks(q.device, batch, heads, q_tiles)
     out, lse = run_sm90(q, k, v, (no_mask_cnt, no_mask_idx, count, index), votes, slot, tail,
                         softmax_scale=softmax_scale, threshold=threshold, seqused_k=None)
     upcoming = descending if use_anchor else not descending
-    options = launch_options(k_tiles, use_anchor=use_anchor, descending=descending, key_mask=False)
     launch(_commit_relist_kernel, (rows,), keep, anchor, must_q, must_k, votes, slot, kept, index, count, tail,
            own.sums, q_tiles, k_tiles, n_words, rows, USE_ANCHOR=use_anchor, DESCENDING=descending,
-           NEXT_DESCENDING=upcoming, KT_POW2=options["KT_POW2"], VOTE=threshold > -math.inf,
-           num_warps=options["num_warps"])
+           NEXT_DESCENDING=upcoming, KT_POW2=order["KT_POW2"], VOTE=threshold > -math.inf,
+           num_warps=order["num_warps"])
     own.ready = (anchor.data_ptr(), use_anchor, upcoming)
     return out, lse
 
