@@ -74,7 +74,7 @@ from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.utils import AuxData
 from quack import layout_utils
 
-from .tma import tma_inputs
+from .tma import tma_inputs, tma_ready
 
 TILE_N = 128  # key rows per tile: flash-attn-4's SM90 block-sparse forward needs tile_n = the sparse block
 
@@ -461,8 +461,8 @@ def run_sm90(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     if mask_tail is None:
-        mask_tail = seqused_k is not None or k.shape[1] % TILE_N != 0
-    ready_key = (q.dtype, head_dim, vote, seqused_k is not None, tail_mode, mask_tail, tuple(ablate), stages)
+        mask_tail = _tail_masked(k, seqused_k)
+    ready_key = _lite_ready_key(q.dtype, head_dim, vote, seqused_k is not None, tail_mode, mask_tail, ablate, stages)
     kernel = _READY.get(ready_key)
     if kernel is None:
         key = (_SOURCE, str(q.dtype), head_dim, vote, seqused_k is not None, tail_mode, mask_tail,
@@ -472,8 +472,53 @@ def run_sm90(
             tail_mode=tail_mode, mask_tail=mask_tail, ablate=ablate, stages=stages))
     kernel(
         q, k, v, out, lse, softmax_scale, None, None, None, seqused_k, None, None, None, None,
-        (*lists, None, None, None, None), AuxData([votes, slot, tail], (threshold if vote else 0.0,)),
-        None, None,
+        *_list_args(lists, votes, slot, tail, threshold), None, None,
     )
     return out, lse
+
+
+def _lite_ready_key(dtype, head_dim: int, vote: bool, lengths: bool, tail_mode, mask_tail: bool, ablate, stages: int):
+    """A LiteAttention configuration's key in :data:`_READY`."""
+    return (dtype, head_dim, vote, lengths, tail_mode, mask_tail, tuple(ablate), stages)
+
+
+def _tail_masked(k: torch.Tensor, seqused_k: torch.Tensor | None) -> bool:
+    """Whether the kernel must mask the last key tile (key lengths, or keys that do not fill it)."""
+    return seqused_k is not None or k.shape[1] % TILE_N != 0
+
+
+def _list_args(lists, votes, slot, tail, threshold: float) -> tuple:
+    """The block-sparse and aux arguments of a LiteAttention launch."""
+    vote_threshold = threshold if threshold > -math.inf else 0.0  # the variant without the vote does not read it
+    return (*lists, None, None, None, None), AuxData([votes, slot, tail], (vote_threshold,))
+
+
+def bound_sm90(q: torch.Tensor, k: torch.Tensor, lists, votes: torch.Tensor, slot: torch.Tensor, tail: torch.Tensor,
+               *, softmax_scale: float, threshold: float):
+    """:func:`run_sm90` with these lists, scratch and settings fixed, for later calls on new ``q, k, v`` shaped as
+    ``q, k`` (no key lengths): the compiled kernel and the fixed arguments found once. ``None`` before
+    :func:`run_sm90` has compiled that kernel in this process. The returned function returns ``(out, lse)``, or
+    ``None``, launching nothing, for inputs TMA cannot read as they are (:func:`run_sm90` copies them).
+
+    >>> again = bound_sm90(q, k, lists, votes, slot, tail, softmax_scale=0.125, threshold=-4.0)
+    >>> out, lse = again(q, k, v)
+    """
+    vote = threshold > -math.inf
+    kernel = _READY.get(_lite_ready_key(q.dtype, q.shape[-1], vote, False, None, _tail_masked(k, None), (), STAGES))
+    if kernel is None:
+        return None
+    sparse, aux = _list_args(lists, votes, slot, tail, threshold)
+    batch, seq_q, heads, _ = q.shape
+    lse_shape, dtype, device = (batch, heads, seq_q), q.dtype, q.device
+
+    def again(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not (tma_ready(q) and tma_ready(k) and tma_ready(v)):
+            return None
+        out = torch.empty(q.shape, dtype=dtype, device=device)
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=device)
+        kernel(q, k, v, out, lse, softmax_scale, None, None, None, None, None, None, None, None, sparse, aux, None,
+               None)
+        return out, lse
+
+    return again
 

@@ -13,7 +13,8 @@ Three layers, as in FlashAttention:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -159,6 +160,13 @@ def lite_attention(
         ...     out = lite_attention(q, k, v, state, threshold=-6.0)
         >>> state.kept_fraction()
     """
+    compiling = torch.compiler.is_compiling()
+    settings = None if compiling else (threshold, softmax_scale, order, vote, backend, registry.generation)
+    if settings and state is not None and state.repeat is not None and key_mask is None and key_lengths is None:
+        out = state.repeat.run_if_same(state, q, k, v, settings, must_compute_queries, must_compute_keys)
+        if out is not None:  # this state's last call again, on new inputs (_Repeat)
+            state.count_call()
+            return out if return_lse else out[0]
     _check_inputs(q, k, v)
     threshold = check_threshold(threshold)
     if order not in ORDERS:
@@ -177,19 +185,61 @@ def lite_attention(
     must_q_mask, must_k_mask = state.must_masks(q.device)
     descending = state.descending(order)
     threshold = threshold if vote else -math.inf
-    if torch.compiler.is_compiling():  # the custom op: one opaque node that declares its mutations
+    if compiling:  # the custom op: one opaque node that declares its mutations
         out, lse = torch.ops.litepatch.lite_attention_fwd(
             q, k, v, state.keep, state.anchor, state.kept, must_q_mask, must_k_mask, key_valid,
             chosen.name, tiles.block_m, tiles.block_n, threshold, scale, order == "anchor", descending,
         )
     else:  # eager: the op's body directly (its Python dispatch alone costs ~70 us of host time per call)
-        out, lse = chosen.forward(
-            q, k, v, state.keep, state.anchor, state.kept, must_q_mask, must_k_mask, key_valid,
-            block_m=tiles.block_m, block_n=tiles.block_n, threshold=threshold, softmax_scale=scale,
-            use_anchor=order == "anchor", descending=descending,
-        )
+        arguments = (q, k, v, state.keep, state.anchor, state.kept, must_q_mask, must_k_mask, key_valid)
+        options = dict(block_m=tiles.block_m, block_n=tiles.block_n, threshold=threshold, softmax_scale=scale,
+                       use_anchor=order == "anchor", descending=descending)
+        out, lse = chosen.forward(*arguments, **options)
+        state.repeat = _Repeat.of(chosen, arguments, options, settings, must_compute_queries, must_compute_keys)
     state.count_call()
     return (out, lse) if return_lse else out
+
+
+class _Repeat(NamedTuple):
+    """A state's last call as its backend repeats it (``Backend.repeat``): the next call of the same form (the
+    inputs' shapes, dtypes and devices, every other argument equal, no key mask) on the same state makes it again
+    without the checks, sizing and dispatch of :func:`lite_attention`, which decided all of that for this form."""
+
+    inputs: tuple  # q, k, v: shapes, dtypes, devices
+    settings: tuple  # threshold, softmax_scale, order, vote, backend as given, and the registry's generation
+    must_q: object  # must_compute_queries and must_compute_keys as given
+    must_k: object
+    keep: torch.Tensor  # the state's lists it was made for (a state sized again has new ones)
+    run: Callable
+
+    @classmethod
+    def of(cls, chosen, arguments: tuple, options: dict, settings: tuple, must_q, must_k) -> _Repeat | None:
+        q, k, v, keep = arguments[:4]
+        if (chosen.repeat is None or arguments[-1] is not None or type(settings[0]) not in _NUMBERS
+                or (settings[1] is not None and type(settings[1]) not in _NUMBERS)
+                or type(must_q) not in _RANGES or type(must_k) not in _RANGES):
+            return None  # a key mask, or arguments compared otherwise than by value
+        run = chosen.repeat(*arguments, **options)
+        return None if run is None else cls(_form(q, k, v), settings, must_q, must_k, keep, run)
+
+    def run_if_same(self, state: SkipState, q, k, v, settings: tuple, must_q, must_k):
+        """``(out, lse)`` of the repeated call on ``q, k, v``, or ``None`` where this call is not the same."""
+        if (self.keep is not state.keep or _form(q, k, v) != self.inputs or type(settings[0]) not in _NUMBERS
+                or settings != self.settings or not _same(must_q, self.must_q) or not _same(must_k, self.must_k)):
+            return None
+        return self.run(q, k, v)
+
+
+_NUMBERS = frozenset((float, int))
+_RANGES = frozenset((type(None), list, tuple))
+
+
+def _form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    return q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device
+
+
+def _same(ranges, repeated) -> bool:
+    return ranges is repeated or (type(ranges) is type(repeated) and ranges == repeated)
 
 
 def _forward(

@@ -54,9 +54,14 @@ DIRECT = _triton_version() == (3, 6)  # the C launcher's argument list this modu
 _HAS_CUDA = torch.cuda.is_available()
 
 
-def _current_device() -> int:
+def current_device() -> int:
     """The device Triton launches on (-1 without CUDA: Triton's interpreter on the CPU)."""
     return torch.cuda.current_device() if _HAS_CUDA else -1
+
+
+def _key(kernel, grid: tuple[int, ...], device: int, args: tuple, kwargs: dict) -> tuple:
+    return (kernel, grid, device,
+            *[(a.data_ptr(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args], *kwargs.items())
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
@@ -65,9 +70,8 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     ``kwargs`` hold the kernel's trailing (constexpr) parameters by name and Triton's launch options
     (``num_warps``, ...).
     """
-    device = _current_device()
-    key = (kernel, grid, device,
-           *[(a.data_ptr(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args], *kwargs.items())
+    device = current_device()
+    key = _key(kernel, grid, device, args, kwargs)
     entry = _RUNNERS.get(key)
     if entry is not None:
         runner, trailing, direct = entry
@@ -83,6 +87,30 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     sizes = (*grid, 1, 1)[:3]  # its launcher reads three grid sizes; Triton pads
     values = (*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args], *[kwargs[n] for n in trailing])
     _RUNNERS[key] = (compiled[sizes], trailing, _direct_launch(compiled, sizes, values))
+
+
+def bound_launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> Callable[[], None]:
+    """A function that makes :func:`launch`'s launch ``kernel[grid](*args, **kwargs)`` again on the current device,
+    its key made once: for a caller that repeats one launch with the very same arguments on every call (a state's
+    commit). Meant after one :func:`launch` of these arguments; before it, or where :func:`launch` cannot reuse a
+    compiled kernel (the interpreter), the function is that :func:`launch`.
+
+    >>> again = bound_launch(_commit_kernel, (rows,), keep, ..., VOTE=True)
+    >>> again()
+    """
+    entry = _RUNNERS.get(_key(kernel, grid, current_device(), args, kwargs))
+    if entry is None:
+        return lambda: launch(kernel, grid, *args, **kwargs)
+    runner, trailing, direct = entry
+    device, values = current_device(), (*args, *[kwargs[name] for name in trailing])
+    if direct is None:
+        return lambda: runner(*values)
+
+    def again() -> None:
+        if not direct(device):
+            runner(*values)
+
+    return again
 
 
 def _direct_launch(compiled, sizes: tuple[int, int, int], values: tuple) -> Callable | None:

@@ -77,12 +77,19 @@ class Constraints:
 
 @dataclass(frozen=True)
 class Backend:
-    """A LiteAttention forward and what it can take."""
+    """A LiteAttention forward and what it can take.
+
+    ``repeat`` (optional): called after ``forward`` with the same arguments, a function of ``(q, k, v)`` that makes
+    that call again on new inputs of the same shapes, dtypes and device with less host time (everything else found
+    once), or ``None``. That function returns ``(out, lse)``, or ``None`` (launching nothing) when the call it
+    repeats is not the one to make any more; :func:`~litepatch.kernels.lite_attention` then calls ``forward``.
+    """
 
     name: str
     forward: Callable
     tiles: Callable[[int], TileConfig]
     constraints: Constraints
+    repeat: Callable | None = None
 
     def refusal(self, q: torch.Tensor, seq_k: int, key_padding: bool = False) -> str | None:
         return self.constraints.refusal(q, seq_k, self.tiles(q.shape[-1]), key_padding)
@@ -94,9 +101,15 @@ _NOT_LOADED: dict[str, str] = {}  # name -> why its file could not be imported
 
 def register_backend(backend: Backend) -> None:
     """Adds (or replaces) a backend; a backend file calls this when it is imported."""
+    global generation
     _REGISTERED[backend.name] = backend
     _NOT_LOADED.pop(backend.name, None)
     _SELECTED.clear()
+    generation += 1
+
+
+# counts registrations: what was decided under one generation (a state's repeated call) is decided again after
+generation = 0
 
 
 def _load(name: str) -> Backend | None:

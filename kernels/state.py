@@ -169,6 +169,10 @@ class SkipState:
     must_compute_keys: TokenRanges = ()
     calls: int = 0
     _must_masks: dict = field(default_factory=dict, repr=False)
+    # the last call, as its backend can repeat it with less host time (``Backend.repeat``; kept by lite_attention,
+    # and only for the ``keep`` tensor it was made with: a state sized again, or copied out of inference mode, has new
+    # buffers; reset drops it with the buffers it holds)
+    repeat: object = field(default=None, repr=False, compare=False)
 
     @property
     def initialized(self) -> bool:
@@ -206,6 +210,7 @@ class SkipState:
         self.keep = self.anchor = self.kept = None
         self.shape = None
         self.calls = 0
+        self.repeat = None
 
     def matches(self, shape, tiles: TileConfig, device, must_q: TokenRanges, must_k: TokenRanges) -> bool:
         return (

@@ -385,6 +385,40 @@ def test_own_lists_match_the_shared_scratch_and_see_other_writers(monkeypatch, t
 
 
 @pytest.mark.skipif(not CUTE_RUNS, reason="needs sm90 and flash-attn-4 (pip install 'litepatch[cuda]')")
+@pytest.mark.parametrize("threshold", [-math.inf, -3.0])
+def test_repeated_calls_match_calls_through_the_forward(monkeypatch, threshold):
+    """After a state's first call, lite_attention repeats the CuTe backend's call on each call's new inputs
+    (``Backend.repeat``: the compiled kernel and the commit launch with their arguments found once). Outputs and
+    states equal those of the same calls through ``cute_forward``, bit for bit; inputs TMA cannot read as they are
+    go through ``cute_forward`` (which copies them), and the call after it is repeated again."""
+    from litepatch.kernels import interface
+
+    gen = torch.Generator(device=DEVICE).manual_seed(29)
+    calls = [_inputs(gen, 2, 1500, 1500, 2, 128, torch.bfloat16, "bshd") for _ in range(5)]
+    shape = calls[3][0].shape
+    flat = torch.empty(math.prod(shape) + 1, device=DEVICE, dtype=torch.bfloat16)
+    misaligned = flat[1:].view(shape)
+    misaligned.copy_(calls[3][0])
+    calls[3] = (misaligned, *calls[3][1:])
+    launched = []
+    run_sm90 = cute_fwd.run_sm90
+    monkeypatch.setattr(cute_fwd, "run_sm90", lambda *args, **kwargs: launched.append(1) or run_sm90(*args, **kwargs))
+    runs = {}
+    for repeat in (True, False):
+        if not repeat:
+            monkeypatch.setattr(interface._Repeat, "of", classmethod(lambda cls, *args: None))
+        launched.clear()
+        state, results = SkipState(), []
+        for q, k, v in calls:
+            out, lse = lite_attention(q, k, v, state, threshold=threshold, backend="cute", return_lse=True)
+            results.append((out, lse, state.keep.clone(), state.anchor.clone(), int(state.kept)))
+        runs[repeat] = results
+        assert len(launched) == (2 if repeat else 5)  # the first call and the misaligned one
+    for repeated, forward in zip(runs[True], runs[False]):
+        assert all(torch.equal(a, b) for a, b in zip(repeated[:4], forward[:4])) and repeated[4] == forward[4]
+
+
+@pytest.mark.skipif(not CUTE_RUNS, reason="needs sm90 and flash-attn-4 (pip install 'litepatch[cuda]')")
 @pytest.mark.parametrize("own_lists", [True, False])
 def test_calls_on_two_streams_at_once_match_the_same_calls_in_turn(monkeypatch, own_lists):
     """The CuTe backend's scratch (lists, votes, anchor slots) is one per stream (or the state's own): two models'

@@ -75,11 +75,19 @@ def local_qkv(batch, seq, heads, dim, seed=0):
     return q.half(), k.half(), torch.randn(batch, seq, heads, dim, generator=gen).half()
 
 
-def check(dim, masked, order, threshold, seq=700, calls=4, own_lists=True) -> bool:
+def emulated_bound_sm90(q, k, lists, votes, slot, tail, *, softmax_scale, threshold):
+    """What ``cute_sm90.bound_sm90`` returns, around :func:`emulated_sm90`."""
+    return lambda q, k, v: emulated_sm90(q, k, v, lists, votes, slot, tail, softmax_scale=softmax_scale,
+                                         threshold=threshold, seqused_k=None)
+
+
+def check(dim, masked, order, threshold, seq=700, calls=4, own_lists=True, repeat=False) -> bool:
     """``calls`` consecutive calls of both, from one fresh state each; True when every state matches.
 
     ``own_lists``: the state keeps its own lists where it may (no key mask, small), so that the list kernel runs at
-    its first call only (the commit writes the next call's list); else every call uses the shared scratch."""
+    its first call only (the commit writes the next call's list); else every call uses the shared scratch.
+    ``repeat``: calls after the first go through ``cute_repeat``'s function (as lite_attention makes them), which
+    must refuse once another writer has written the state."""
     cute_fwd.OWN_LISTS_MAX_BYTES = 1 << 20 if own_lists else 0
     batch, heads = 2, 2
     q, k, v = local_qkv(batch, seq, heads, dim)
@@ -96,12 +104,24 @@ def check(dim, masked, order, threshold, seq=700, calls=4, own_lists=True) -> bo
     for forward in (cute_fwd.cute_forward, reference_forward):
         state, states = SkipState(), []
         state.initialize((batch, heads, seq, seq), tiles, q.device, ((0, 20),), ())
+        again = None
         for call in range(calls):
-            out, _ = forward(q, k, v, *state.buffers(), *state.must_masks(q.device), key_valid,
-                             block_m=tiles.block_m, block_n=tiles.block_n, threshold=threshold,
-                             softmax_scale=1 / math.sqrt(dim), use_anchor=order == "anchor",
-                             descending=order == "alternate" and call % 2 == 0)
+            arguments = (q, k, v, *state.buffers(), *state.must_masks(q.device), key_valid)
+            options = dict(block_m=tiles.block_m, block_n=tiles.block_n, threshold=threshold,
+                           softmax_scale=1 / math.sqrt(dim), use_anchor=order == "anchor",
+                           descending=order == "alternate" and call % 2 == 0)
+            out, _ = again(q, k, v) if again is not None else forward(*arguments, **options)
+            if repeat and forward is cute_fwd.cute_forward and again is None:
+                again = cute_fwd.cute_repeat(*arguments, **options)
+                if again is None:
+                    print("cute_repeat did not repeat a call of a state with its own lists")
+                    return False
             states.append((out.float(), state.keep.clone(), state.anchor.clone(), int(state.kept)))
+        if again is not None:
+            state.set_read_words(state.read_words())  # another writer: the repeat must leave the call to the forward
+            if again(q, k, v) is not None:
+                print("cute_repeat's function ran on lists another writer had written")
+                return False
         own = derived_from(state.keep)
         if (own is not None) != (own_lists and not masked and forward is cute_fwd.cute_forward):
             print(f"own lists: {own}")
@@ -117,18 +137,20 @@ def check(dim, masked, order, threshold, seq=700, calls=4, own_lists=True) -> bo
         return False
     ok = all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) and a[3] == b[3]
              and float((a[0] - b[0]).abs().max()) < 1e-2 for a, b in zip(*runs))
-    print(f"D={dim} mask={masked} {order} threshold={threshold} own lists={own_lists} "
+    print(f"D={dim} mask={masked} {order} threshold={threshold} own lists={own_lists} repeat={repeat} "
           f"kept per call {[s[3] for s in runs[0]]}: {'ok' if ok else 'MISMATCH'}", flush=True)
     return ok
 
 
 def main() -> int:
-    cute_fwd.run_sm90 = emulated_sm90
+    cute_fwd.run_sm90, cute_fwd.bound_sm90 = emulated_sm90, emulated_bound_sm90
     cases = list(itertools.product((64, 128), (False, True), ("anchor", "alternate"), (-4.0, -math.inf)))
     results = [check(*case) for case in cases]
     results += [check(dim, False, order, threshold, own_lists=False)  # the shared scratch without a key mask
                 for dim, order, threshold in itertools.product((64, 128), ("anchor", "alternate"), (-4.0,))]
     results.append(check(128, True, "anchor", -3.0, seq=4500, calls=3))  # more than 32 visits: several vote words
+    results += [check(dim, False, "anchor", threshold, repeat=True)  # calls as lite_attention repeats them
+                for dim, threshold in itertools.product((64, 128), (-4.0, -math.inf))]
     return 0 if all(results) else 1
 
 

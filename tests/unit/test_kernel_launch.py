@@ -68,7 +68,7 @@ class FakeLauncher:
 @pytest.fixture(autouse=True)
 def fresh_cache(monkeypatch):
     monkeypatch.setattr(launch_module, "_RUNNERS", {})
-    monkeypatch.setattr(launch_module, "_current_device", lambda: 0)
+    monkeypatch.setattr(launch_module, "current_device", lambda: 0)
     monkeypatch.setattr(launch_module, "REUSABLE", True)
     monkeypatch.setattr(launch_module, "DIRECT", False)
 
@@ -112,7 +112,7 @@ def test_anything_triton_specialises_on_goes_through_triton_again(change, monkey
         "device": {},
     }[change])
     if change == "device":
-        monkeypatch.setattr(launch_module, "_current_device", lambda: 1)
+        monkeypatch.setattr(launch_module, "current_device", lambda: 1)
     launch(kernel, changed["grid"], changed["tensor"], changed["n"], FLAG=changed["FLAG"], WIDTH=32,
            num_warps=changed["num_warps"])
     assert kinds(kernel) == ["triton", "triton"]
@@ -187,3 +187,31 @@ def test_the_direct_launch_is_left_out_where_its_arguments_are_not_known(triton_
     for _ in range(2):
         launch(kernel, (3,), x, 5, WIDTH=32, FLAG=True)
     assert kinds(kernel) == ["triton", "reused"] and log == []
+
+
+def test_a_bound_launch_repeats_the_reused_launch_and_before_any_launch_goes_through_triton(triton_3_6):
+    from litepatch.kernels.launch import bound_launch
+
+    kernel, x = FakeKernel(), torch.zeros(4)
+    early = bound_launch(kernel, (3,), x, 5, WIDTH=32, FLAG=True)  # nothing compiled yet: launch() each time
+    early()
+    bound = bound_launch(kernel, (3,), x, 5, WIDTH=32, FLAG=True)
+    bound()
+    bound()
+    early()
+    assert kinds(kernel) == ["triton", "reused", "reused", "reused"]
+    assert kernel.log[1][2] == (x, 5, True, 32)  # signature order, the tensor itself (no direct launcher here)
+
+
+def test_a_bound_direct_launch_passes_addresses_and_yields_to_an_installed_hook(triton_3_6):
+    from litepatch.kernels.launch import bound_launch
+
+    log = []
+    kernel, x = FakeKernel(launcher=FakeLauncher(log)), torch.zeros(4)
+    launch(kernel, (3,), x, 5, WIDTH=32, FLAG=True)
+    bound = bound_launch(kernel, (3,), x, 5, WIDTH=32, FLAG=True)
+    bound()
+    assert [entry[0] for entry in log] == ["direct"] and log[0][1][-4:] == (x.data_ptr(), 5, True, 32)
+    triton_3_6.launch_enter_hook.calls.append(print)  # a profiler
+    bound()
+    assert kinds(kernel) == ["triton", "reused"] and len(log) == 1
