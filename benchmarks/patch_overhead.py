@@ -7,7 +7,8 @@ and the interception alone at -inf (nothing to skip: the call runs the model's o
 
 On a machine without a GPU, ``--cpu`` measures the same on CPU with a *null* LiteAttention backend (registered
 for the run: it returns its query as the output and leaves the skip state as it is), so the numbers are the
-patcher's host time alone: interception, plan, registry checks, stats record. Two rows:
+patcher's host time alone: interception, plan, registry checks, stats record; like the CuTe backend, it repeats a
+state's last call (``Backend.repeat``). Two rows:
 
 * ``dense path``: warm-up calls (litepatch looks at the call and runs the model's own attention);
   added host time = (patched - unpatched) / attention calls;
@@ -338,9 +339,13 @@ def _register_null_backend() -> None:
             lse[shape] = torch.zeros(shape)
         return q, lse[shape]
 
+    def null_repeat(q, k, v, keep, anchor, kept, must_q, must_k, key_valid, **kwargs):
+        # the same null call again on new inputs, as the CuTe backend repeats its calls (Backend.repeat)
+        return lambda q, k, v: null_forward(q, k, v, keep, anchor, kept, must_q, must_k, key_valid)
+
     registry.register_backend(registry.Backend(
         name=NULL_BACKEND, forward=null_forward, tiles=lambda head_dim, tiles=TileConfig(128, 64): tiles,
-        constraints=registry.Constraints(device_types=("cpu",), dtypes=(torch.float32,))))
+        constraints=registry.Constraints(device_types=("cpu",), dtypes=(torch.float32,)), repeat=null_repeat))
 
 
 def cpu_main(args) -> None:
@@ -417,6 +422,7 @@ BREAKDOWN = (
     ("litepatch.context", "PendingTimestep", "start"), ("litepatch.layer_patch", "LayerPatch", "classify"),
     ("litepatch.layer_patch", "LayerPatch", "_dense_total"), ("litepatch.layer_patch", None, "fast_dense"),
     ("litepatch.dense_routing", None, "faster_dense_attention"),
+    ("litepatch.kernels.interface", "_Repeat", "run_if_same"),
 )
 # Inside the kernel call on a GPU (the CuTe backend's steps and the interface's), and the records' flush: where the
 # sparse path's time goes beyond the patcher's own functions

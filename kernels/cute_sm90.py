@@ -74,7 +74,7 @@ from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.utils import AuxData
 from quack import layout_utils
 
-from .tma import tma_inputs, tma_ready
+from .tma import all_tma_ready, tma_inputs
 
 TILE_N = 128  # key rows per tile: flash-attn-4's SM90 block-sparse forward needs tile_n = the sparse block
 
@@ -512,7 +512,7 @@ def bound_sm90(q: torch.Tensor, k: torch.Tensor, lists, votes: torch.Tensor, slo
     lse_shape, dtype, device = (batch, heads, seq_q), q.dtype, q.device
 
     def again(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not (tma_ready(q) and tma_ready(k) and tma_ready(v)):
+        if not all_tma_ready(q, k, v):
             return None
         out = torch.empty(q.shape, dtype=dtype, device=device)
         lse = torch.empty(lse_shape, dtype=torch.float32, device=device)

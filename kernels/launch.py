@@ -54,9 +54,13 @@ DIRECT = _triton_version() == (3, 6)  # the C launcher's argument list this modu
 _HAS_CUDA = torch.cuda.is_available()
 
 
-def current_device() -> int:
-    """The device Triton launches on (-1 without CUDA: Triton's interpreter on the CPU)."""
-    return torch.cuda.current_device() if _HAS_CUDA else -1
+def _no_device() -> int:
+    return -1
+
+
+# The device Triton launches on (-1 without CUDA: Triton's interpreter on the CPU). torch.cuda.current_device() minus
+# its two Python frames: the C function initialises CUDA itself where it has not been.
+current_device = torch._C._cuda_getDevice if _HAS_CUDA else _no_device
 
 
 def _key(kernel, grid: tuple[int, ...], device: int, args: tuple, kwargs: dict) -> tuple:
@@ -130,7 +134,10 @@ def _direct_launch(compiled, sizes: tuple[int, int, int], values: tuple) -> Call
                     compiled.packed_metadata, None, None, None, *values)
 
     def direct(device: int) -> bool:
-        if not (_idle(runtime.launch_enter_hook) and _idle(runtime.launch_exit_hook)):
+        # both hook slots idle: Triton 3.6 keeps hooks in chains, empty unless a profiler adds one; anything else (a
+        # function assigned as in older Tritons) counts as installed
+        if getattr(runtime.launch_enter_hook, "calls", None) != [] or getattr(runtime.launch_exit_hook, "calls",
+                                                                               None) != []:
             return False
         c_launch(*sizes, current_stream(device), *after_stream)
         return True
@@ -149,12 +156,6 @@ def _triton_runtime():
 
 
 _LAUNCHER_FIELDS = ("launch", "global_scratch_size", "profile_scratch_size", "launch_cooperative_grid", "launch_pdl")
-
-
-def _idle(hook) -> bool:
-    """Whether a launch hook slot holds nothing to call: Triton 3.6 keeps hooks in chains, empty unless a profiler
-    adds one; anything else (a function assigned as in older Tritons) counts as installed."""
-    return getattr(hook, "calls", None) == []
 
 
 def cached_launches() -> int:

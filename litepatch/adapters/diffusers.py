@@ -351,14 +351,18 @@ def _dispatch_interceptor(layer, cell: dict, sdpa, original):
 
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
-        args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs)
-        ring = ring_call(original, parallel_config, backend, args)  # ring CP: litepatch.ring_diffusers runs it
-        if parallel_config is not None and ring is None:  # Ulysses: intercept the SDPA call beneath the template
-            cell["shards"] = ulysses_degree_of(parallel_config)
-            with SDPAMode(sdpa):
-                return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                attention_kwargs, backend=backend, parallel_config=parallel_config)
-        key_mask, problem = mask_problem(attn_mask, query.shape[0], key.shape[1])
+        ring = None
+        if parallel_config is not None:
+            args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs)
+            ring = ring_call(original, parallel_config, backend, args)  # ring CP: litepatch.ring_diffusers runs it
+            if ring is None:  # Ulysses: intercept the SDPA call beneath the template
+                cell["shards"] = ulysses_degree_of(parallel_config)
+                with SDPAMode(sdpa):
+                    return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                    attention_kwargs, backend=backend, parallel_config=parallel_config)
+        key_mask, problem = None, None
+        if attn_mask is not None:
+            key_mask, problem = mask_problem(attn_mask, query.shape[0], key.shape[1])
         if problem is None:
             problem = _dispatch_problem(query, key, dropout_p, is_causal, enable_gqa, attention_kwargs)
         call = AttentionCall(query, key, value, scale, key_mask, problem, cell["hidden_tokens"],
