@@ -178,6 +178,13 @@ class SkipState:
     def initialized(self) -> bool:
         return self.keep is not None
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the repeated call out: it writes this state's buffers, not the copy's (and holds
+        functions that do not pickle)."""
+        fields = dict(self.__dict__)
+        fields["repeat"] = None
+        return fields
+
     @property
     def batch(self) -> int:
         """Batch rows the state holds lists for."""

@@ -193,3 +193,26 @@ def test_a_state_copied_out_of_inference_mode_goes_through_the_forward(backend):
     backend.ran.clear()
     call_both(state, twin, q, k, v, threshold=-3.0)
     assert backend.ran == ["forward"]
+
+
+def test_a_copied_or_pickled_state_does_not_take_the_original_s_repeat(backend):
+    """A state's repeat writes that state's buffers: a deep copy (or an unpickled state) must make its next call
+    through the forward, on its own buffers, and leave the original untouched."""
+    import copy
+    import io
+
+    q, k, v = inputs()
+    state = SkipState()
+    for _ in range(2):
+        lite_attention(q, k, v, state, threshold=-3.0, backend=NAME)
+    original = (state.keep.clone(), state.anchor.clone(), int(state.kept))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(state), torch.load(buffer, weights_only=False)):
+        assert twin.repeat is None and state.repeat is not None
+        backend.ran.clear()
+        lite_attention(*inputs(seed=7), twin, threshold=-3.0, backend=NAME)
+        assert backend.ran == ["forward"]
+    assert torch.equal(state.keep, original[0]) and torch.equal(state.anchor, original[1])
+    assert int(state.kept) == original[2]
