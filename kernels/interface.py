@@ -7,7 +7,10 @@ Three layers, as in FlashAttention:
 2. ``torch.ops.litepatch.lite_attention_fwd``, a custom op (``torch.compile`` sees one node that
    mutates the state tensors), whose body runs the backend the registry chose;
 3. :func:`lite_attention`, which checks inputs, sizes the :class:`SkipState` and calls the op while
-   ``torch.compile`` traces, or the backend directly in eager mode (same computation, less host time).
+   ``torch.compile`` traces, or the backend directly in eager mode (same computation, less host time). In eager
+   mode a state's next call of the same form repeats its last one through the backend's ``repeat`` where it has one
+   (:class:`_Repeat`): a model makes each layer's call in one form at every step, and deciding it again cost more
+   host time than the launches.
 """
 
 from __future__ import annotations
