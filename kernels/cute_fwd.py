@@ -48,12 +48,14 @@ Example:
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import triton
 import triton.language as tl
 from flash_attn.cute import interface as _fa4
 
+from .commits import register_flush, window_open
 from .cute_sm90 import TILE_N, bound_sm90, run_dense_sm90, run_sm90, tile_m_for
 from .key_masks import mask_facts, mask_tiles
 from .launch import bound_launch, current_device, launch
@@ -194,7 +196,44 @@ def _commit_relist_kernel(keep_ptr, anchor_ptr, must_q_ptr, must_k_ptr, votes_pt
     """:func:`_commit_kernel` for a state with its own lists (no key mask), which then writes the next call's list
     from the state it committed, still in registers, and clears the votes; the last program to finish writes
     ``kept`` (``sum_ptr``: int64 [running sum, finished programs], left zero)."""
+    _commit_relist_row(tl.program_id(0), keep_ptr, anchor_ptr, must_q_ptr, must_k_ptr, votes_ptr, slot_ptr, kept_ptr,
+                       idx_ptr, cnt_ptr, tail_ptr, sum_ptr, q_tiles, k_tiles, n_words, rows, USE_ANCHOR, DESCENDING,
+                       NEXT_DESCENDING, KT_POW2, VOTE)
+
+
+# The columns of a row of _commit_relist_batch_kernel's table: the addresses of _commit_relist_kernel's tensors,
+# then its four sizes
+BATCH_COLUMNS = 15
+
+
+@triton.jit
+def _commit_relist_batch_kernel(table_ptr, COLUMNS: tl.constexpr, USE_ANCHOR: tl.constexpr, DESCENDING: tl.constexpr,
+                                NEXT_DESCENDING: tl.constexpr, KT_POW2: tl.constexpr, VOTE: tl.constexpr):
+    """:func:`_commit_relist_kernel` of several states in one launch (deferred commits): program ``(row, entry)``
+    commits that row of the state of the table's row ``entry`` (int64, :data:`BATCH_COLUMNS` columns: the addresses
+    of ``keep, anchor, must_q, must_k, votes, slot, kept, idx, cnt, tail, sums``, then ``q_tiles, k_tiles, n_words,
+    rows``)."""
     row = tl.program_id(0)
+    base = table_ptr + tl.program_id(1) * COLUMNS
+    rows = tl.load(base + 14).to(tl.int32)
+    if row < rows:
+        _commit_relist_row(
+            row, tl.load(base).to(tl.pointer_type(tl.int32)), tl.load(base + 1).to(tl.pointer_type(tl.int32)),
+            tl.load(base + 2).to(tl.pointer_type(tl.int1)), tl.load(base + 3).to(tl.pointer_type(tl.int1)),
+            tl.load(base + 4).to(tl.pointer_type(tl.int32)), tl.load(base + 5).to(tl.pointer_type(tl.int64)),
+            tl.load(base + 6).to(tl.pointer_type(tl.int64)), tl.load(base + 7).to(tl.pointer_type(tl.int32)),
+            tl.load(base + 8).to(tl.pointer_type(tl.int32)), tl.load(base + 9).to(tl.pointer_type(tl.int32)),
+            tl.load(base + 10).to(tl.pointer_type(tl.int64)), tl.load(base + 11).to(tl.int32),
+            tl.load(base + 12).to(tl.int32), tl.load(base + 13).to(tl.int32), rows, USE_ANCHOR, DESCENDING,
+            NEXT_DESCENDING, KT_POW2, VOTE)
+
+
+@triton.jit
+def _commit_relist_row(row, keep_ptr, anchor_ptr, must_q_ptr, must_k_ptr, votes_ptr, slot_ptr, kept_ptr, idx_ptr,
+                       cnt_ptr, tail_ptr, sum_ptr, q_tiles, k_tiles, n_words, rows, USE_ANCHOR: tl.constexpr,
+                       DESCENDING: tl.constexpr, NEXT_DESCENDING: tl.constexpr, KT_POW2: tl.constexpr,
+                       VOTE: tl.constexpr):
+    """One program of :func:`_commit_relist_kernel`: row ``row`` of ``rows``."""
     j, stored, valid, read, pos, total, _ = _visit_order(keep_ptr, anchor_ptr, keep_ptr, row, q_tiles, k_tiles,
                                                          n_words, 1, USE_ANCHOR, DESCENDING, KT_POW2, False)
     stored, anchor = _committed(j, read, pos, stored, row, must_q_ptr, must_k_ptr, votes_ptr, slot_ptr, q_tiles,
@@ -303,7 +342,7 @@ class _OwnLists:
     leaves them zero; ``ready``: the call the lists were written for (anchor tensor, order, visiting direction),
     ``None`` when they are not ready (new, or :meth:`invalidate`)."""
 
-    __slots__ = ("views", "sums", "k_tiles", "ready")
+    __slots__ = ("views", "sums", "k_tiles", "ready", "pending")
 
     def __init__(self, keep: torch.Tensor, k_tiles: int):
         buffer = torch.empty(_scratch_words(keep.shape, k_tiles), dtype=torch.int32, device=keep.device)
@@ -311,9 +350,16 @@ class _OwnLists:
         self.sums = torch.zeros(2, dtype=torch.int64, device=keep.device)
         self.k_tiles = k_tiles
         self.ready = None
+        self.pending = False  # the last call's commit is deferred (litepatch.kernels.commits)
+
+    def settle(self) -> None:
+        """Launches the deferred commits, this state's among them (:func:`~litepatch.kernels.state.settle`)."""
+        _flush_deferred()
 
     def invalidate(self) -> None:
         """Another writer wrote the state: the next call lists it again (the buffers are kept)."""
+        if self.pending:
+            self.settle()
         self.ready = None
 
     def nbytes(self) -> int:
@@ -421,6 +467,8 @@ def _forward_own_lists(q, k, v, keep, anchor, kept, must_q, must_k, own: _OwnLis
     """:func:`cute_forward` of a state with its own lists: the list kernel only when the lists are not ready (the
     state's first call, or another writer wrote it since), then the CuTe kernel, then the commit, which writes the
     list of the call it expects next (same order; ``"alternate"`` flips the direction)."""
+    if own.pending:
+        own.settle()
     batch, heads, q_tiles, n_words = keep.shape
     rows, k_tiles = batch * heads * q_tiles, own.k_tiles
     slot, count, tail, index, votes = own.views
@@ -468,7 +516,9 @@ def cute_repeat(q, k, v, keep, anchor, kept, must_q, must_k, key_valid=None, *, 
 
     The function returns ``(out, lse)``, or ``None``, launching nothing, when the call is not the one it repeats any
     more: another writer wrote the state since (its lists are not ready), another current device, or inputs TMA
-    cannot read as they are. The caller then makes the call through :func:`cute_forward`.
+    cannot read as they are. The caller then makes the call through :func:`cute_forward`. While a commit window is
+    open (:mod:`litepatch.kernels.commits`: a patched forward), it defers its commit, which is then launched with the
+    others in one :func:`_commit_relist_batch_kernel`.
     """
     own = derived_from(keep)
     if key_valid is not None or not use_anchor or own is None or (block_m, block_n) != _tile_sizes(q):
@@ -485,16 +535,91 @@ def cute_repeat(q, k, v, keep, anchor, kept, must_q, must_k, key_valid=None, *, 
     grid, args, kwargs = _commit_relist_args(keep, anchor, kept, must_q, must_k, own, order, threshold=threshold,
                                              use_anchor=use_anchor, descending=descending)
     commit, device = bound_launch(_commit_relist_kernel, grid, *args, **kwargs), current_device()
+    deferred = _batch_entry(keep.device, args, kwargs)
 
     def again(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if own.ready != ready or current_device() != device:
             return None
+        if own.pending:  # the last call's commit writes this call's lists
+            _flush_deferred()
         result = attend(q, k, v)
         if result is not None:
-            commit()
+            if window_open():
+                own.pending = True
+                _deferred_queue().append((own, deferred, _stream_of(q.device)))
+            else:
+                commit()
         return result
 
     return again
+
+
+# ------------------------------------------------------------------------------------------------ deferred commits
+_DEFERRED = threading.local()  # .queue: (own lists, batch entry, stream) of each deferred commit of this thread
+# the batch kernel's tables by (device, their rows): a model defers the same states' commits at every step
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _deferred_queue() -> list:
+    queue = getattr(_DEFERRED, "queue", None)
+    if queue is None:
+        queue = _DEFERRED.queue = []
+    return queue
+
+
+def _stream_of(device: torch.device) -> int:
+    """The raw handle of ``device``'s current stream (0 for CPU tensors: the interpreted protocol check)."""
+    return _current_raw_stream(device.index) if device.type == "cuda" else 0
+
+
+def _batch_entry(device: torch.device, args: tuple, kwargs: dict) -> tuple:
+    """A deferred :func:`_commit_relist_kernel` launch of ``args, kwargs`` as the batch kernel takes it: (device, its
+    options, its table row, the tensors, which must outlive the launch)."""
+    tensors, sizes = args[:BATCH_COLUMNS - 4], args[BATCH_COLUMNS - 4:]
+    row = (*[t.data_ptr() for t in tensors], *sizes)
+    options = tuple(sorted((name, value) for name, value in kwargs.items()))
+    return device, options, row, tensors
+
+
+def _flush_deferred() -> None:
+    """Launches this thread's deferred commits: one batch kernel per device, stream and options (the registered flush
+    of :mod:`litepatch.kernels.commits`)."""
+    queue = getattr(_DEFERRED, "queue", None)
+    if not queue:
+        return
+    deferred = list(queue)
+    queue.clear()
+    groups: dict[tuple, list[tuple]] = {}
+    for own, (device, options, row, tensors), stream in deferred:
+        own.pending = False
+        groups.setdefault((device, stream, options), []).append((row, tensors))
+    for (device, stream, options), members in groups.items():
+        rows = tuple(row for row, _ in members)
+        grid = (max(row[-1] for row in rows), len(rows))
+        table = _batch_table(device, rows)
+        if device.type != "cuda" or stream == _current_raw_stream(device.index):
+            launch(_commit_relist_batch_kernel, grid, table, COLUMNS=BATCH_COLUMNS, **dict(options))
+        else:  # deferred on another stream than the one current now: launched there, after the calls
+            with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device)):
+                launch(_commit_relist_batch_kernel, grid, table, COLUMNS=BATCH_COLUMNS, **dict(options))
+
+
+def _batch_table(device: torch.device, rows: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """The batch kernel's int64 table of ``rows`` on ``device``, copied there once (from pinned memory, without a
+    sync) and reused while the same states defer their commits together."""
+    key = (device, rows)
+    entry = _TABLES.get(key)
+    if entry is None:
+        if len(_TABLES) >= 16:  # states made again (new shapes, generations): start over rather than grow
+            _TABLES.clear()
+        host = torch.tensor(rows, dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        entry = _TABLES[key] = (host.to(device, non_blocking=True), host)
+    return entry[0]
+
+
+register_flush(_flush_deferred)
 
 
 def _tile_sizes(q: torch.Tensor) -> tuple[int, int]:

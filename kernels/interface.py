@@ -23,7 +23,7 @@ import torch
 
 from . import registry
 from .registry import available_backends
-from .state import ORDERS, SkipState, normalize_ranges
+from .state import ORDERS, SkipState, normalize_ranges, settle
 from .vocabulary import DEFAULT_ORDER, DEFAULT_THRESHOLD, threshold_problem
 
 # Every dtype some backend takes (each backend's own set is in its registry constraints).
@@ -194,6 +194,7 @@ def lite_attention(
             chosen.name, tiles.block_m, tiles.block_n, threshold, scale, order == "anchor", descending,
         )
     else:  # eager: the op's body directly (its Python dispatch alone costs ~70 us of host time per call)
+        settle(state.keep)  # a commit its backend deferred (litepatch.kernels.commits) lands before this call
         arguments = (q, k, v, state.keep, state.anchor, state.kept, must_q_mask, must_k_mask, key_valid)
         options = dict(block_m=tiles.block_m, block_n=tiles.block_n, threshold=threshold, softmax_scale=scale,
                        use_anchor=order == "anchor", descending=descending)

@@ -126,7 +126,8 @@ def derived_from(keep: torch.Tensor):
 def remember_derived(keep: torch.Tensor, value) -> None:
     """Stores ``value`` on ``keep`` (a new or cloned state does not carry it). ``value.invalidate()`` is called
     whenever another writer writes the state (:func:`keep_written`), and the backend then derives it again;
-    ``value.nbytes()`` counts in the state's :meth:`SkipState.nbytes`."""
+    ``value.nbytes()`` counts in the state's :meth:`SkipState.nbytes`; while ``value.pending`` (optional) is true,
+    ``value.settle()`` is called before the state is read or written (:func:`settle`)."""
     keep.__dict__[DERIVED_ATTR] = value
 
 
@@ -136,6 +137,14 @@ def keep_written(keep: torch.Tensor) -> None:
     derived = derived_from(keep)
     if derived is not None:
         derived.invalidate()
+
+
+def settle(keep: torch.Tensor | None) -> None:
+    """Launches the state's deferred commit, if its backend deferred one (:mod:`litepatch.kernels.commits`), before
+    anything reads or writes the state: what the backend derived from ``keep`` has ``settle()`` then."""
+    derived = derived_from(keep) if keep is not None else None
+    if derived is not None and getattr(derived, "pending", False):
+        derived.settle()
 
 
 class SkipBuffers(NamedTuple):
@@ -250,6 +259,7 @@ class SkipState:
         """``(keep, anchor, kept)``: what a backend's forward takes (benchmarks call backends with them)."""
         if not self.initialized:
             raise ValueError("the state has no buffers yet: initialize it or run one call first")
+        settle(self.keep)
         return SkipBuffers(self.keep, self.anchor, self.kept)
 
     # ------------------------------------------------------------------------------------------- calls
@@ -270,15 +280,18 @@ class SkipState:
     def usable_outside_inference_mode(self) -> None:
         """Tensors made under ``torch.inference_mode`` cannot be updated in place outside it: copies them then."""
         if self.initialized and self.keep.is_inference() and not torch.is_inference_mode_enabled():
+            settle(self.keep)
             self.keep, self.anchor, self.kept = self.keep.clone(), self.anchor.clone(), self.kept.clone()
 
     # ------------------------------------------------------------------------------------------ counts
     def kept_tiles(self) -> int:
         """Tiles the last call computed (0 before any call). Synchronises the device."""
+        settle(self.keep)
         return int(self.kept) if self.initialized and self.calls > 0 else 0
 
     def kept_count(self) -> torch.Tensor:
         """A copy of the last call's kept-tile count, a 0-dim device tensor (read later, without a sync now)."""
+        settle(self.keep)
         return self.kept.clone()
 
     # -------------------------------------------------------------------------------- forcing the lists
@@ -303,6 +316,7 @@ class SkipState:
         """
         if not self.initialized:
             raise ValueError("the state has not been used yet; it has no heads to move")
+        settle(self.keep)
         keep, anchor = regroup(self.keep), regroup(self.anchor)
         shape = (self.shape[0], keep.shape[1], *self.shape[2:])
         moved = SkipState(keep=keep, anchor=anchor, tiles=self.tiles, shape=shape,
@@ -321,12 +335,14 @@ class SkipState:
 
     def read_list(self) -> torch.Tensor:
         """Bool ``[B, H, q_tiles, k_tiles]``: the tiles the next call computes."""
+        settle(self.keep)
         return unpack_bits(self.keep, self.k_tiles)
 
     def kept_fraction(self) -> float:
         """Fraction of tiles the last call computed (1.0 before any call). Synchronises the device."""
         if not self.initialized or self.calls == 0:
             return 1.0
+        settle(self.keep)
         return float(self.kept) / self.total_tiles()
 
     def nbytes(self) -> int:

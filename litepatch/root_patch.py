@@ -10,6 +10,8 @@ from contextlib import contextmanager
 
 import torch
 
+from litepatch.kernels import commits
+
 from .attachment import ROOT_ATTR, Attachment
 from .context import CallReader
 from .diffusers_cp import dense_reason
@@ -25,6 +27,7 @@ class RootPatch:
         self.handle = handle
         self.reader = CallReader.for_forward(module.forward)
         self.hook = None
+        self.post = None  # the forward hook that closes the commit window
         self.checked_parallel_config = None
         self._attachment: Attachment | None = None
         self._hook_entries: list = []
@@ -70,12 +73,20 @@ class RootPatch:
         self.check_reach()
         runtime.text_tokens, runtime.stream_text_tokens = text_tokens, None
         runtime.start_forward(timestep, runtime.context_name, inputs)
+        commits.open_window()  # the layers' commits may go out together when the forward returns (post_hook)
+        return None
+
+    def post_hook(self, module, args, kwargs, output):
+        """Launches the commits the forward's layers deferred (one launch; also when the forward raised)."""
+        commits.close_window()
         return None
 
     def install(self, module: torch.nn.Module) -> None:
         self.check_parallelism(module)
         attachment = Attachment(module)
         self.hook = module.register_forward_pre_hook(torch._dynamo.disable(self.pre_hook), with_kwargs=True)
+        self.post = module.register_forward_hook(torch._dynamo.disable(self.post_hook), with_kwargs=True,
+                                                 always_call=True)
         original = getattr(module, "cache_context", None)
         if callable(original):
             runtime = self.runtime
@@ -96,19 +107,23 @@ class RootPatch:
         self._attachment = attachment
 
     def uninstall(self, module: torch.nn.Module) -> None:
-        if self.hook is not None:
-            self.hook.remove()
-            self.hook = None
+        commits.flush()
+        for handle in (self.hook, self.post):
+            if handle is not None:
+                handle.remove()
+        self.hook = self.post = None
         self._attachment.take_off(module)
 
     def take_off(self, module: torch.nn.Module) -> None:
         self._attachment.take_off(module)
-        hook_id = self.hook.id if self.hook is not None else None
+        hook_ids = {handle.id for handle in (self.hook, self.post) if handle is not None}
         self._hook_entries = []
-        for hooks in (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs):
-            if hook_id in hooks:
+        for hooks in (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs, module._forward_hooks,
+                      module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
+            if hook_ids & hooks.keys():
                 self._hook_entries.append((hooks, dict(hooks)))
-                del hooks[hook_id]
+                for hook_id in hook_ids & hooks.keys():
+                    del hooks[hook_id]
 
     def put_back(self, module: torch.nn.Module) -> None:
         self._attachment.put_back(module)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from litepatch.kernels import SkipState
+from litepatch.kernels import SkipState, commits
 
 from .context import PendingTimestep, StepTracker
 from .stats import CallLog
@@ -77,7 +77,9 @@ class Runtime:
 
     def flush(self) -> None:
         """Turns every layer's last call into a record; the sparse calls' kept counts are copied together (one
-        stack instead of a copy per layer: each is a kernel launch on a GPU)."""
+        stack instead of a copy per layer: each is a kernel launch on a GPU), after the commits that write them (a
+        forward's deferred ones, :mod:`litepatch.kernels.commits`)."""
+        commits.flush()
         live: list = []
         for layer in self.layers.values():
             layer.flush(live)

@@ -419,6 +419,47 @@ def test_repeated_calls_match_calls_through_the_forward(monkeypatch, threshold):
 
 
 @pytest.mark.skipif(not CUTE_RUNS, reason="needs sm90 and flash-attn-4 (pip install 'litepatch[cuda]')")
+def test_commits_deferred_in_a_window_match_commits_made_at_once():
+    """Inside a commit window (a patched forward holds one open) repeated calls defer their commits, which go out as
+    one batch launch per group of options when the window closes: outputs and states equal those of the same calls
+    committed at once, bit for bit, also for a state read while its commit waits."""
+    from litepatch.kernels import commits
+
+    gen = torch.Generator(device=DEVICE).manual_seed(31)
+    forms = [(2, 1500, 2, 128, -3.0), (1, 2000, 4, 64, -3.0), (2, 1500, 2, 128, -math.inf)]
+    calls = [[_inputs(gen, batch, seq, seq, heads, dim, torch.bfloat16, "bshd") for batch, seq, heads, dim, _ in forms]
+             for _ in range(4)]
+    batches, read_while_waiting = [], []
+    launch = cute_fwd.launch
+
+    def counted(kernel, *args, **kwargs):
+        batches.append(kernel is cute_fwd._commit_relist_batch_kernel)
+        return launch(kernel, *args, **kwargs)
+
+    runs = {}
+    for deferred in (True, False):
+        states, results = [SkipState() for _ in forms], []
+        for call, inputs in enumerate(calls):
+            if deferred:
+                commits.open_window()
+            for i, ((q, k, v), form) in enumerate(zip(inputs, forms)):
+                results += lite_attention(q, k, v, states[i], threshold=form[-1], backend="cute", return_lse=True)
+                if deferred and call == 2 and i == 0:
+                    read_while_waiting.append(states[0].read_list())  # its commit waits: it lands first
+            if deferred:
+                cute_fwd.launch = counted
+                commits.close_window()
+                cute_fwd.launch = launch
+            results += [t.clone() for state in states for t in (state.keep, state.anchor, state.kept)]
+        runs[deferred] = results
+    assert sum(batches) == 3 * 2  # at each close after the first round: one batch per group of options (two)
+    assert all(torch.equal(a, b) for a, b in zip(runs[True], runs[False]))
+    per_round = 5 * len(forms)  # out and lse of each call, then keep, anchor and kept of each state
+    keep_after = runs[False][2 * per_round + 2 * len(forms)]  # state 0's keep after the third round
+    assert torch.equal(read_while_waiting[0], unpack_bits(keep_after, read_while_waiting[0].shape[-1]))
+
+
+@pytest.mark.skipif(not CUTE_RUNS, reason="needs sm90 and flash-attn-4 (pip install 'litepatch[cuda]')")
 @pytest.mark.parametrize("own_lists", [True, False])
 def test_calls_on_two_streams_at_once_match_the_same_calls_in_turn(monkeypatch, own_lists):
     """The CuTe backend's scratch (lists, votes, anchor slots) is one per stream (or the state's own): two models'

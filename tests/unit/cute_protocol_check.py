@@ -142,6 +142,58 @@ def check(dim, masked, order, threshold, seq=700, calls=4, own_lists=True, repea
     return ok
 
 
+def check_deferred(calls=4) -> bool:
+    """Three states whose calls after the first are repeated inside commit windows (as in a patched forward): their
+    commits are deferred and go out as batch launches (one per group of options: two thresholds here) when the window
+    closes, or when a state is read in the middle. Every state must equal the reference's after every window."""
+    from litepatch.kernels import commits
+
+    cute_fwd.OWN_LISTS_MAX_BYTES = 1 << 20
+    forms = [(128, 700, -4.0), (128, 700, -4.0), (64, 900, -math.inf)]
+    inputs = [local_qkv(2, seq, 2, dim, seed=i) for i, (dim, seq, _) in enumerate(forms)]
+    batches, launch = [], cute_fwd.launch
+
+    def counted(kernel, *args, **kwargs):
+        batches.append(kernel is cute_fwd._commit_relist_batch_kernel)
+        return launch(kernel, *args, **kwargs)
+
+    cute_fwd.launch = counted
+    states, twins, repeats = [], [], []
+    for (dim, seq, _), (q, _, _) in zip(forms, inputs):
+        tiles = cute_fwd.tiles_for_head_dim(dim)
+        for group in (states, twins):
+            group.append(SkipState())
+            group[-1].initialize((2, 2, seq, seq), tiles, q.device, ((0, 20),), ())
+    ok = True
+    for call in range(calls):
+        commits.open_window()
+        for i, ((dim, _, threshold), (q, k, v)) in enumerate(zip(forms, inputs)):
+            tiles = cute_fwd.tiles_for_head_dim(dim)
+            options = dict(block_m=tiles.block_m, block_n=tiles.block_n, threshold=threshold,
+                           softmax_scale=1 / math.sqrt(dim), use_anchor=True, descending=False)
+            for state, forward in ((states[i], None), (twins[i], reference_forward)):
+                arguments = (q, k, v, *state.buffers(), *state.must_masks(q.device), None)
+                if forward is not None:
+                    forward(*arguments, **options)
+                elif call == 0:
+                    cute_fwd.cute_forward(*arguments, **options)
+                    repeats.append(cute_fwd.cute_repeat(*arguments, **options))
+                else:
+                    ok &= repeats[i](q, k, v) is not None
+            if call == 2 and i == 0:
+                states[0].read_words()  # a read while its commit waits: it lands first (one batch of its own)
+        commits.close_window()
+        for state, twin in zip(states, twins):
+            ok &= torch.equal(state.keep, twin.keep) and torch.equal(state.anchor, twin.anchor)
+            ok &= int(state.kept) == int(twin.kept)
+    cute_fwd.launch = launch
+    # two option groups per window after the first (whose calls commit at once), and the read's batch
+    expected = 2 * (calls - 1) + (calls > 2)
+    print(f"deferred commits, {calls} windows, {sum(batches)} batch launches (expected {expected}): "
+          f"{'ok' if ok and sum(batches) == expected else 'MISMATCH'}", flush=True)
+    return ok and sum(batches) == expected
+
+
 def main() -> int:
     cute_fwd.run_sm90, cute_fwd.bound_sm90 = emulated_sm90, emulated_bound_sm90
     cases = list(itertools.product((64, 128), (False, True), ("anchor", "alternate"), (-4.0, -math.inf)))
@@ -151,6 +203,7 @@ def main() -> int:
     results.append(check(128, True, "anchor", -3.0, seq=4500, calls=3))  # more than 32 visits: several vote words
     results += [check(dim, False, "anchor", threshold, repeat=True)  # calls as lite_attention repeats them
                 for dim, threshold in itertools.product((64, 128), (-4.0, -math.inf))]
+    results.append(check_deferred())
     return 0 if all(results) else 1
 
 

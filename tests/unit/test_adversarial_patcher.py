@@ -30,7 +30,7 @@ def test_deepcopy_of_a_patched_model_is_an_independent_unpatched_copy():
         _run(model, inputs, t)
     with pytest.warns(UserWarning, match="unpatched copy"):
         twin = copy.deepcopy(model)
-    assert _litepatch_attrs(twin) == {} and not twin._forward_pre_hooks
+    assert _litepatch_attrs(twin) == {} and not twin._forward_pre_hooks and not twin._forward_hooks
     records = len(handle.stats().records)
     torch.testing.assert_close(_run(twin, inputs), reference, rtol=0, atol=0)  # dense, exactly the original model
     assert len(handle.stats().records) == records  # the copy records nothing into the original's handle

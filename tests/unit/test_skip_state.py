@@ -105,3 +105,38 @@ def test_what_a_backend_derived_from_keep_is_forgotten_by_every_other_writer():
     lists.ready = True
     lite_attention(q, q, q, state, threshold=-2.0, backend="reference")
     assert not lists.ready and derived_from(state.keep) is lists
+
+
+def test_a_commit_a_backend_deferred_lands_before_the_state_is_read_or_written():
+    """A backend may defer a call's commit (litepatch.kernels.commits): every read of the state, a write by another
+    backend and the state's next call must settle it first, or they would see the lists before that call."""
+    from litepatch.kernels.state import remember_derived
+
+    class Deferred:
+        pending = False
+        settled = 0
+
+        def settle(self):
+            self.pending, self.settled = False, self.settled + 1
+
+        def invalidate(self):
+            pass
+
+        def nbytes(self):
+            return 0
+
+    state, q = _used_state()
+    deferred = Deferred()
+    remember_derived(state.keep, deferred)
+    reads = [state.buffers, state.kept_tiles, state.kept_count, state.kept_fraction, state.read_words,
+             state.read_list, lambda: state.with_heads(lambda t: t),
+             lambda: state.set_read_words(state.read_words()),
+             lambda: lite_attention(q, q, q, state, threshold=-2.0, backend="reference")]
+    for read in reads:
+        deferred.pending = True
+        settled = deferred.settled
+        read()
+        assert deferred.settled == settled + 1 and not deferred.pending, read
+    read_now = deferred.settled
+    state.read_list(), state.kept_fraction()  # nothing pending: nothing to settle
+    assert deferred.settled == read_now
