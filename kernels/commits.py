@@ -9,7 +9,9 @@ writing it (:class:`~litepatch.kernels.SkipState`'s reads, another backend's cal
 pending commits first (:func:`~litepatch.kernels.state.settle`), so a window left open (a forward that raised) costs
 nothing but that wait.
 
-One window per thread; backends register what launches their deferred commits (:func:`register_flush`).
+One window per thread (only a thread inside a patched forward defers); what waits is launched by any thread that
+reads or writes a waiting state, or flushes. Backends register what launches their deferred commits
+(:func:`register_flush`).
 
 Example:
     >>> open_window()          # a forward starts
@@ -27,7 +29,7 @@ _FLUSHES: list[Callable[[], None]] = []
 
 
 def register_flush(flush: Callable[[], None]) -> None:
-    """Adds a backend's function that launches the commits it deferred in this thread (called by :func:`flush`)."""
+    """Adds a backend's function that launches the commits it deferred (called by :func:`flush`)."""
     if flush not in _FLUSHES:
         _FLUSHES.append(flush)
 
@@ -43,12 +45,12 @@ def window_open() -> bool:
 
 
 def flush() -> None:
-    """Launches every commit deferred in this thread (the window stays as it is)."""
+    """Launches every deferred commit (this thread's window stays as it is)."""
     for launch in _FLUSHES:
         launch()
 
 
 def close_window() -> None:
-    """Launches every commit deferred in this thread; later calls commit at once."""
+    """Launches every deferred commit; this thread's later calls commit at once."""
     _LOCAL.open = False
     flush()

@@ -26,7 +26,9 @@ Small states (lists of at most :data:`OWN_LISTS_MAX_BYTES`, no key mask) keep th
 ``keep`` tensor (:class:`_OwnLists`), and :func:`_commit_relist_kernel` replaces the commit: it commits, then writes
 the list of the call it expects next from the state it has just written. Their calls launch two kernels, not three:
 the list kernel runs only at a state's first call, or after another writer (the reference or Triton backend,
-:meth:`~litepatch.kernels.SkipState.set_read_words`) wrote the state. Those are the calls whose host time shows: the
+:meth:`~litepatch.kernels.SkipState.set_read_words`) wrote the state. Their repeated calls (``cute_repeat``) defer
+the commit while a commit window is open (:mod:`litepatch.kernels.commits`: a patched forward), and the window's
+commits go out as one :func:`_commit_relist_batch_kernel` launch. Those are the calls whose host time shows: the
 GPU finishes them before the host has launched the next; a large state's lists would cost memory per layer and
 branch (55 MiB for Wan2.1-14B at 720p) where the host time hides behind the GPU's.
 
@@ -546,7 +548,8 @@ def cute_repeat(q, k, v, keep, anchor, kept, must_q, must_k, key_valid=None, *, 
         if result is not None:
             if window_open():
                 own.pending = True
-                _deferred_queue().append((own, deferred, _stream_of(q.device)))
+                with _DEFERRED_LOCK:
+                    _DEFERRED.append((own, deferred, _stream_of(q.device)))
             else:
                 commit()
         return result
@@ -555,16 +558,12 @@ def cute_repeat(q, k, v, keep, anchor, kept, must_q, must_k, key_valid=None, *, 
 
 
 # ------------------------------------------------------------------------------------------------ deferred commits
-_DEFERRED = threading.local()  # .queue: (own lists, batch entry, stream) of each deferred commit of this thread
+# (own lists, batch entry, stream) of each deferred commit, of every thread: a state read in another thread than the
+# one whose window deferred its commit (a forward in a worker, its stats read in the main thread) launches it too
+_DEFERRED: list[tuple] = []
+_DEFERRED_LOCK = threading.Lock()
 # the batch kernel's tables by (device, their rows): a model defers the same states' commits at every step
 _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _deferred_queue() -> list:
-    queue = getattr(_DEFERRED, "queue", None)
-    if queue is None:
-        queue = _DEFERRED.queue = []
-    return queue
 
 
 def _stream_of(device: torch.device) -> int:
@@ -582,13 +581,13 @@ def _batch_entry(device: torch.device, args: tuple, kwargs: dict) -> tuple:
 
 
 def _flush_deferred() -> None:
-    """Launches this thread's deferred commits: one batch kernel per device, stream and options (the registered flush
-    of :mod:`litepatch.kernels.commits`)."""
-    queue = getattr(_DEFERRED, "queue", None)
-    if not queue:
+    """Launches the deferred commits: one batch kernel per device, stream and options, each on the stream of the calls
+    it commits (the registered flush of :mod:`litepatch.kernels.commits`)."""
+    if not _DEFERRED:
         return
-    deferred = list(queue)
-    queue.clear()
+    with _DEFERRED_LOCK:
+        deferred = list(_DEFERRED)
+        _DEFERRED.clear()
     groups: dict[tuple, list[tuple]] = {}
     for own, (device, options, row, tensors), stream in deferred:
         own.pending = False

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+import threading
 
 import torch
 
@@ -165,7 +166,9 @@ def check_deferred(calls=4) -> bool:
             group.append(SkipState())
             group[-1].initialize((2, 2, seq, seq), tiles, q.device, ((0, 20),), ())
     ok = True
-    for call in range(calls):
+
+    def window(call: int) -> None:
+        nonlocal ok
         commits.open_window()
         for i, ((dim, _, threshold), (q, k, v)) in enumerate(zip(forms, inputs)):
             tiles = cute_fwd.tiles_for_head_dim(dim)
@@ -182,10 +185,18 @@ def check_deferred(calls=4) -> bool:
                     ok &= repeats[i](q, k, v) is not None
             if call == 2 and i == 0:
                 states[0].read_words()  # a read while its commit waits: it lands first (one batch of its own)
-        commits.close_window()
+        if call != calls - 1:
+            commits.close_window()
+
+    for call in range(calls):
+        if call < calls - 1:
+            window(call)
+        else:  # deferred in a worker thread whose window is never closed: the reads here launch its commits
+            worker = threading.Thread(target=window, args=(call,))
+            worker.start(), worker.join()
         for state, twin in zip(states, twins):
-            ok &= torch.equal(state.keep, twin.keep) and torch.equal(state.anchor, twin.anchor)
-            ok &= int(state.kept) == int(twin.kept)
+            (keep, anchor, kept), (twin_keep, twin_anchor, twin_kept) = state.buffers(), twin.buffers()
+            ok &= torch.equal(keep, twin_keep) and torch.equal(anchor, twin_anchor) and int(kept) == int(twin_kept)
     cute_fwd.launch = launch
     # two option groups per window after the first (whose calls commit at once), and the read's batch
     expected = 2 * (calls - 1) + (calls > 2)
