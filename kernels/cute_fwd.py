@@ -594,19 +594,24 @@ def _flush_deferred() -> None:
         groups.setdefault((device, stream, options), []).append((row, tensors))
     for (device, stream, options), members in groups.items():
         rows = tuple(row for row, _ in members)
-        grid = (max(row[-1] for row in rows), len(rows))
-        table = _batch_table(device, rows)
         if device.type != "cuda" or stream == _current_raw_stream(device.index):
-            launch(_commit_relist_batch_kernel, grid, table, COLUMNS=BATCH_COLUMNS, **dict(options))
+            _launch_batch(device, stream, rows, options)
         else:  # deferred on another stream than the one current now: launched there, after the calls
             with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device)):
-                launch(_commit_relist_batch_kernel, grid, table, COLUMNS=BATCH_COLUMNS, **dict(options))
+                _launch_batch(device, stream, rows, options)
 
 
-def _batch_table(device: torch.device, rows: tuple[tuple[int, ...], ...]) -> torch.Tensor:
-    """The batch kernel's int64 table of ``rows`` on ``device``, copied there once (from pinned memory, without a
-    sync) and reused while the same states defer their commits together."""
-    key = (device, rows)
+def _launch_batch(device: torch.device, stream: int, rows: tuple[tuple[int, ...], ...], options: tuple) -> None:
+    """One :func:`_commit_relist_batch_kernel` launch over ``rows`` on the current stream (``stream``)."""
+    grid = (max(row[-1] for row in rows), len(rows))
+    launch(_commit_relist_batch_kernel, grid, _batch_table(device, stream, rows), COLUMNS=BATCH_COLUMNS,
+           **dict(options))
+
+
+def _batch_table(device: torch.device, stream: int, rows: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """The batch kernel's int64 table of ``rows`` on ``device``, copied there once on ``stream`` (the current one; from
+    pinned memory, without a sync) and reused there while the same states defer their commits together."""
+    key = (device, stream, rows)
     entry = _TABLES.get(key)
     if entry is None:
         if len(_TABLES) >= 16:  # states made again (new shapes, generations): start over rather than grow
