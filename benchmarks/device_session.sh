@@ -28,6 +28,7 @@
 #   crossover  benchmarks/dense_crossover.py: flash-attn-4 dense (direct launch, interface) vs SDPA, host time in  -> $OUT/dense_crossover.json
 #   kernel   benchmarks/backends.py over the six shapes                              -> $OUT/backends.json
 #   host     benchmarks/patch_overhead.py, 150 paired rounds of 2 forwards, then 30 of 20  -> $OUT/patch_overhead*.json
+#   host-depth  the same with 30 layers (Wan2.1-1.3B's depth), 60 rounds of 2         -> $OUT/patch_overhead_layers30.json
 #   e2e      benchmarks/e2e.py (Wan2.1-1.3B 480p, kept 1.0 / 0.5 / 0.25)              -> $OUT/e2e.json
 #   demo     benchmarks/demo_video_gpu.sh, shipped weights, batched CFG, fused pointwise -> $OUT/demo/...
 #   demo-quick  litepatch demo: shipped recipe, threshold -1 and 0 (batched CFG, fused)  -> $OUT/demo_quick*/
@@ -81,6 +82,10 @@ for stage in "$@"; do
       # blocks of 20 forwards between syncs: the host queues ahead, so a per-forward sync (the timestep read) shows
       run host-long-blocks "$OUT/log.txt" $PY benchmarks/patch_overhead.py --iters 20 --rounds 30 \
         --json "$OUT/patch_overhead_blocks20.json" ;;
+    host-depth)  # the tiny Wan at Wan2.1-1.3B's depth (30 blocks): per-forward costs shared by as many layers as it has
+                 # (the deferred commits' one launch per forward among them)
+      run host-depth "$OUT/log.txt" $PY benchmarks/patch_overhead.py --layers 30 --rounds 60 \
+        --json "$OUT/patch_overhead_layers30.json" ;;
     e2e)
       run e2e "$OUT/log.txt" $PY benchmarks/e2e.py --threshold=-1e30 --fractions 1.0 0.5 0.25 --json "$OUT/e2e.json" ;;
     demo)
