@@ -273,12 +273,16 @@ MAX_SCRATCH_STREAMS = 8  # (device, stream) buffers kept; past it they start ove
 _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # device index -> raw stream handle
 
 
+def _stream_of(device: torch.device) -> int:
+    """The raw handle of ``device``'s current stream (0 for CPU tensors: the interpreted protocol check)."""
+    return _current_raw_stream(device.index) if device.type == "cuda" and _current_raw_stream is not None else 0
+
+
 def _scratch(device: torch.device, numel: int) -> torch.Tensor:
     """An int32 buffer of at least ``numel`` elements shared by every layer and call on one CUDA stream of
     ``device``: a call's list, kernel and commit pass their data through it in stream order, and calls on two
     streams of a device (a server's requests, each on its own stream) may run at the same time."""
-    on_stream = device.type == "cuda" and _current_raw_stream is not None  # CPU tensors: the interpreted protocol test
-    key = (device, _current_raw_stream(device.index) if on_stream else 0)
+    key = (device, _stream_of(device))
     buffer = _SCRATCH.get(key)
     if buffer is None or buffer.numel() < numel:
         _VIEWS.clear()  # they hold the smaller buffer
@@ -543,7 +547,7 @@ def cute_repeat(q, k, v, keep, anchor, kept, must_q, must_k, key_valid=None, *, 
         if own.ready != ready or current_device() != device:
             return None
         if own.pending:  # the last call's commit writes this call's lists
-            _flush_deferred()
+            own.settle()
         result = attend(q, k, v)
         if result is not None:
             if window_open():
@@ -564,11 +568,6 @@ _DEFERRED: list[tuple] = []
 _DEFERRED_LOCK = threading.Lock()
 # the batch kernel's tables by (device, their rows): a model defers the same states' commits at every step
 _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _stream_of(device: torch.device) -> int:
-    """The raw handle of ``device``'s current stream (0 for CPU tensors: the interpreted protocol check)."""
-    return _current_raw_stream(device.index) if device.type == "cuda" else 0
 
 
 def _batch_entry(device: torch.device, args: tuple, kwargs: dict) -> tuple:
@@ -594,7 +593,7 @@ def _flush_deferred() -> None:
         groups.setdefault((device, stream, options), []).append((row, tensors))
     for (device, stream, options), members in groups.items():
         rows = tuple(row for row, _ in members)
-        if device.type != "cuda" or stream == _current_raw_stream(device.index):
+        if stream == _stream_of(device):
             _launch_batch(device, stream, rows, options)
         else:  # deferred on another stream than the one current now: launched there, after the calls
             with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device)):

@@ -228,12 +228,8 @@ class _Repeat(NamedTuple):
 
     def run_if_same(self, state: SkipState, q, k, v, settings: tuple, must_q, must_k):
         """``(out, lse)`` of the repeated call on ``q, k, v``, or ``None`` where this call is not the same."""
-        # _form and _same inlined: every repeated call runs this, and each Python frame costs host time
-        if (self.keep is not state.keep
-                or (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device) != self.inputs
-                or type(settings[0]) not in _NUMBERS or settings != self.settings
-                or not (must_q is self.must_q or (type(must_q) is type(self.must_q) and must_q == self.must_q))
-                or not (must_k is self.must_k or (type(must_k) is type(self.must_k) and must_k == self.must_k))):
+        if (self.keep is not state.keep or _form(q, k, v) != self.inputs or type(settings[0]) not in _NUMBERS
+                or settings != self.settings or not _same(must_q, self.must_q) or not _same(must_k, self.must_k)):
             return None
         return self.run(q, k, v)
 
@@ -244,6 +240,11 @@ _RANGES = frozenset((type(None), list, tuple))
 
 def _form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
     return q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device
+
+
+def _same(ranges, repeated) -> bool:
+    """Whether must-compute ranges equal those of the repeated call (compared only as the same kind of sequence)."""
+    return ranges is repeated or (type(ranges) is type(repeated) and ranges == repeated)
 
 
 

@@ -102,11 +102,12 @@ def bound_launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> Callable[[],
     >>> again = bound_launch(_commit_kernel, (rows,), keep, ..., VOTE=True)
     >>> again()
     """
-    entry = _RUNNERS.get(_key(kernel, grid, current_device(), args, kwargs))
+    device = current_device()
+    entry = _RUNNERS.get(_key(kernel, grid, device, args, kwargs))
     if entry is None:
         return lambda: launch(kernel, grid, *args, **kwargs)
     runner, trailing, direct = entry
-    device, values = current_device(), (*args, *[kwargs[name] for name in trailing])
+    values = (*args, *[kwargs[name] for name in trailing])
     if direct is None:
         return lambda: runner(*values)
 

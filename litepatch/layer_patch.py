@@ -214,7 +214,7 @@ class LayerPatch:
                                             else self._form_of(call))
         if stream_text is not None:  # single-stream layers after it hold these text tokens
             self.runtime.stream_text_tokens = stream_text
-        refused = reason or (_autograd_refusal(call) if torch.is_grad_enabled() else None)
+        refused = reason or _autograd_refusal(call)
         return refused, must, None if refused else total
 
     def _form(self, call: AttentionCall) -> tuple[str | None, list[tuple[int, int]], int | None, int | None]:

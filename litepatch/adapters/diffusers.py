@@ -360,9 +360,7 @@ def _dispatch_interceptor(layer, cell: dict, sdpa, original):
                 with SDPAMode(sdpa):
                     return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                     attention_kwargs, backend=backend, parallel_config=parallel_config)
-        key_mask, problem = None, None
-        if attn_mask is not None:
-            key_mask, problem = mask_problem(attn_mask, query.shape[0], key.shape[1])
+        key_mask, problem = mask_problem(attn_mask, query.shape[0], key.shape[1])
         if problem is None:
             problem = _dispatch_problem(query, key, dropout_p, is_causal, enable_gqa, attention_kwargs)
         call = AttentionCall(query, key, value, scale, key_mask, problem, cell["hidden_tokens"],
