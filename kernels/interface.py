@@ -228,8 +228,10 @@ class _Repeat(NamedTuple):
 
     def run_if_same(self, state: SkipState, q, k, v, settings: tuple, must_q, must_k):
         """``(out, lse)`` of the repeated call on ``q, k, v``, or ``None`` where this call is not the same."""
+        # ranges compared only as the same kind of sequence, in one tuple comparison (no call of ours per call)
         if (self.keep is not state.keep or _form(q, k, v) != self.inputs or type(settings[0]) not in _NUMBERS
-                or settings != self.settings or not _same(must_q, self.must_q) or not _same(must_k, self.must_k)):
+                or settings != self.settings or type(must_q) not in _RANGES or type(must_k) not in _RANGES
+                or (must_q, must_k) != (self.must_q, self.must_k)):
             return None
         return self.run(q, k, v)
 
@@ -240,11 +242,6 @@ _RANGES = frozenset((type(None), list, tuple))
 
 def _form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
     return q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device
-
-
-def _same(ranges, repeated) -> bool:
-    """Whether must-compute ranges equal those of the repeated call (compared only as the same kind of sequence)."""
-    return ranges is repeated or (type(ranges) is type(repeated) and ranges == repeated)
 
 
 

@@ -211,15 +211,17 @@ class SkipState:
 
     @property
     def q_tiles(self) -> int:
-        return math.ceil(self.shape[2] / self.tiles.block_m)
+        return -(-self.shape[2] // self.tiles.block_m)
 
     @property
     def k_tiles(self) -> int:
-        return math.ceil(self.shape[3] / self.tiles.block_n)
+        return -(-self.shape[3] // self.tiles.block_n)
 
     def total_tiles(self) -> int:
-        batch, heads = self.shape[:2]
-        return batch * heads * self.q_tiles * self.k_tiles
+        """``B * H * q_tiles * k_tiles``, in one frame: every sparse call's stats record asks for it."""
+        batch, heads, seq_q, seq_k = self.shape
+        tiles = self.tiles
+        return batch * heads * -(-seq_q // tiles.block_m) * -(-seq_k // tiles.block_n)
 
     def reset(self) -> None:
         """Forgets every skip decision: the next call computes all tiles again."""
@@ -279,7 +281,8 @@ class SkipState:
 
     def usable_outside_inference_mode(self) -> None:
         """Tensors made under ``torch.inference_mode`` cannot be updated in place outside it: copies them then."""
-        if self.initialized and self.keep.is_inference() and not torch.is_inference_mode_enabled():
+        keep = self.keep  # not self.initialized: a property's frame, and this runs for every layer on every forward
+        if keep is not None and keep.is_inference() and not torch.is_inference_mode_enabled():
             settle(self.keep)
             self.keep, self.anchor, self.kept = self.keep.clone(), self.anchor.clone(), self.kept.clone()
 

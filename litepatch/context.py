@@ -243,9 +243,9 @@ class CallReader:
                     timestep, timestep_value = timestep_source(value), value
                     break
         if arguments:
-            inputs = tuple((k, v) for k, v in arguments.items() if v is not timestep_value)
+            inputs = tuple([(k, v) for k, v in arguments.items() if v is not timestep_value])
         else:
-            inputs = tuple(v for v in args if v is not timestep_value)
+            inputs = tuple([v for v in args if v is not timestep_value])
         text_tokens = None
         for name in TEXT_NAMES:
             value = arguments.get(name)
@@ -268,14 +268,18 @@ class _Same:
 
 
 def _remembered(inputs):
-    """What :meth:`StepTracker.observe` keeps of a call's inputs: tensors by identity, other values as they are."""
+    """What :meth:`StepTracker.observe` keeps of a call's inputs: tensors by identity, other values as they are.
+    (List comprehensions, recursing only into what holds more: this runs on every forward.)"""
     if isinstance(inputs, torch.Tensor):
         return _Same(inputs)
     if isinstance(inputs, (list, tuple)):
-        return tuple(_remembered(v) for v in inputs)
+        return tuple([_remembered(v) if isinstance(v, _HOLDERS) else v for v in inputs])
     if isinstance(inputs, dict):
-        return tuple((k, _remembered(v)) for k, v in inputs.items())
+        return tuple([(k, _remembered(v) if isinstance(v, _HOLDERS) else v) for k, v in inputs.items()])
     return inputs
+
+
+_HOLDERS = (torch.Tensor, list, tuple, dict)  # what _remembered changes; other values are kept as they are
 
 
 def _same_inputs(seen, inputs) -> bool:

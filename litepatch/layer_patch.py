@@ -170,11 +170,13 @@ class LayerPatch:
         else:
             live.append(record)
 
-    def _current_plan(self) -> CallPlan:
+    def _current_plan(self, compiling: bool = False) -> CallPlan:
+        """The plan of the call being made (``compiling``: torch.compile is tracing it, which only a ring call's
+        plan sees; the caller asks once per call)."""
         runtime = self.runtime
         if runtime.pending is not None:  # the forward's GPU timestep, read now (Runtime.start_forward)
             runtime.settle()
-        if torch.compiler.is_compiling():  # a ring call (the others plan at run time: litepatch.compiled_call)
+        if compiling:  # a ring call (the others plan at run time: litepatch.compiled_call)
             runtime.traced = True  # plans are made before each forward from now on (a store: no guard on it)
         plan = self.plan
         if plan is None:  # called outside a patched root's forward
@@ -201,17 +203,18 @@ class LayerPatch:
     def attend_unsupported(self, sdpa_call: dict) -> None:
         return self.attend_problem("query/key/value are not [batch, heads, seq, head_dim] tensors")
 
-    def classify(self, call: AttentionCall) -> tuple[str | None, list[tuple[int, int]], int | None]:
+    def classify(self, call: AttentionCall, compiling: bool = False
+                 ) -> tuple[str | None, list[tuple[int, int]], int | None]:
         """Why the layer does not take ``call`` (``None``: it does), the call's must-compute token ranges, and the
         tiles of a dense run of a call it takes (``None`` when refused).
 
         Depends only on the form of the call (shapes, dtypes, masks, text tokens), not on the step: a traced
-        call decides it in the trace (:mod:`litepatch.compiled_call`). Eager calls decide it once per form.
+        call (``compiling``) decides it in the trace (:mod:`litepatch.compiled_call`). Eager calls decide it once
+        per form.
         """
         if call.problem:
             return call.problem, [], None
-        reason, must, stream_text, total = (self._form(call) if not torch.compiler.is_compiling()
-                                            else self._form_of(call))
+        reason, must, stream_text, total = self._form(call) if not compiling else self._form_of(call)
         if stream_text is not None:  # single-stream layers after it hold these text tokens
             self.runtime.stream_text_tokens = stream_text
         refused = reason or _autograd_refusal(call)
@@ -265,10 +268,11 @@ class LayerPatch:
         plans when it runs (:mod:`litepatch.compiled_call`), so the step, branch and skip state never reach the
         graph; a refused call is recorded by a store to ``self.last_call``, planned when it is flushed.
         """
-        if torch.compiler.is_compiling() and call.ring is None:
+        compiling = torch.compiler.is_compiling()  # asked once: a Python call each time, on every attention call
+        if compiling and call.ring is None:
             return self._attend_traced(call)
-        plan = self._current_plan()
-        reason, must, dense_total = self.classify(call)
+        plan = self._current_plan(compiling)
+        reason, must, dense_total = self.classify(call, compiling)
         if call.ring is not None:  # diffusers' ring context parallelism: one state per (query shard, K/V chunk)
             return call.ring(self, call, plan, reason, must)
         if reason is not None:
@@ -285,7 +289,7 @@ class LayerPatch:
         return out if out is not None else sdpa_attention(q, k, v, softmax_scale=scale, key_mask=key_mask)
 
     def _attend_traced(self, call: AttentionCall) -> torch.Tensor | None:
-        reason, must, _ = self.classify(call)
+        reason, must, _ = self.classify(call, compiling=True)
         self.reached = True
         if reason is not None:
             self._refused(call, PLAN_AT_FLUSH, reason)

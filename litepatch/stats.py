@@ -52,7 +52,7 @@ class CallLog:
         for indices in _by_device([count for _, count in records]).values():
             for index, copy in zip(indices, torch.stack([records[i][1] for i in indices]).unbind()):
                 records[index][0][KEPT] = copy
-        self.raw.extend(tuple(fields) for fields, _ in records)
+        self.raw.extend([tuple(fields) for fields, _ in records])
         if len(self.raw) > self.limit:
             self._sum_oldest(len(self.raw) - self.limit // 2)
 
