@@ -21,6 +21,10 @@ the printed number is the median of the per-round differences with its quartiles
 of one model's forwards, then all of the other's) drifted with the host: the same tree read +93 and +358 us per
 call on one H200, and 36 or 125 us on this repository's CPU.
 
+``--calls`` counts instead of timing: the function calls (Python and C, as ``cProfile`` counts them) a patched
+sparse forward makes beyond the unpatched one's, per attention call and by function. Unlike host time, the count
+does not drift with the machine, so a change that cuts host time shows in it on any CPU.
+
 ``--breakdown`` also prints where a sparse forward's patcher time goes, function by function: with ``--cpu``
 around the null kernel and SDPA, on a GPU around its kernels (there ``PendingTimestep.value`` is the wait for the
 forward's GPU timestep, at its first attention call).
@@ -30,6 +34,7 @@ Example:
     $ python benchmarks/patch_overhead.py --rounds 10 --breakdown
     $ python benchmarks/patch_overhead.py --cpu
     $ python benchmarks/patch_overhead.py --cpu --rounds 10 --breakdown
+    $ python benchmarks/patch_overhead.py --cpu --calls
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ def main() -> None:
                         help="host time of the patcher's functions inside sparse forwards, per forward (on the CPU "
                              "with --cpu: null kernel and SDPA; else the GPU's kernels)")
     parser.add_argument("--cpu", action="store_true", help="CPU, null kernel: the patcher's host time alone")
+    parser.add_argument("--calls", action="store_true",
+                        help="count the function calls a sparse forward adds per attention call, by function, instead "
+                             "of timing (deterministic: compare trees on any machine)")
     parser.add_argument("--breakdown-forwards", type=int, default=300,
                         help="sparse forwards timed by --breakdown (at most 100 on a GPU)")
     parser.add_argument("--rounds", type=int, default=150,
@@ -88,6 +96,9 @@ def main() -> None:
         models[f"patched {threshold}"] = copy.deepcopy(model)
         litepatch.apply(models[f"patched {threshold}"], threshold=threshold, warmup_steps=0)
     clock = ForwardClock(latents, text, args.iters, torch.cuda.synchronize)
+    if args.calls:
+        print_added_calls(clock, models["patched -4.0"], model, layers, {})
+        return
     times = clock.paired_rounds(models, args.rounds)
     added = {name: added_per_call(times[name], times["unpatched"], layers) for name in models if name != "unpatched"}
     if args.breakdown:
@@ -165,6 +176,45 @@ class ForwardClock:
                 if index >= 0:
                     times[name].append(us)
         return times
+
+    def calls_per_forward(self, model, setting, forwards: int = 20) -> dict[str, float]:
+        """Function calls per forward of ``model`` by function (``file:line(name)``; Python and C functions, as
+        ``cProfile`` counts them), after one untimed block."""
+        import cProfile
+        import collections
+        import pstats
+
+        self._block_us("calls", model, setting)
+        profiler = cProfile.Profile()
+        saved, self.forwards = self.forwards, forwards
+        try:
+            profiler.runcall(self._block_us, "calls", model, setting)
+        finally:
+            self.forwards = saved
+        counts: collections.Counter = collections.Counter()
+        for (path, line, name), (_, calls, *_rest) in pstats.Stats(profiler).stats.items():
+            counts[f"{'/'.join(path.split('/')[-2:])}:{line}({name})"] = calls / forwards
+        return counts
+
+
+def print_added_calls(clock: ForwardClock, patched, unpatched, layers: int, settings: dict,
+                      top: int = 25) -> tuple[float, float]:
+    """Prints the calls a patched forward makes beyond an unpatched one, per attention call, the functions with the
+    largest differences first (negative: the unpatched model's own attention path, which the patch bypasses).
+    Returns (all calls, Python functions' calls) per attention call."""
+    import contextlib
+
+    null = contextlib.nullcontext
+    added = clock.calls_per_forward(patched, settings.get("patched", null))
+    added.subtract(clock.calls_per_forward(unpatched, settings.get("unpatched", null)))
+    total = sum(added.values()) / layers
+    python = sum(count for name, count in added.items() if not name.startswith("~")) / layers
+    print(f"function calls a sparse forward adds per attention call ({layers} layers): {total:+.1f}, of them Python "
+          f"functions (a frame each, the costlier kind) {python:+.1f}")
+    for name, count in sorted(added.items(), key=lambda item: -abs(item[1]))[:top]:
+        if abs(count) >= 0.5:
+            print(f"  {count / layers:+6.2f}  {name}")
+    return total, python
 
 
 def added_per_call(patched: list[float], unpatched: list[float], layers: int) -> tuple[float, float, float]:
@@ -381,6 +431,17 @@ def cpu_main(args) -> None:
     def null_attention():
         return mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", null_sdpa)
 
+    if args.calls:
+        sparse = copy.deepcopy(model)
+        litepatch.apply(sparse, threshold=-4.0, warmup_steps=0, backend=NULL_BACKEND)
+        clock = ForwardClock(latents, text, args.iters, lambda: None)
+        total = print_added_calls(clock, sparse, model, layers, {"patched": null_attention, "unpatched": null_attention},
+                                  top=40)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": "cpu", "layers": layers, "added_calls_per_attention_call": total[0],
+                           "added_python_calls_per_attention_call": total[1]}, f, indent=1)
+        return
     models = {name: copy.deepcopy(model) for name in ("unpatched", "warm-up", "unpatched, null SDPA", "sparse")}
     litepatch.apply(models["warm-up"], threshold=-4.0, warmup_steps=10**6, backend=NULL_BACKEND)
     litepatch.apply(models["sparse"], threshold=-4.0, warmup_steps=0, backend=NULL_BACKEND)
