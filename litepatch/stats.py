@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -35,8 +36,8 @@ MAX_CALL_RECORDS = 100_000
 
 @dataclass
 class CallLog:
-    """Raw per-call records, tuples in :data:`RAW_FIELDS` order (every layer adds one per forward); ``kept`` may be
-    a device tensor until :meth:`freeze`."""
+    """Raw per-call records, tuples in :data:`RAW_FIELDS` order (every layer adds one per forward); a sparse call's
+    ``kept`` is a :class:`DeviceCount` until :meth:`freeze`."""
 
     raw: list[tuple] = field(default_factory=list)
     limit: int = MAX_CALL_RECORDS  # records held before the oldest half is summed (:meth:`_sum_oldest`)
@@ -48,10 +49,12 @@ class CallLog:
     def add(self, records: list[tuple[list, torch.Tensor | None]]) -> None:
         """Adds ``(fields, count)`` records in order, ``fields`` in :data:`RAW_FIELDS` order. Where a record comes with
         a 0-dim ``count`` tensor (a skip state's, which the next call overwrites), the counts are copied here, in one
-        stack per device, and each record keeps its view of the copy as ``kept``."""
+        stack per device, and each record's ``kept`` is its row of the copy (:class:`DeviceCount`: no view per
+        record, which cost more host time than the stack)."""
         for indices in _by_device([count for _, count in records]).values():
-            for index, copy in zip(indices, torch.stack([records[i][1] for i in indices]).unbind()):
-                records[index][0][KEPT] = copy
+            copy = torch.stack([records[i][1] for i in indices])
+            for row, index in enumerate(indices):
+                records[index][0][KEPT] = DeviceCount(copy, row)
         self.raw.extend([tuple(fields) for fields, _ in records])
         if len(self.raw) > self.limit:
             self._sum_oldest(len(self.raw) - self.limit // 2)
@@ -68,10 +71,10 @@ class CallLog:
                 row = self._rows[key] = [len(self._rows), 0, 0, 0]  # slot, dense kept, total, calls
             row[2] += int(total)
             row[3] += 1
-            if isinstance(kept, torch.Tensor):
-                slots, counts = on_device.setdefault(kept.device, ([], []))
+            if isinstance(kept, DeviceCount):
+                slots, counts = on_device.setdefault(kept.stack.device, ([], []))
                 slots.append(row[0])
-                counts.append(kept)
+                counts.append(kept.stack[kept.row])
             else:
                 row[1] += int(kept)
         for device, (slots, counts) in on_device.items():
@@ -92,12 +95,12 @@ class CallLog:
     def freeze(self) -> tuple[list[dict], list[dict]]:
         """``(records, summed)``: the held calls, one dict each, and the summed older calls, one dict per row (with
         ``calls``, and ``generation`` ``None``)."""
-        tensors = [r[KEPT] for r in self.raw if isinstance(r[KEPT], torch.Tensor)]
-        held = iter(_host_ints(tensors))  # the counts stay on the device until here: one transfer per device
+        counts = [r[KEPT] for r in self.raw if isinstance(r[KEPT], DeviceCount)]
+        held = iter(_host_ints(counts))  # the counts stay on the device until here: one transfer per device
         device_sums = [sums.tolist() for sums in self._summed_kept.values()]
         records = []
         for layer, step, branch, generation, dense, reason, kept, total in self.raw:
-            kept = next(held) if isinstance(kept, torch.Tensor) else int(kept)
+            kept = next(held) if isinstance(kept, DeviceCount) else int(kept)
             records.append(_record(layer, step, branch, generation, dense, reason, kept, int(total)))
         summed = []
         for (layer, step, branch, dense, reason), (slot, kept, total, calls) in self._rows.items():
@@ -115,12 +118,31 @@ def _by_device(tensors: list[torch.Tensor | None]) -> dict:
     return indices
 
 
-def _host_ints(counts: list[torch.Tensor]) -> list[int]:
-    """0-dim ``counts`` as ints, in order, with one stack and one copy per device."""
-    out = [0] * len(counts)
-    for indices in _by_device(counts).values():
-        for i, value in zip(indices, torch.stack([counts[i].detach().to(torch.int64) for i in indices]).tolist()):
-            out[i] = value
+class DeviceCount(NamedTuple):
+    """A sparse call's kept-tile count on its device: row ``row`` of ``stack``, the copy :meth:`CallLog.add` made of a
+    forward's counts."""
+
+    stack: torch.Tensor
+    row: int
+
+
+def _host_ints(counts: list[DeviceCount]) -> list[int]:
+    """``counts`` as ints, in order: their stacks joined and copied to the host once per device."""
+    where: dict[int, tuple] = {}  # id of a stack -> (its device, where its rows start in the device's joined copy)
+    joined: dict = {}  # device -> [its stacks in order of first use, their rows]
+    for count in counts:
+        if id(count.stack) not in where:
+            device = count.stack.device
+            stacks = joined.setdefault(device, [[], 0])
+            where[id(count.stack)] = (device, stacks[1])
+            stacks[0].append(count.stack)
+            stacks[1] += count.stack.numel()
+    values = {device: torch.cat([s.detach().reshape(-1).to(torch.int64) for s in stacks]).tolist()
+              for device, (stacks, _) in joined.items()}
+    out = []
+    for count in counts:
+        device, start = where[id(count.stack)]
+        out.append(values[device][start + count.row])
     return out
 
 

@@ -265,12 +265,16 @@ def test_kept_counts_stay_on_device_until_stats():
     _run(model, inputs, 999)
     _run(model, inputs, 900)
     handle._runtime.flush()
-    from litepatch.stats import KEPT
+    from litepatch.stats import KEPT, DeviceCount
 
     raw = handle._runtime.log.raw
-    assert raw and all(isinstance(r[KEPT], torch.Tensor) and r[KEPT].dim() == 0 for r in raw)
+    assert raw and all(isinstance(r[KEPT], DeviceCount) and r[KEPT].stack.dim() == 1 for r in raw)
+    # every layer's count of one forward in one stack, each record its row
+    assert len({id(r[KEPT].stack) for r in raw}) == 2 and sorted(r[KEPT].row for r in raw) == sorted(
+        list(range(len(raw) // 2)) * 2)
     records = handle.stats().records
     assert all(isinstance(r["kept_tiles"], int) for r in records)
+    assert [r["kept_tiles"] for r in records] == [int(r[KEPT].stack[r[KEPT].row]) for r in raw]
     handle.remove()
 
 
