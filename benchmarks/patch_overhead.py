@@ -35,6 +35,7 @@ Example:
     $ python benchmarks/patch_overhead.py --cpu
     $ python benchmarks/patch_overhead.py --cpu --rounds 10 --breakdown
     $ python benchmarks/patch_overhead.py --cpu --calls
+    $ python benchmarks/patch_overhead.py --rounds 10 --trace
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def main() -> None:
     parser.add_argument("--calls", action="store_true",
                         help="count the function calls a sparse forward adds per attention call, by function, instead "
                              "of timing (deterministic: compare trees on any machine)")
+    parser.add_argument("--trace", action="store_true",
+                        help="like --breakdown, under torch.profiler: each function's own host time and the ops and "
+                             "CUDA API calls inside it")
     parser.add_argument("--breakdown-forwards", type=int, default=300,
                         help="sparse forwards timed by --breakdown (at most 100 on a GPU)")
     parser.add_argument("--rounds", type=int, default=150,
@@ -101,10 +105,10 @@ def main() -> None:
         return
     times = clock.paired_rounds(models, args.rounds)
     added = {name: added_per_call(times[name], times["unpatched"], layers) for name in models if name != "unpatched"}
-    if args.breakdown:
+    if args.breakdown or args.trace:
         for threshold in thresholds:
             print_breakdown(model, latents, text, layers, forwards=min(100, args.breakdown_forwards), backend="auto",
-                            threshold=threshold)
+                            threshold=threshold, trace=args.trace)
     if args.profile:
         import cProfile
         import pstats
@@ -455,10 +459,10 @@ def cpu_main(args) -> None:
                                                                    layers),
     }
     rows.update(per_layer_call_us(model, latents, min(args.rounds, 5), null_sdpa))
-    if args.breakdown:
-        print_breakdown(model, latents, text, layers, null_sdpa, forwards=args.breakdown_forwards)
+    if args.breakdown or args.trace:
+        print_breakdown(model, latents, text, layers, null_sdpa, forwards=args.breakdown_forwards, trace=args.trace)
         print_breakdown(model, latents, text, layers, forwards=args.breakdown_forwards, backend=NULL_BACKEND,
-                        threshold=float("-inf"))
+                        threshold=float("-inf"), trace=args.trace)
     print(f"CPU (1 thread), tiny Wan (2 heads x 16), {layers} self-attention layers, 64 tokens, fp32; unpatched "
           f"forward {unpatched:.0f} us, SDPA alone {sdpa_us:.1f} us per call; {args.rounds} paired rounds of {args.iters} forwards")
     for name, value in rows.items():
@@ -500,13 +504,18 @@ GPU_BREAKDOWN = (
 
 
 def print_breakdown(model, latents, text, layers: int, null_sdpa=None, forwards: int = 300,
-                    backend: str = NULL_BACKEND, threshold: float = -4.0) -> None:
+                    backend: str = NULL_BACKEND, threshold: float = -4.0, trace: bool = False) -> None:
     """Microseconds per forward spent in each of :data:`BREAKDOWN` during forwards at ``threshold`` (-inf: the
     dense path, flash-attn-4 on a GPU; the model's own SDPA on the CPU), measured inside real
     forwards: cache-cold, as a model runs them (isolated micro-benchmarks read 2-3x lower). On the CPU with the null
     kernel and a null SDPA; on CUDA (``backend="auto"``, ``null_sdpa=None``) with the real ones, where
     ``PendingTimestep.value`` is the wait for the forward's GPU timestep (at its first attention call). Nested
-    functions count in their callers too; each wrapper adds about half a microsecond."""
+    functions count in their callers too; each wrapper adds about half a microsecond.
+
+    ``trace``: the functions become ``torch.profiler`` ranges and the forwards run under the profiler, which then
+    splits each function's host time into what it spends itself (Python, and C code the profiler does not see: the
+    CuTe kernel's TVM-FFI call) and each torch op and CUDA API call inside it (``aten::empty``, ``cuLaunchKernel``,
+    ...), per forward (:func:`print_ranges`). The profiler adds its own cost to every op, so compare rows of one run."""
     import collections
     import contextlib
     import functools
@@ -529,7 +538,16 @@ def print_breakdown(model, latents, text, layers: int, null_sdpa=None, forwards:
                 spent[_label] += time.perf_counter_ns() - start
                 calls[_label] += 1
 
-        patches.append(mock.patch.object(owner, name, functools.wraps(getattr(owner, name))(timed)))
+        def ranged(*args, _f=getattr(owner, name), _label=label, **kwargs):
+            with torch.profiler.record_function(_label):
+                return _f(*args, **kwargs)
+
+        wrapper = ranged if trace else timed
+        patches.append(mock.patch.object(owner, name, functools.wraps(getattr(owner, name))(wrapper)))
+    labels = {f"{owner}.{name}" if owner else name for _, owner, name in BREAKDOWN + GPU_BREAKDOWN}
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if latents.is_cuda
+                                                          else [])
+    profiler = torch.profiler.profile(activities=activities) if trace else None
     for patch in patches:  # before apply: the root's forward hook binds pre_hook when it is installed
         patch.start()
     try:
@@ -542,19 +560,50 @@ def print_breakdown(model, latents, text, layers: int, null_sdpa=None, forwards:
                 if i == 30:
                     spent.clear(), calls.clear()
                     _synchronize(latents.device)
+                    if profiler is not None:
+                        profiler.start()
                     start = time.perf_counter()
                 model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)
             _synchronize(latents.device)
             per_forward_us = (time.perf_counter() - start) / forwards * 1e6
+            if profiler is not None:
+                profiler.stop()
         handle.remove()
     finally:
         for patch in patches:
             patch.stop()
     kernel = "null kernel" if null_sdpa is not None else f"{latents.device.type} kernels"
-    print(f"where a forward's patcher time goes at threshold {threshold} ({layers} layers, {kernel}, "
-          f"{forwards} forwards, {per_forward_us:.0f} us per forward):")
+    setting = (f"at threshold {threshold} ({layers} layers, {kernel}, {forwards} forwards, {per_forward_us:.0f} us per "
+               "forward")
+    if profiler is not None:
+        return print_ranges(profiler.events(), labels, forwards, setting)
+    print(f"where a forward's patcher time goes {setting}):")
     for label, ns in spent.most_common():
         print(f"  {label:<28} {ns / forwards / 1e3:7.1f} us per forward  ({calls[label] / forwards:.0f} calls)")
+
+
+def print_ranges(events, labels: set[str], forwards: int, setting: str, top: int = 40) -> None:
+    """Prints, per forward, the host time of each profiler range in ``labels`` that is its own (``self``) and that of
+    every op and CUDA API call run directly inside it, by the innermost range that holds it; the largest first."""
+    import collections
+
+    spent, calls = collections.Counter(), collections.Counter()
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        owner = event if event.name in labels else event.cpu_parent
+        while owner is not None and owner.name not in labels:
+            owner = owner.cpu_parent
+        if owner is None:
+            continue  # the model's own ops, outside the patcher's functions
+        row = ("self", owner.name) if owner is event else (owner.name, event.name)
+        spent[row] += event.self_cpu_time_total
+        calls[row] += 1
+    print(f"host time inside the patcher's functions {setting}; torch.profiler, self time of each range and of the ops "
+          f"and CUDA calls inside it, per forward):")
+    for (owner, name), us in spent.most_common(top):
+        where = f"{name} (its own)" if owner == "self" else f"{owner} > {name}"
+        print(f"  {where:<64} {us / forwards:7.1f} us  ({calls[owner, name] / forwards:.1f} calls)")
 
 
 def _synchronize(device: torch.device) -> None:

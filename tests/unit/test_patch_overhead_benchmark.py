@@ -40,3 +40,12 @@ def test_cpu_call_count_of_the_sparse_path_stays_low(tmp_path, warm_python):
     assert proc.returncode == 0, proc.stderr[-3000:]
     python_calls = json.loads(out.read_text())["added_python_calls_per_attention_call"]
     assert 10 < python_calls <= 30, proc.stdout
+
+
+def test_cpu_trace_splits_the_patchers_functions_into_their_own_time_and_the_ops_inside(warm_python):
+    proc = warm_python.run(
+        [sys.executable, str(SCRIPT), "--cpu", "--rounds", "1", "--iters", "1", "--trace", "--breakdown-forwards", "3"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "  LayerPatch.attend (its own) " in proc.stdout, proc.stdout
+    assert "Runtime.flush > aten::stack " in proc.stdout, proc.stdout  # the records' one stack of kept counts
