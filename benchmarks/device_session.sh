@@ -29,6 +29,8 @@
 #   kernel   benchmarks/backends.py over the six shapes                              -> $OUT/backends.json
 #   host     benchmarks/patch_overhead.py, 150 paired rounds of 2 forwards, then 30 of 20  -> $OUT/patch_overhead*.json
 #   host-depth  the same with 30 layers (Wan2.1-1.3B's depth), 60 rounds of 2         -> $OUT/patch_overhead_layers30.json
+#   host-trace  patch_overhead.py --trace: each patcher function's own host time and the torch ops and CUDA API calls
+#            inside it, under torch.profiler (where the launch's time goes below Python) -> $OUT/log.txt
 #   e2e      benchmarks/e2e.py (Wan2.1-1.3B 480p, kept 1.0 / 0.5 / 0.25)              -> $OUT/e2e.json
 #   demo     benchmarks/demo_video_gpu.sh, shipped weights, batched CFG, fused pointwise -> $OUT/demo/...
 #   demo-quick  litepatch demo: shipped recipe, threshold -1 and 0 (batched CFG, fused)  -> $OUT/demo_quick*/
@@ -86,6 +88,9 @@ for stage in "$@"; do
                  # (the deferred commits' one launch per forward among them)
       run host-depth "$OUT/log.txt" $PY benchmarks/patch_overhead.py --layers 30 --rounds 60 \
         --json "$OUT/patch_overhead_layers30.json" ;;
+    host-trace)  # torch.profiler over 100 patched forwards per threshold (-inf, -4): the ops and CUDA calls inside
+                 # each patcher function, and the time each function keeps for itself (Python, the TVM-FFI call)
+      run host-trace "$OUT/log.txt" $PY benchmarks/patch_overhead.py --rounds 10 --trace ;;
     e2e)
       run e2e "$OUT/log.txt" $PY benchmarks/e2e.py --threshold=-1e30 --fractions 1.0 0.5 0.25 --json "$OUT/e2e.json" ;;
     demo)
@@ -109,7 +114,7 @@ for stage in "$@"; do
           --json "$OUT/demo_profile_compiled.json"
       fi ;;
     *)
-      echo "unknown stage $stage (wheels install verify crossover kernel host e2e demo demo-quick profile)"; status=1 ;;
+      echo "unknown stage $stage (wheels install verify crossover kernel host host-depth host-trace e2e demo demo-quick profile)"; status=1 ;;
   esac
 done
 exit $status
