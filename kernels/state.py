@@ -283,7 +283,7 @@ class SkipState:
         """Tensors made under ``torch.inference_mode`` cannot be updated in place outside it: copies them then."""
         keep = self.keep  # not self.initialized: a property's frame, and this runs for every layer on every forward
         if keep is not None and keep.is_inference() and not torch.is_inference_mode_enabled():
-            settle(self.keep)
+            settle(keep)
             self.keep, self.anchor, self.kept = self.keep.clone(), self.anchor.clone(), self.kept.clone()
 
     # ------------------------------------------------------------------------------------------ counts

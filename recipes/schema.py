@@ -111,7 +111,7 @@ class Recipe:
 
     def threshold_for(self, layer_name: str, step: int) -> float | None:
         """Threshold of ``layer_name`` at denoising ``step`` (0-based), or ``None`` when it stays dense."""
-        threshold = _scheduled(self.schedule, step, self.threshold) if self.schedule else self.threshold
+        threshold = _scheduled(self.schedule, step, self.threshold)
         layers = self.layers
         if not layers:  # one threshold for every layer (apply(model, threshold=...)): asked per layer per forward
             return threshold
