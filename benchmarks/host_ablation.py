@@ -31,7 +31,7 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from patch_overhead import TINY_WAN, ForwardClock, added_per_call  # noqa: E402
+from patch_overhead import CLOCKS, TINY_WAN, ForwardClock, added_per_call  # noqa: E402
 
 
 class _SharedTimesteps(ForwardClock):
@@ -123,7 +123,7 @@ def ablations() -> dict[str, tuple[str, ...] | callable]:
 
         def lite_attention(q, k, v, state, **kwargs):
             if state is not None and state.repeat is not None:
-                return state.repeat.run(q, k, v)[0]
+                return state.repeat.run(q, k, v, False)[0]
             return real(q, k, v, state, **kwargs)
         return mock.patch.object(layer_patch, "lite_attention", lite_attention)
 
@@ -175,6 +175,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--iters", type=int, default=2, help="forwards per variant and round")
     parser.add_argument("--layers", type=int, default=TINY_WAN["num_layers"])
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="thread",
+                        help="the CPU time of the thread that runs the forwards (default: steadier on a shared host), "
+                             "or the wall clock")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -198,11 +201,11 @@ def main() -> None:
                 continue
             variant = f"{path} without {name}"
             models[variant], settings[variant], model_of[variant] = patched, factory, path
-    clock = _SharedTimesteps(latents, text, args.iters, torch.cuda.synchronize, model_of=model_of)
+    clock = _SharedTimesteps(latents, text, args.iters, torch.cuda.synchronize, CLOCKS[args.clock], model_of=model_of)
     times = clock.paired_rounds(models, args.rounds, settings)
     layers = args.layers
     print(f"{torch.cuda.get_device_name()}, tiny Wan, {layers} self-attention layers, 512 tokens; {args.rounds} "
-          f"paired rounds of {args.iters} forwards per variant; unpatched "
+          f"paired rounds of {args.iters} forwards per variant, {args.clock} clock; unpatched "
           f"{statistics.median(times['unpatched']):.0f} us per forward")
     results: dict = {}
     for path in ("sparse", "dense"):
@@ -220,7 +223,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "layers": layers, "rounds": args.rounds,
-                       "forwards_per_round": args.iters, "results": results, "us_per_forward_per_round": times},
+                       "forwards_per_round": args.iters, "clock": args.clock, "results": results,
+                       "us_per_forward_per_round": times},
                       f, indent=1)
 
 
