@@ -543,12 +543,13 @@ def cute_repeat(q, k, v, keep, anchor, kept, must_q, must_k, key_valid=None, *, 
     commit, device = bound_launch(_commit_relist_kernel, grid, *args, **kwargs), current_device()
     deferred = _batch_entry(keep.device, args, kwargs)
 
-    def again(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def again(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              lse_wanted: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
         if own.ready != ready or current_device() != device:
             return None
         if own.pending:  # the last call's commit writes this call's lists
             own.settle()
-        result = attend(q, k, v)
+        result = attend(q, k, v, lse_wanted)
         if result is not None:
             if window_open():
                 own.pending = True

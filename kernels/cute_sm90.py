@@ -498,7 +498,9 @@ def bound_sm90(q: torch.Tensor, k: torch.Tensor, lists, votes: torch.Tensor, slo
     """:func:`run_sm90` with these lists, scratch and settings fixed, for later calls on new ``q, k, v`` shaped as
     ``q, k`` (no key lengths): the compiled kernel and the fixed arguments found once. ``None`` before
     :func:`run_sm90` has compiled that kernel in this process. The returned function returns ``(out, lse)``, or
-    ``None``, launching nothing, for inputs TMA cannot read as they are (:func:`run_sm90` copies them).
+    ``None``, launching nothing, for inputs TMA cannot read as they are (:func:`run_sm90` copies them). Called with
+    ``lse_wanted=False``, it writes the LSE into one buffer of its own, reused by every such call (the kernel always
+    writes one; a caller that drops it saves an allocation per call).
 
     >>> again = bound_sm90(q, k, lists, votes, slot, tail, softmax_scale=0.125, threshold=-4.0)
     >>> out, lse = again(q, k, v)
@@ -510,12 +512,14 @@ def bound_sm90(q: torch.Tensor, k: torch.Tensor, lists, votes: torch.Tensor, slo
     sparse, aux = _list_args(lists, votes, slot, tail, threshold)
     batch, seq_q, heads, _ = q.shape
     lse_shape, dtype, device = (batch, heads, seq_q), q.dtype, q.device
+    dropped_lse = torch.empty(lse_shape, dtype=torch.float32, device=device)  # stream-ordered, like the state's lists
 
-    def again(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def again(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              lse_wanted: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not all_tma_ready(q, k, v):
             return None
         out = torch.empty(q.shape, dtype=dtype, device=device)
-        lse = torch.empty(lse_shape, dtype=torch.float32, device=device)
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=device) if lse_wanted else dropped_lse
         kernel(q, k, v, out, lse, softmax_scale, None, None, None, None, None, None, None, None, sparse, aux, None,
                None)
         return out, lse

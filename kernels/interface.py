@@ -166,7 +166,8 @@ def lite_attention(
     compiling = torch.compiler.is_compiling()
     settings = None if compiling else (threshold, softmax_scale, order, vote, backend, registry.generation)
     if settings and state is not None and state.repeat is not None and key_mask is None and key_lengths is None:
-        out = state.repeat.run_if_same(state, q, k, v, settings, must_compute_queries, must_compute_keys)
+        out = state.repeat.run_if_same(state, q, k, v, settings, must_compute_queries, must_compute_keys,
+                                       return_lse)
         if out is not None:  # this state's last call again, on new inputs (_Repeat)
             state.count_call()
             return out if return_lse else out[0]
@@ -226,14 +227,15 @@ class _Repeat(NamedTuple):
         run = chosen.repeat(*arguments, **options)
         return None if run is None else cls(_form(q, k, v), settings, must_q, must_k, keep, run)
 
-    def run_if_same(self, state: SkipState, q, k, v, settings: tuple, must_q, must_k):
-        """``(out, lse)`` of the repeated call on ``q, k, v``, or ``None`` where this call is not the same."""
+    def run_if_same(self, state: SkipState, q, k, v, settings: tuple, must_q, must_k, lse_wanted: bool = True):
+        """``(out, lse)`` of the repeated call on ``q, k, v``, or ``None`` where this call is not the same
+        (``lse_wanted=False``: the LSE is dropped, and may be a buffer the backend reuses)."""
         # ranges compared only as the same kind of sequence, in one tuple comparison (no call of ours per call)
         if (self.keep is not state.keep or _form(q, k, v) != self.inputs or type(settings[0]) not in _NUMBERS
                 or settings != self.settings or type(must_q) not in _RANGES or type(must_k) not in _RANGES
                 or (must_q, must_k) != (self.must_q, self.must_k)):
             return None
-        return self.run(q, k, v)
+        return self.run(q, k, v, lse_wanted)
 
 
 _NUMBERS = frozenset((float, int))

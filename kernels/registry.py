@@ -79,10 +79,12 @@ class Constraints:
 class Backend:
     """A LiteAttention forward and what it can take.
 
-    ``repeat`` (optional): called after ``forward`` with the same arguments, a function of ``(q, k, v)`` that makes
-    that call again on new inputs of the same shapes, dtypes and device with less host time (everything else found
-    once), or ``None``. That function returns ``(out, lse)``, or ``None`` (launching nothing) when the call it
-    repeats is not the one to make any more; :func:`~litepatch.kernels.lite_attention` then calls ``forward``.
+    ``repeat`` (optional): called after ``forward`` with the same arguments, a function of ``(q, k, v, lse_wanted)``
+    that makes that call again on new inputs of the same shapes, dtypes and device with less host time (everything
+    else found once), or ``None``. That function returns ``(out, lse)``, or ``None`` (launching nothing) when the call
+    it repeats is not the one to make any more; :func:`~litepatch.kernels.lite_attention` then calls ``forward``.
+    ``lse_wanted=False``: the caller drops the LSE, which may then live in a buffer the function reuses (one
+    allocation less per call: the patcher never reads it).
     """
 
     name: str

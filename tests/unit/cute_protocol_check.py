@@ -77,8 +77,8 @@ def local_qkv(batch, seq, heads, dim, seed=0):
 
 
 def emulated_bound_sm90(q, k, lists, votes, slot, tail, *, softmax_scale, threshold):
-    """What ``cute_sm90.bound_sm90`` returns, around :func:`emulated_sm90`."""
-    return lambda q, k, v: emulated_sm90(q, k, v, lists, votes, slot, tail, softmax_scale=softmax_scale,
+    """What ``cute_sm90.bound_sm90`` returns, around :func:`emulated_sm90` (a new LSE whether wanted or not)."""
+    return lambda q, k, v, lse_wanted=True: emulated_sm90(q, k, v, lists, votes, slot, tail, softmax_scale=softmax_scale,
                                          threshold=threshold, seqused_k=None)
 
 

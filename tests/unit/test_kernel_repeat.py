@@ -25,6 +25,7 @@ class Repeating:
 
     def __init__(self):
         self.ran: list[str] = []
+        self.lse_wanted: list[bool] = []
         self.stale = False
 
     def forward(self, *args, **kwargs):
@@ -35,10 +36,11 @@ class Repeating:
         if not options["use_anchor"]:  # the visiting direction of "alternate" changes every call
             return None
 
-        def again(q, k, v):
+        def again(q, k, v, lse_wanted=True):
             if self.stale:
                 return None
             self.ran.append("repeat")
+            self.lse_wanted.append(lse_wanted)
             return reference_forward(q, k, v, keep, anchor, kept, must_q, must_k, key_valid, **options)
 
         return again
@@ -90,6 +92,17 @@ def test_calls_of_one_form_after_the_first_are_repeated_and_equal_the_reference(
         call_both(state, twin, *inputs(seed=seed), threshold=-3.0)
     assert backend.ran == ["forward"] + ["repeat"] * 4
     assert state.kept_fraction() < 1.0  # tiles were skipped: the repeat read and wrote the lists
+
+
+def test_a_repeat_is_told_whether_its_caller_keeps_the_lse(backend):
+    q, k, v = inputs()
+    state = SkipState()
+    lite_attention(q, k, v, state, threshold=-3.0, backend=NAME)
+    out = lite_attention(q, k, v, state, threshold=-3.0, backend=NAME)
+    out_lse = lite_attention(q, k, v, state, threshold=-3.0, backend=NAME, return_lse=True)
+    assert isinstance(out, torch.Tensor) and len(out_lse) == 2
+    # the patcher's calls (out only) let the backend reuse an LSE buffer; a caller of the LSE gets its own
+    assert backend.lse_wanted == [False, True]
 
 
 CHANGES = {
