@@ -162,12 +162,14 @@ def ablations() -> dict[str, tuple[str, ...] | callable]:
                                                                     lambda q, k, v: (q, k, v)),
         "the whole dense kernel call (fast_dense)": lambda: mock.patch.object(
             layer_patch, "fast_dense", _cached_output(lambda call: call.q)),
+        "flash-attn-4 (the model's own SDPA instead)": lambda: mock.patch.object(
+            layer_patch, "fast_dense", lambda call: None),
     }
 
 
 SPARSE_ONLY = (
     "lite_attention front", "the whole lite_attention", "TMA check", "deferral bookkeeping", "batched commit")
-DENSE_ONLY = ("TMA inputs", "the whole dense")
+DENSE_ONLY = ("TMA inputs", "the whole dense", "flash-attn-4")
 
 
 def main() -> None:
