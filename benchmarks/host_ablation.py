@@ -4,16 +4,24 @@
 op, more than most of them cost (``SkipState.count_call``, one ``+= 1``, read 10 us per call under it). Here each
 piece is taken out instead (a ``mock.patch`` for the blocks of that variant: a no-op, a cached answer, a constant)
 and whole forwards of the tiny Wan are timed in paired rounds with the patched model as it is
-(:class:`patch_overhead.ForwardClock`, every variant in each round, rotating order). A variant's saving per call,
-``(patched - variant) / layers``, is what that piece costs inside real forwards, cache-cold, without a profiler.
+(:class:`patch_overhead.ForwardClock`, every variant in each round, each round in a random order: in a rotation the
+variants of one model mostly follow each other, and read faster than the model itself). A variant's saving per call,
+``(patched - variant) / layers``, is what that piece costs inside real forwards, cache-cold, without a profiler. The
+``nothing (control)`` variant takes nothing out: it reads zero but for the run's noise, the scale to read the others
+by. Timed by the CPU time of the forwards' thread by default (``--clock``).
 
-The variants time the same model object (its skip states and plans carry on), each with its own stretch of
-decreasing timesteps per model, so the step tracker sees one long generation. Taking a piece out is for timing
-only: outputs, lists and statistics are then wrong.
+The variants time the same model object (its skip states and plans carry on), sharing that model's decreasing
+timesteps, so the step tracker sees one long generation. Taking a piece out is for timing only: outputs, lists and
+statistics are then wrong. ``--cpu`` times the pieces that exist without a GPU, around patch_overhead.py's null
+kernel.
+
+On this repository's 2-core CPU (30 rounds) the control spread over +-30 us per call, more than any single piece of
+the patcher's Python costs: only the GPU hosts' runs (and more rounds) resolve them.
 
 Example (a GPU with the ``cuda`` extra and diffusers):
     $ python benchmarks/host_ablation.py --rounds 60
     $ python benchmarks/host_ablation.py --layers 30 --rounds 40 --json bench-out/host_ablation_L30.json
+    $ python benchmarks/host_ablation.py --cpu --rounds 30
 """
 
 from __future__ import annotations
@@ -21,10 +29,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import statistics
 import sys
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -93,12 +104,14 @@ def _cached_output(query_of):
     return attention
 
 
-def ablations() -> dict[str, tuple[str, ...] | callable]:
-    """Variant name -> factory of the context that takes the piece out, and which models it applies to."""
+BOTH, SPARSE, DENSE = ("sparse", "dense"), ("sparse",), ("dense",)
+
+
+def ablations(gpu: bool = True) -> dict[str, tuple[tuple[str, ...], Callable]]:
+    """Variant name -> (the paths it applies to, factory of the context that takes the piece out). ``gpu=False``: the
+    pieces a CPU run has (no CuTe backend, timesteps read at once)."""
     from litepatch import layer_patch, root_patch, runtime
     from litepatch.adapters import base, diffusers as diffusers_adapter
-    from litepatch.context import PendingTimestep
-    from litepatch.kernels import cute_fwd, cute_sm90
 
     def no_records():  # Runtime.flush without records: only the deferred commits go out
         def flush(self):
@@ -135,41 +148,48 @@ def ablations() -> dict[str, tuple[str, ...] | callable]:
         return mock.patch.object(diffusers_adapter, "mask_problem",
                                  lambda mask, batch, seq_k: (None, None) if mask is None else real(mask, batch, seq_k))
 
-    return {
-        # both paths
-        "records (Runtime.flush: stats)": no_records,
-        "timestep copy and read (PendingTimestep)": lambda: _patches(
-            mock.patch.object(PendingTimestep, "start", lambda self, source: self),
-            mock.patch.object(PendingTimestep, "value", _Countdown())),
-        "check_reach (pre-hook)": lambda: mock.patch.object(root_patch.RootPatch, "check_reach", lambda self: None),
-        "classify (answered once per layer)": classify_once,
-        "TokenCounter (adapter)": no_token_counter,
-        "mask_problem (adapter)": no_mask_check,
-        "output allocations (torch.empty, cached)": lambda: mock.patch.object(cute_sm90, "torch", _CachedEmpty()),
-        # sparse path
-        "lite_attention front (checks, run_if_same)": direct_repeat,
-        "the whole lite_attention call": lambda: mock.patch.object(
-            layer_patch, "lite_attention", _cached_output(lambda q, *args, **kwargs: q)),
-        "TMA check of q, k, v (all_tma_ready)": lambda: mock.patch.object(cute_sm90, "all_tma_ready",
-                                                                          lambda q, k, v: True),
-        "deferral bookkeeping (stream, device)": lambda: _patches(
-            mock.patch.object(cute_fwd, "_stream_of", lambda device: 0),
-            mock.patch.object(cute_fwd, "current_device", lambda: 0)),
-        "batched commit launch (per forward)": lambda: mock.patch.object(cute_fwd, "_launch_batch",
-                                                                         lambda *args: None),
-        # dense path
-        "TMA inputs (tma_inputs, dense)": lambda: mock.patch.object(cute_sm90, "tma_inputs",
-                                                                    lambda q, k, v: (q, k, v)),
-        "the whole dense kernel call (fast_dense)": lambda: mock.patch.object(
-            layer_patch, "fast_dense", _cached_output(lambda call: call.q)),
-        "flash-attn-4 (the model's own SDPA instead)": lambda: mock.patch.object(
-            layer_patch, "fast_dense", lambda call: None),
+    found = {
+        # a control: the same model and setting under another name, nothing taken out (reads 0 but for noise)
+        "nothing (control)": (BOTH, contextlib.nullcontext),
+        "records (Runtime.flush: stats)": (BOTH, no_records),
+        "check_reach (pre-hook)": (BOTH, lambda: mock.patch.object(root_patch.RootPatch, "check_reach",
+                                                                   lambda self: None)),
+        "classify (answered once per layer)": (BOTH, classify_once),
+        "TokenCounter (adapter)": (BOTH, no_token_counter),
+        "mask_problem (adapter)": (BOTH, no_mask_check),
+        "lite_attention front (checks, run_if_same)": (SPARSE, direct_repeat),
+        "the whole lite_attention call": (SPARSE, lambda: mock.patch.object(
+            layer_patch, "lite_attention", _cached_output(lambda q, *args, **kwargs: q))),
     }
+    return {**found, **_gpu_ablations()} if gpu else found
 
 
-SPARSE_ONLY = (
-    "lite_attention front", "the whole lite_attention", "TMA check", "deferral bookkeeping", "batched commit")
-DENSE_ONLY = ("TMA inputs", "the whole dense", "flash-attn-4")
+def _gpu_ablations() -> dict[str, tuple[tuple[str, ...], Callable]]:
+    """The pieces of the GPU path: the timestep copy, the CuTe backend's and flash-attn-4's launches."""
+    from litepatch import layer_patch
+    from litepatch.context import PendingTimestep
+    from litepatch.kernels import cute_fwd, cute_sm90
+
+    return {
+        "timestep copy and read (PendingTimestep)": (BOTH, lambda: _patches(
+            mock.patch.object(PendingTimestep, "start", lambda self, source: self),
+            mock.patch.object(PendingTimestep, "value", _Countdown()))),
+        "output allocations (torch.empty, cached)": (BOTH, lambda: mock.patch.object(cute_sm90, "torch",
+                                                                                     _CachedEmpty())),
+        "TMA check of q, k, v (all_tma_ready)": (SPARSE, lambda: mock.patch.object(cute_sm90, "all_tma_ready",
+                                                                                   lambda q, k, v: True)),
+        "deferral bookkeeping (stream, device)": (SPARSE, lambda: _patches(
+            mock.patch.object(cute_fwd, "_stream_of", lambda device: 0),
+            mock.patch.object(cute_fwd, "current_device", lambda: 0))),
+        "batched commit launch (per forward)": (SPARSE, lambda: mock.patch.object(cute_fwd, "_launch_batch",
+                                                                                  lambda *args: None)),
+        "TMA inputs (tma_inputs, dense)": (DENSE, lambda: mock.patch.object(cute_sm90, "tma_inputs",
+                                                                            lambda q, k, v: (q, k, v))),
+        "the whole dense kernel call (fast_dense)": (DENSE, lambda: mock.patch.object(
+            layer_patch, "fast_dense", _cached_output(lambda call: call.q))),
+        "flash-attn-4 (the model's own SDPA instead)": (DENSE, lambda: mock.patch.object(
+            layer_patch, "fast_dense", lambda call: None)),
+    }
 
 
 def main() -> None:
@@ -180,54 +200,107 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="thread",
                         help="the CPU time of the thread that runs the forwards (default: steadier on a shared host), "
                              "or the wall clock")
+    parser.add_argument("--cpu", action="store_true",
+                        help="the CPU with patch_overhead.py's null kernel: the pieces without a GPU kernel")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("host_ablation.py times the GPU path (CuTe kernels): it needs a CUDA GPU")
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("host_ablation.py times the GPU path (CuTe kernels) on a CUDA GPU; --cpu times the rest")
     warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    setup = _cpu_setup(args.layers) if args.cpu else _gpu_setup(args.layers)
+    models, settings, model_of = dict(setup.references), dict(setup.reference_settings), {}
+    for path, (patched, base_setting) in setup.paths.items():
+        models[path], settings[path] = patched, base_setting
+        for name, (paths, factory) in ablations(gpu=not args.cpu).items():
+            if path in paths:
+                variant = f"{path} without {name}"
+                models[variant], model_of[variant] = patched, path
+                settings[variant] = functools.partial(_both, base_setting, factory)
+    clock = _SharedTimesteps(setup.latents, setup.text, args.iters, setup.synchronize, CLOCKS[args.clock],
+                             model_of=model_of)
+    times = clock.paired_rounds(models, args.rounds, settings, shuffle=True)
+    print(f"{setup.device}, tiny Wan, {args.layers} self-attention layers, {setup.tokens} tokens; {args.rounds} "
+          f"paired rounds of {args.iters} forwards per variant, {args.clock} clock; unpatched "
+          f"{statistics.median(times['unpatched']):.0f} us per forward")
+    results = {path: _print_path(path, times, setup.reference_of[path], model_of, args.layers) for path in setup.paths}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": setup.device, "layers": args.layers, "rounds": args.rounds,
+                       "forwards_per_round": args.iters, "clock": args.clock, "results": results,
+                       "us_per_forward_per_round": times}, f, indent=1)
+
+
+def _both(first, second) -> contextlib.AbstractContextManager:
+    return _patches(first(), second())
+
+
+def _print_path(path: str, times: dict, reference: str, model_of: dict, layers: int) -> dict:
+    """Prints (and returns) a path's added time over its unpatched reference and each variant's saving."""
+    added = added_per_call(times[path], times[reference], layers)
+    print(f"{path} path, as it is: {added[0]:+.1f} us per attention call over {reference} "
+          f"(quartiles {added[1]:+.1f} .. {added[2]:+.1f}); saved per call by taking out:")
+    saved_by = {}
+    for variant, of in model_of.items():
+        if of == path:
+            median, low, high = saved_by[variant] = added_per_call(times[path], times[variant], layers)
+            print(f"  {variant[len(path) + 9:]:<44} {median:+6.1f} us  (quartiles {low:+.1f} .. {high:+.1f})")
+    return {"added_us_per_call": added, "saved_us_per_call": saved_by}
+
+
+@dataclass
+class _Setup:
+    """The models of one run: the unpatched references, and per path its patched model and base setting."""
+
+    device: str
+    tokens: int
+    latents: torch.Tensor
+    text: torch.Tensor
+    synchronize: Callable
+    references: dict  # name -> unpatched model
+    reference_settings: dict  # name -> setting factory
+    reference_of: dict  # path -> the reference it is compared with
+    paths: dict  # path -> (patched model, setting factory)
+
+
+def _gpu_setup(layers: int) -> _Setup:
     import diffusers
 
     import litepatch
 
-    torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(**dict(TINY_WAN, num_layers=args.layers)).to("cuda", torch.bfloat16).eval()
+    model = diffusers.WanTransformer3DModel(**dict(TINY_WAN, num_layers=layers)).to("cuda", torch.bfloat16).eval()
     latents = torch.randn(1, 16, 2, 32, 32, device="cuda", dtype=torch.bfloat16)  # 512 tokens
     text = torch.randn(1, 16, 32, device="cuda", dtype=torch.bfloat16)
-    models, settings, model_of = {"unpatched": model}, {}, {}
+    paths = {}
     for path, threshold in (("sparse", -4.0), ("dense", float("-inf"))):
         patched = copy.deepcopy(model)
         litepatch.apply(patched, threshold=threshold, warmup_steps=0)
-        models[path] = patched
-        for name, factory in ablations().items():
-            if name.startswith(DENSE_ONLY if path == "sparse" else SPARSE_ONLY):
-                continue
-            variant = f"{path} without {name}"
-            models[variant], settings[variant], model_of[variant] = patched, factory, path
-    clock = _SharedTimesteps(latents, text, args.iters, torch.cuda.synchronize, CLOCKS[args.clock], model_of=model_of)
-    times = clock.paired_rounds(models, args.rounds, settings)
-    layers = args.layers
-    print(f"{torch.cuda.get_device_name()}, tiny Wan, {layers} self-attention layers, 512 tokens; {args.rounds} "
-          f"paired rounds of {args.iters} forwards per variant, {args.clock} clock; unpatched "
-          f"{statistics.median(times['unpatched']):.0f} us per forward")
-    results: dict = {}
-    for path in ("sparse", "dense"):
-        added = added_per_call(times[path], times["unpatched"], layers)
-        print(f"{path} path, as it is: {added[0]:+.1f} us per attention call over unpatched "
-              f"(quartiles {added[1]:+.1f} .. {added[2]:+.1f}); saved per call by taking out:")
-        results[path] = {"added_us_per_call": added, "saved_us_per_call": {}}
-        for variant in models:
-            if model_of.get(variant) != path:
-                continue
-            saved = added_per_call(times[path], times[variant], layers)
-            results[path]["saved_us_per_call"][variant] = saved
-            low, high = saved[1:]
-            print(f"  {variant[len(path) + 9:]:<44} {saved[0]:+6.1f} us  (quartiles {low:+.1f} .. {high:+.1f})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "layers": layers, "rounds": args.rounds,
-                       "forwards_per_round": args.iters, "clock": args.clock, "results": results,
-                       "us_per_forward_per_round": times},
-                      f, indent=1)
+        paths[path] = (patched, contextlib.nullcontext)
+    return _Setup(torch.cuda.get_device_name(), 512, latents, text, torch.cuda.synchronize, {"unpatched": model}, {},
+                  {"sparse": "unpatched", "dense": "unpatched"}, paths)
+
+
+def _cpu_setup(layers: int) -> _Setup:
+    """patch_overhead.py --cpu's models: the null kernel on the sparse path, compared with a null SDPA (cross
+    attention, which stays dense, null on both sides); the dense (warm-up) path with the model's own SDPA."""
+    import diffusers
+
+    import litepatch
+    from patch_overhead import CPU_WAN, NULL_BACKEND, _register_null_backend
+
+    torch.set_num_threads(1)
+    _register_null_backend()
+    model = diffusers.WanTransformer3DModel(**dict(CPU_WAN, num_layers=layers)).eval()
+    latents, text = torch.randn(1, 4, 1, 16, 16), torch.randn(1, 16, 16)  # 64 tokens: host-bound
+    null_sdpa = functools.partial(mock.patch.object, torch.nn.functional, "scaled_dot_product_attention",
+                                  lambda query, key, value, **kwargs: query)
+    sparse, dense = copy.deepcopy(model), copy.deepcopy(model)
+    litepatch.apply(sparse, threshold=-4.0, warmup_steps=0, backend=NULL_BACKEND)
+    litepatch.apply(dense, threshold=-4.0, warmup_steps=10**6, backend=NULL_BACKEND)
+    return _Setup("CPU (1 thread, null kernel)", 64, latents, text, lambda: None,
+                  {"unpatched": model, "unpatched, null SDPA": copy.deepcopy(model)},
+                  {"unpatched, null SDPA": null_sdpa}, {"sparse": "unpatched, null SDPA", "dense": "unpatched"},
+                  {"sparse": (sparse, null_sdpa), "dense": (dense, contextlib.nullcontext)})
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ TINY_WAN = dict(
     eps=1e-6, rope_max_seq_len=64,
 )
 
+# --cpu's: smaller still than TINY_WAN, for the less the rest of the forward costs, the less its noise hides
+CPU_WAN = dict(TINY_WAN, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -175,17 +178,25 @@ class ForwardClock:
             self.synchronize()
         return (self.clock() - start) / self.forwards * 1e6
 
-    def paired_rounds(self, models: dict, rounds: int, settings: dict | None = None) -> dict[str, list[float]]:
+    def paired_rounds(self, models: dict, rounds: int, settings: dict | None = None,
+                      shuffle: bool = False) -> dict[str, list[float]]:
         """Microseconds per forward of each model (``name -> module``), one number per round; ``settings`` (name ->
-        context manager factory) is entered around that model's blocks. One untimed round first."""
+        context manager factory) is entered around that model's blocks. One untimed round first.
+
+        ``shuffle``: each round in its own random order (seeded) instead of a rotation. Where several names time one
+        module (host_ablation.py's variants), a rotation puts most of them after a block of the same module and the
+        first after another's, whose first forward finds the caches holding the other module (on this CPU +35 us per
+        call for a variant that changes nothing); in random orders every name meets the same predecessors."""
         import contextlib
+        import random
 
         settings = settings or {}
         names = list(models)
         times: dict[str, list[float]] = {name: [] for name in names}
         for index in range(-1, rounds):
             shift = index % len(names)
-            for name in names[shift:] + names[:shift]:
+            order = random.Random(index).sample(names, len(names)) if shuffle else names[shift:] + names[:shift]
+            for name in order:
                 us = self._block_us(name, models[name], settings.get(name, contextlib.nullcontext))
                 if index >= 0:
                     times[name].append(us)
@@ -420,10 +431,7 @@ def cpu_main(args) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     _register_null_backend()
-    # smaller still than TINY_WAN: the less the rest of the forward costs, the less its noise hides
-    config = dict(TINY_WAN, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
-                  ffn_dim=16, num_layers=args.layers)
-    model = diffusers.WanTransformer3DModel(**config).eval()
+    model = diffusers.WanTransformer3DModel(**dict(CPU_WAN, num_layers=args.layers)).eval()
     latents = torch.randn(1, 4, 1, 16, 16)  # 64 tokens: the forward is host-bound
     text = torch.randn(1, 16, 16)
     layers = args.layers

@@ -49,3 +49,19 @@ def test_cpu_trace_splits_the_patchers_functions_into_their_own_time_and_the_ops
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "  LayerPatch.attend (its own) " in proc.stdout, proc.stdout
     assert "Runtime.flush > aten::stack " in proc.stdout, proc.stdout  # the records' one stack of kept counts
+
+
+ABLATION = SCRIPT.with_name("host_ablation.py")
+
+
+def test_cpu_ablation_takes_out_each_piece_it_names_and_a_control(tmp_path, warm_python):
+    """``host_ablation.py --cpu`` patches the patcher's pieces by name: a rename must fail here, not on the GPU."""
+    out = tmp_path / "ablation.json"
+    command = [sys.executable, str(ABLATION), "--cpu", "--rounds", "1", "--iters", "1", "--json", str(out)]
+    proc = warm_python.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    sparse, dense = (set(results[path]["saved_us_per_call"]) for path in ("sparse", "dense"))
+    assert {"sparse without nothing (control)", "sparse without the whole lite_attention call",
+            "sparse without lite_attention front (checks, run_if_same)"} <= sparse, sparse
+    assert "dense without nothing (control)" in dense and not any("lite_attention" in name for name in dense), dense
