@@ -29,6 +29,8 @@
 #   kernel   benchmarks/backends.py over the six shapes                              -> $OUT/backends.json
 #   host     benchmarks/patch_overhead.py, 150 paired rounds of 2 forwards, then 30 of 20  -> $OUT/patch_overhead*.json
 #   host-depth  the same with 30 layers (Wan2.1-1.3B's depth), 60 rounds of 2         -> $OUT/patch_overhead_layers30.json
+#   host-thread  the same as host and host-depth, timed by the CPU time of the forwards' thread -> $OUT/patch_overhead_thread*.json
+#   host-ablation  benchmarks/host_ablation.py: what each piece costs inside forwards (thread clock) -> $OUT/host_ablation.json
 #   host-trace  patch_overhead.py --trace: each patcher function's own host time and the torch ops and CUDA API calls
 #            inside it, under torch.profiler (where the launch's time goes below Python) -> $OUT/log.txt
 #   e2e      benchmarks/e2e.py (Wan2.1-1.3B 480p, kept 1.0 / 0.5 / 0.25)              -> $OUT/e2e.json
@@ -88,6 +90,14 @@ for stage in "$@"; do
                  # (the deferred commits' one launch per forward among them)
       run host-depth "$OUT/log.txt" $PY benchmarks/patch_overhead.py --layers 30 --rounds 60 \
         --json "$OUT/patch_overhead_layers30.json" ;;
+    host-thread)  # the same two depths timed by the forwards' thread CPU time (quartiles of +-10 us per call where the
+                  # wall clock read +-100 on a shared host; session 23)
+      run host-thread "$OUT/log.txt" $PY benchmarks/patch_overhead.py --clock thread --rounds 40 \
+        --json "$OUT/patch_overhead_thread.json"
+      run host-thread-depth "$OUT/log.txt" $PY benchmarks/patch_overhead.py --clock thread --layers 30 --rounds 30 \
+        --json "$OUT/patch_overhead_thread_layers30.json" ;;
+    host-ablation)  # each piece of the patched path taken out in turn, with a control (benchmarks/host_ablation.py)
+      run host-ablation "$OUT/log.txt" $PY benchmarks/host_ablation.py --rounds 60 --json "$OUT/host_ablation.json" ;;
     host-trace)  # torch.profiler over 100 patched forwards per threshold (-inf, -4): the ops and CUDA calls inside
                  # each patcher function, and the time each function keeps for itself (Python, the TVM-FFI call)
       run host-trace "$OUT/log.txt" $PY benchmarks/patch_overhead.py --rounds 10 --trace ;;
@@ -114,7 +124,7 @@ for stage in "$@"; do
           --json "$OUT/demo_profile_compiled.json"
       fi ;;
     *)
-      echo "unknown stage $stage (wheels install verify crossover kernel host host-depth host-trace e2e demo demo-quick profile)"; status=1 ;;
+      echo "unknown stage $stage (wheels install verify crossover kernel host host-depth host-thread host-ablation host-trace e2e demo demo-quick profile)"; status=1 ;;
   esac
 done
 exit $status
