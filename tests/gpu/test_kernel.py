@@ -390,7 +390,8 @@ def test_repeated_calls_match_calls_through_the_forward(monkeypatch, threshold):
     """After a state's first call, lite_attention repeats the CuTe backend's call on each call's new inputs
     (``Backend.repeat``: the compiled kernel and the commit launch with their arguments found once). Outputs and
     states equal those of the same calls through ``cute_forward``, bit for bit; inputs TMA cannot read as they are
-    go through ``cute_forward`` (which copies them), and the call after it is repeated again."""
+    go through ``cute_forward`` (which copies them), and the call after it is repeated again. A call that drops the
+    LSE is repeated too, and the LSEs of the others are each their own tensor."""
     from litepatch.kernels import interface
 
     gen = torch.Generator(device=DEVICE).manual_seed(29)
@@ -409,11 +410,15 @@ def test_repeated_calls_match_calls_through_the_forward(monkeypatch, threshold):
             monkeypatch.setattr(interface._Repeat, "of", classmethod(lambda cls, *args: None))
         launched.clear()
         state, results = SkipState(), []
-        for q, k, v in calls:
-            out, lse = lite_attention(q, k, v, state, threshold=threshold, backend="cute", return_lse=True)
+        for index, (q, k, v) in enumerate(calls):
+            wanted = index != 2  # a call that drops the LSE: the repeat writes it into a buffer it reuses
+            result = lite_attention(q, k, v, state, threshold=threshold, backend="cute", return_lse=wanted)
+            out, lse = result if wanted else (result, torch.zeros(()))
             results.append((out, lse, state.keep.clone(), state.anchor.clone(), int(state.kept)))
         runs[repeat] = results
         assert len(launched) == (2 if repeat else 5)  # the first call and the misaligned one
+        # every LSE a caller asked for is its own tensor, never the reused one
+        assert len({lse.data_ptr() for _, lse, *_ in results if lse.dim()}) == len(calls) - 1
     for repeated, forward in zip(runs[True], runs[False]):
         assert all(torch.equal(a, b) for a, b in zip(repeated[:4], forward[:4])) and repeated[4] == forward[4]
 
