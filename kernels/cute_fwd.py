@@ -514,8 +514,8 @@ def _commit_relist_args(keep, anchor, kept, must_q, must_k, own: _OwnLists, orde
 
 def cute_repeat(q, k, v, keep, anchor, kept, must_q, must_k, key_valid=None, *, block_m: int, block_n: int,
                 threshold: float, softmax_scale: float, use_anchor: bool, descending: bool):
-    """After a :func:`cute_forward` call with these arguments: a function of ``(q, k, v)`` that makes the same call on
-    new inputs of the same shapes, dtypes and device, with every other argument found once (the registry's
+    """After a :func:`cute_forward` call with these arguments: a function of ``(q, k, v, lse_wanted)`` that makes the
+    same call on new inputs of the same shapes, dtypes and device, with every other argument found once (the registry's
     ``Backend.repeat``, which :func:`~litepatch.kernels.lite_attention` keeps on the state). ``None`` where this
     does not apply: a key mask, ``order="alternate"`` (its direction changes every call), a state without its own
     lists (:data:`OWN_LISTS_MAX_BYTES`), or other tiles.
