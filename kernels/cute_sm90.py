@@ -493,14 +493,31 @@ def _list_args(lists, votes, slot, tail, threshold: float) -> tuple:
     return (*lists, None, None, None, None), AuxData([votes, slot, tail], (vote_threshold,))
 
 
+# LSE buffers that calls dropping their LSE write into, by (device, shape): never read, so every bound call of one
+# shape shares one (one per state would hold a video model's worth: 12 MB per layer and branch at Wan 720p)
+_DROPPED_LSE: dict[tuple, torch.Tensor] = {}
+
+
+def _dropped_lse(device: torch.device, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The float32 ``shape`` buffer on ``device`` that LSEs nobody reads are written into (kernels on any stream may
+    write it at once: its contents are never read)."""
+    key = (device, shape)
+    buffer = _DROPPED_LSE.get(key)
+    if buffer is None:
+        if len(_DROPPED_LSE) >= 16:  # many resolutions (a service): start over rather than hold memory for each
+            _DROPPED_LSE.clear()
+        buffer = _DROPPED_LSE[key] = torch.empty(shape, dtype=torch.float32, device=device)
+    return buffer
+
+
 def bound_sm90(q: torch.Tensor, k: torch.Tensor, lists, votes: torch.Tensor, slot: torch.Tensor, tail: torch.Tensor,
                *, softmax_scale: float, threshold: float):
     """:func:`run_sm90` with these lists, scratch and settings fixed, for later calls on new ``q, k, v`` shaped as
     ``q, k`` (no key lengths): the compiled kernel and the fixed arguments found once. ``None`` before
     :func:`run_sm90` has compiled that kernel in this process. The returned function returns ``(out, lse)``, or
     ``None``, launching nothing, for inputs TMA cannot read as they are (:func:`run_sm90` copies them). Called with
-    ``lse_wanted=False``, it writes the LSE into one buffer of its own, reused by every such call (the kernel always
-    writes one; a caller that drops it saves an allocation per call).
+    ``lse_wanted=False``, it writes the LSE into a buffer every such call of that shape reuses (:func:`_dropped_lse`:
+    the kernel always writes one; a caller that drops it saves an allocation per call).
 
     >>> again = bound_sm90(q, k, lists, votes, slot, tail, softmax_scale=0.125, threshold=-4.0)
     >>> out, lse = again(q, k, v)
@@ -512,7 +529,7 @@ def bound_sm90(q: torch.Tensor, k: torch.Tensor, lists, votes: torch.Tensor, slo
     sparse, aux = _list_args(lists, votes, slot, tail, threshold)
     batch, seq_q, heads, _ = q.shape
     lse_shape, dtype, device = (batch, heads, seq_q), q.dtype, q.device
-    dropped_lse = torch.empty(lse_shape, dtype=torch.float32, device=device)  # stream-ordered, like the state's lists
+    dropped_lse = _dropped_lse(device, lse_shape)
 
     def again(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               lse_wanted: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
