@@ -53,7 +53,31 @@ class _SharedTimesteps(ForwardClock):
         self.model_of = model_of
 
     def _timesteps(self, name: str) -> list[torch.Tensor]:
-        return super()._timesteps(self.model_of.get(name, name))
+        values = self._timestep_values(self.model_of.get(name, name))
+        timesteps = [torch.full((1,), value, device=self.latents.device) for value in values]
+        _HOST_VALUES.clear()  # each tensor's value by its address, for a timestep read that costs nothing
+        _HOST_VALUES.update((t.data_ptr(), value) for t, value in zip(timesteps, values))
+        return timesteps
+
+
+# The values of the block's timesteps by their tensors' addresses, and the one the running forward copies: the
+# timestep ablation's read gives the forward its own value, without the copy or a sync (a stand-in value that did
+# not follow the clock's would reach the step tracker as a new generation: states reset, calls through the forward)
+_HOST_VALUES: dict[int, float] = {}
+_STARTED: list[float] = []
+
+
+def _start_without_copy(pending, source: torch.Tensor):
+    value = _HOST_VALUES.get(source.data_ptr())
+    if value is None:
+        raise RuntimeError("host_ablation: a forward's timestep is not one the clock made; the timestep ablation "
+                           "cannot stand in for its read")
+    _STARTED[:] = [value]
+    return pending
+
+
+def _read_without_sync(pending) -> float:
+    return _STARTED[0]
 
 
 def _patches(*patches) -> contextlib.AbstractContextManager:
@@ -78,17 +102,6 @@ class _CachedEmpty:
         if key not in self._made:
             self._made[key] = torch.empty(*shape, dtype=dtype, device=device, **kwargs)
         return self._made[key]
-
-
-class _Countdown:
-    """A timestep read that costs nothing: each forward one below the last (for ``PendingTimestep.value``)."""
-
-    def __init__(self):
-        self.next = 900.0
-
-    def __call__(self, *_pending) -> float:
-        self.next -= 1e-3
-        return self.next
 
 
 def _cached_output(query_of):
@@ -172,8 +185,8 @@ def _gpu_ablations() -> dict[str, tuple[tuple[str, ...], Callable]]:
 
     return {
         "timestep copy and read (PendingTimestep)": (BOTH, lambda: _patches(
-            mock.patch.object(PendingTimestep, "start", lambda self, source: self),
-            mock.patch.object(PendingTimestep, "value", _Countdown()))),
+            mock.patch.object(PendingTimestep, "start", _start_without_copy),
+            mock.patch.object(PendingTimestep, "value", _read_without_sync))),
         "output allocations (torch.empty, cached)": (BOTH, lambda: mock.patch.object(cute_sm90, "torch",
                                                                                      _CachedEmpty())),
         "TMA check of q, k, v (all_tma_ready)": (SPARSE, lambda: mock.patch.object(cute_sm90, "all_tma_ready",

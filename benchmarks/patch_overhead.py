@@ -161,11 +161,13 @@ class ForwardClock:
         self.clock = clock  # time.perf_counter (wall) or time.thread_time (this thread's CPU time: CLOCKS)
         self._made: dict[str, int] = {}
 
-    def _timesteps(self, name: str) -> list[torch.Tensor]:
+    def _timestep_values(self, name: str) -> list[float]:
         first = self._made.get(name, 0)
         self._made[name] = first + self.forwards
-        return [torch.full((1,), 999.0 - 1e-3 * n, device=self.latents.device)
-                for n in range(first, first + self.forwards)]
+        return [999.0 - 1e-3 * n for n in range(first, first + self.forwards)]
+
+    def _timesteps(self, name: str) -> list[torch.Tensor]:
+        return [torch.full((1,), value, device=self.latents.device) for value in self._timestep_values(name)]
 
     @torch.inference_mode()
     def _block_us(self, name: str, model, setting) -> float:
