@@ -62,11 +62,10 @@ PYEOF
   exit $status
 fi
 for side in old new; do
-  dir=$([ $side = old ] && echo /tmp/ab-old || echo "$new")
+  dir=$(install_side $side) || { status=1; continue; }
   echo "=== side $side ($dir)"
-  (cd "$dir" && $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
-     && OUT=$OUT/$side bash benchmarks/device_session.sh "$@" 2>&1 \
+  (cd "$dir" && OUT=$OUT/$side bash benchmarks/device_session.sh "$@" 2>&1 \
      | grep -E "^(===|NVIDIA|unpatched|patched)|^  [A-Za-z].* us$") || status=1
 done
-cd "$new" && $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+install_side new >/dev/null
 exit $status

@@ -259,6 +259,23 @@ def added_per_call(patched: list[float], unpatched: list[float], layers: int) ->
     return statistics.median(diffs), low, high
 
 
+def hot_loop_us(call, iters: int = 2000, warmup: int = 100, synchronize=None) -> float:
+    """Host microseconds per ``call()`` made ``iters`` times back to back after ``warmup`` untimed calls (a hot loop:
+    caches warm, unlike calls inside a forward); ``synchronize`` (a GPU's) before the timed calls and after them,
+    outside the time."""
+    for _ in range(warmup):
+        call()
+    if synchronize is not None:
+        synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    us = (time.perf_counter() - start) / iters * 1e6
+    if synchronize is not None:
+        synchronize()
+    return us
+
+
 @torch.inference_mode()
 def per_call_host_us(iters: int = 2000) -> dict[str, float]:
     """Host microseconds per call of each layer of the attention stack, at a tiny shape."""
@@ -281,17 +298,8 @@ def per_call_host_us(iters: int = 2000) -> dict[str, float]:
             *args, None, "triton", kw["block_m"], kw["block_n"], -4.0, kw["softmax_scale"], True, False),
         "lite_attention (checks + state + backend)": lambda: lite_attention(q, k, v, state, threshold=-4.0),
     }
-    out = {}
-    for name, fn in candidates.items():
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        out[name] = (time.perf_counter() - start) / iters * 1e6
-        torch.cuda.synchronize()
-    return out
+    return {name: hot_loop_us(fn, iters, warmup=50, synchronize=torch.cuda.synchronize)
+            for name, fn in candidates.items()}
 
 
 def _cute_rows(q, k, v, state, args, kw) -> dict:
@@ -377,18 +385,10 @@ def per_layer_call_us(model, latents, rounds: int, null_sdpa) -> dict[str, float
     hidden = torch.randn(1, latents[0, 0].numel() // 4, attn.to_q.in_features)
     rotary = model.rope(latents)
 
-    def timed(fn, n=2000) -> float:
-        for _ in range(100):
-            fn()
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - start) / n * 1e6
-
     calls, hooks = [], []
     for _ in range(rounds):
         with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", null_sdpa):
-            unpatched = timed(lambda: attn(hidden, None, None, rotary))
+            unpatched = hot_loop_us(lambda: attn(hidden, None, None, rotary))
         handle = litepatch.apply(model, threshold=-4.0, backend=NULL_BACKEND)
         layer = attn._litepatch
         root = model._litepatch_root
@@ -399,8 +399,8 @@ def per_layer_call_us(model, latents, rounds: int, null_sdpa) -> dict[str, float
             layer.last_call = None  # as in a forward: one call per plan
             attn(hidden, None, None, rotary)
 
-        calls.append(timed(call) - unpatched)
-        hooks.append(timed(lambda: root.pre_hook(model, (), kwargs), 300) / len(handle.layers))
+        calls.append(hot_loop_us(call) - unpatched)
+        hooks.append(hot_loop_us(lambda: root.pre_hook(model, (), kwargs), 300) / len(handle.layers))
         handle.remove()
     return {"one attention module, patched - unpatched": statistics.median(calls),
             "root pre-hook (plans, records), per layer": statistics.median(hooks)}
@@ -444,12 +444,7 @@ def cpu_main(args) -> None:
 
     q = torch.randn(1, 2, 64, 16)
     with torch.inference_mode():
-        for _ in range(100):
-            torch.nn.functional.scaled_dot_product_attention(q, q, q)
-        start = time.perf_counter()
-        for _ in range(2000):
-            torch.nn.functional.scaled_dot_product_attention(q, q, q)
-        sdpa_us = (time.perf_counter() - start) / 2000 * 1e6
+        sdpa_us = hot_loop_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
     import statistics
     from unittest import mock
 

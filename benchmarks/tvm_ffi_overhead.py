@@ -14,9 +14,13 @@ Example:
 
 from __future__ import annotations
 
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from patch_overhead import hot_loop_us  # noqa: E402
 
 
 def main() -> None:
@@ -29,18 +33,9 @@ def main() -> None:
     nop = tvm_ffi.get_global_func("testing.nop")
     tensors = [torch.empty(64, device=device) for _ in range(12)]
     for count in (0, 1, 4, 12):
-        print(f"testing.nop with {count:2d} tensors: {_us(lambda: nop(*tensors[:count])):.2f} us")
-    print(f"torch.empty(1, 2, 512) on {device}: "
-          f"{_us(lambda: torch.empty(1, 2, 512, dtype=torch.float32, device=device)):.2f} us")
-
-
-def _us(call, iters: int = 5000) -> float:
-    for _ in range(200):
-        call()
-    start = time.perf_counter()
-    for _ in range(iters):
-        call()
-    return (time.perf_counter() - start) / iters * 1e6
+        print(f"testing.nop with {count:2d} tensors: {hot_loop_us(lambda: nop(*tensors[:count]), 5000, 200):.2f} us")
+    empty = hot_loop_us(lambda: torch.empty(1, 2, 512, dtype=torch.float32, device=device), 5000, 200)
+    print(f"torch.empty(1, 2, 512) on {device}: {empty:.2f} us")
 
 
 if __name__ == "__main__":
