@@ -417,7 +417,7 @@ def run_dense_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax
     q, k, v = tma_inputs(q, k, v)
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _output_like(q)
     ready_key = ("dense", q.dtype, head_dim, seqused_k is not None, stages)
     kernel = _READY.get(ready_key)
     if kernel is None:
@@ -458,7 +458,7 @@ def run_sm90(
     q, k, v = tma_inputs(q, k, v)
     vote = threshold > -float("inf")
     batch, seq_q, heads, head_dim = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _output_like(q)
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     if mask_tail is None:
         mask_tail = _tail_masked(k, seqused_k)
@@ -475,6 +475,13 @@ def run_sm90(
         *_list_args(lists, votes, slot, tail, threshold), None, None,
     )
     return out, lse
+
+
+def _output_like(q: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor of ``q``'s shape, dtype and device, as ``torch.empty(q.shape, dtype=q.dtype,
+    device=q.device)`` makes it in about a third of the host time (H100 host, session 24: ``empty_like`` 1.6 us,
+    that ``empty`` 4.3 us; its keyword arguments are what costs)."""
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def _lite_ready_key(dtype, head_dim: int, vote: bool, lengths: bool, tail_mode, mask_tail: bool, ablate, stages: int):
@@ -528,14 +535,14 @@ def bound_sm90(q: torch.Tensor, k: torch.Tensor, lists, votes: torch.Tensor, slo
         return None
     sparse, aux = _list_args(lists, votes, slot, tail, threshold)
     batch, seq_q, heads, _ = q.shape
-    lse_shape, dtype, device = (batch, heads, seq_q), q.dtype, q.device
+    lse_shape, device = (batch, heads, seq_q), q.device
     dropped_lse = _dropped_lse(device, lse_shape)
 
     def again(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               lse_wanted: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not all_tma_ready(q, k, v):
             return None
-        out = torch.empty(q.shape, dtype=dtype, device=device)
+        out = _output_like(q)
         lse = torch.empty(lse_shape, dtype=torch.float32, device=device) if lse_wanted else dropped_lse
         kernel(q, k, v, out, lse, softmax_scale, None, None, None, None, None, None, None, None, sparse, aux, None,
                None)
