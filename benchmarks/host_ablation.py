@@ -89,7 +89,8 @@ def _patches(*patches) -> contextlib.AbstractContextManager:
 
 
 class _CachedEmpty:
-    """``torch`` as a module sees it, except ``empty``: one tensor per (shape, dtype, device), made once."""
+    """``torch`` as a module sees it, except ``empty`` and ``empty_like``: one tensor per (shape, dtype, device), made
+    once."""
 
     def __init__(self):
         self._made: dict = {}
@@ -101,6 +102,12 @@ class _CachedEmpty:
         key = (shape, dtype, device)
         if key not in self._made:
             self._made[key] = torch.empty(*shape, dtype=dtype, device=device, **kwargs)
+        return self._made[key]
+
+    def empty_like(self, t: torch.Tensor, **kwargs):
+        key = (t.shape, t.dtype, t.device)
+        if key not in self._made:
+            self._made[key] = torch.empty_like(t, **kwargs)
         return self._made[key]
 
 
@@ -144,14 +151,8 @@ def ablations(gpu: bool = True) -> dict[str, tuple[tuple[str, ...], Callable]]:
             return answers[self]
         return mock.patch.object(layer_patch.LayerPatch, "classify", classify)
 
-    def direct_repeat():  # lite_attention's front (checks, settings, _Repeat.run_if_same) skipped
-        real = layer_patch.lite_attention
-
-        def lite_attention(q, k, v, state, **kwargs):
-            if state is not None and state.repeat is not None:
-                return state.repeat.run(q, k, v, False)[0]
-            return real(q, k, v, state, **kwargs)
-        return mock.patch.object(layer_patch, "lite_attention", lite_attention)
+    def no_again_key():  # attend_again's comparison of the call with the one it repeats: every call matches
+        return mock.patch.object(layer_patch, "_again_key", lambda *args: ())
 
     def no_token_counter():
         return mock.patch.object(base.TokenCounter, "__call__", lambda self, args, kwargs: (None, None))
@@ -170,9 +171,9 @@ def ablations(gpu: bool = True) -> dict[str, tuple[tuple[str, ...], Callable]]:
         "classify (answered once per layer)": (BOTH, classify_once),
         "TokenCounter (adapter)": (BOTH, no_token_counter),
         "mask_problem (adapter)": (BOTH, no_mask_check),
-        "lite_attention front (checks, run_if_same)": (SPARSE, direct_repeat),
-        "the whole lite_attention call": (SPARSE, lambda: mock.patch.object(
-            layer_patch, "lite_attention", _cached_output(lambda q, *args, **kwargs: q))),
+        "attend_again's key (the call compared)": (SPARSE, no_again_key),
+        "the whole kernel call (repeat_call)": (SPARSE, lambda: mock.patch.object(
+            layer_patch, "repeat_call", _cached_output(lambda state, repeat, q, *args: q))),
     }
     return {**found, **_gpu_ablations()} if gpu else found
 

@@ -507,7 +507,8 @@ BREAKDOWN = (
     ("litepatch.context", "PendingTimestep", "start"), ("litepatch.layer_patch", "LayerPatch", "classify"),
     ("litepatch.layer_patch", "LayerPatch", "_dense_total"), ("litepatch.layer_patch", None, "fast_dense"),
     ("litepatch.dense_routing", None, "faster_dense_attention"),
-    ("litepatch.kernels.interface", "_Repeat", "run_if_same"),
+    ("litepatch.kernels.interface", "_Repeat", "run_if_same"), ("litepatch.layer_patch", "LayerPatch", "attend_again"),
+    ("litepatch.layer_patch", None, "repeat_call"),
 )
 # Inside the kernel call on a GPU (the CuTe backend's steps and the interface's), and the records' flush: where the
 # sparse path's time goes beyond the patcher's own functions

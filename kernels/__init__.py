@@ -49,7 +49,7 @@ else:
         **dict.fromkeys(("beats_sdpa", "dense_attention", "dense_kernel_name", "faster_dense_attention",
                          "sdpa_attention"), "dense"),
         **dict.fromkeys(("available_backends", "check_threshold", "key_mask_from", "key_padding_view",
-                         "lite_attention"), "interface"),
+                         "lite_attention", "repeat_call"), "interface"),
         "reference_forward": "reference",
         **dict.fromkeys(("Backend", "BackendUnavailable", "Constraints", "register_backend"), "registry"),
         **dict.fromkeys(("DEFAULT_TILES", "ORDERS", "SkipState", "TileConfig", "pack_bits", "unpack_bits"), "state"),

@@ -238,6 +238,27 @@ class _Repeat(NamedTuple):
         return self.run(q, k, v, lse_wanted)
 
 
+def repeat_call(state: SkipState, repeat: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                ) -> torch.Tensor | None:
+    """``state``'s last call made again on new ``q, k, v``, for a caller that keeps what :func:`lite_attention` left in
+    ``state.repeat`` after a call and vouches that every argument but ``q, k, v`` (and their form: shapes, dtypes,
+    devices) is that call's, with ``return_lse=False``: the output, or ``None``, launching nothing, where the state
+    changed since (sized again, copied out of inference mode, another call made) or the backend declines (then call
+    :func:`lite_attention`). Without lite_attention's checks, which that caller has answered for this form already.
+
+    >>> out = lite_attention(q, k, v, state, threshold=-4.0)
+    >>> kept = state.repeat
+    >>> out = repeat_call(state, kept, q2, k2, v2)  # None: make the call through lite_attention
+    """
+    if repeat is None or state.repeat is not repeat or repeat.keep is not state.keep:
+        return None
+    out = repeat.run(q, k, v, False)
+    if out is None:
+        return None
+    state.count_call()
+    return out[0]
+
+
 _NUMBERS = frozenset((float, int))
 _RANGES = frozenset((type(None), list, tuple))
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import torch
 
-from litepatch.kernels import SkipState, lite_attention, registry, sdpa_attention
+from litepatch.kernels import SkipState, lite_attention, registry, repeat_call, sdpa_attention
 
 from . import compiled_call
 from .adapters.base import AttentionCall, AttentionLayerInfo, call_kind
@@ -57,6 +58,8 @@ class LayerPatch:
         self._attachment: Attachment | None = None
         self._tiles: dict = {}
         self._forms: dict = {}  # LayerPatch._form's answers
+        self._again: dict = {}  # branch -> _Again: the sparse call attend_again makes again
+        self._streams_text = False  # the last classified call told later single-stream layers the text tokens
         self.call_index = 0
         self.installed = None  # the adapter's check that its interception is still in place (None: nothing to check)
         self.op_id = compiled_call.register(self)  # what its traced calls pass to litepatch::layer_attention
@@ -215,6 +218,7 @@ class LayerPatch:
         if call.problem:
             return call.problem, [], None
         reason, must, stream_text, total = self._form(call) if not compiling else self._form_of(call)
+        self._streams_text = stream_text is not None
         if stream_text is not None:  # single-stream layers after it hold these text tokens
             self.runtime.stream_text_tokens = stream_text
         refused = reason or _autograd_refusal(call)
@@ -222,10 +226,9 @@ class LayerPatch:
 
     def _form(self, call: AttentionCall) -> tuple[str | None, list[tuple[int, int]], int | None, int | None]:
         """:meth:`_form_of`, remembered per form of call (it cost several microseconds of host time a call)."""
-        q, k, v, runtime = call.q, call.k, call.v, self.runtime
-        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-               call.key_mask is not None, call.hidden_tokens, call.encoder_tokens, call.shards,
-               runtime.stream_text_tokens or runtime.text_tokens)
+        runtime = self.runtime
+        key = _form_key(call.q, call.k, call.v, call.key_mask is not None, call.hidden_tokens, call.encoder_tokens,
+                        call.shards, runtime.stream_text_tokens or runtime.text_tokens)
         form = self._forms.get(key)
         if form is None:
             if len(self._forms) >= 64:  # many forms (changing lengths): start over rather than grow
@@ -278,7 +281,52 @@ class LayerPatch:
         if reason is not None:
             self._refused(call, plan, reason)
             return None
-        return self._run(call, plan, must, dense_total)
+        out = self._run(call, plan, must, dense_total)
+        if plan.state is not None and not compiling:
+            self._remember(call, plan)
+        return out
+
+    def attend_again(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                     hidden_tokens: int | None, encoder_tokens: int | None) -> torch.Tensor | None:
+        """A call with no mask, dropout, causal flag, grouped heads or context parallelism (the adapter checked)
+        made as :meth:`attend` made the last such call of its plan's state, which decided everything but ``q, k, v``
+        for it (:meth:`_remember`): the state's repeated kernel call, without the classification, plan and
+        :func:`~litepatch.kernels.lite_attention` checks in between, which cost most of a call's host time inside a
+        forward. ``None``, having run nothing, where anything differs (another step's threshold, form, text length,
+        autograd, a further call in the forward): the adapter then makes the call through :meth:`attend`. Not while
+        torch.compile traces (the adapter asks)."""
+        runtime = self.runtime
+        if runtime.pending is not None:  # the forward's GPU timestep, read now (Runtime.start_forward)
+            runtime.settle()
+        plan = self.plan
+        if plan is None or self.last_call is not None or plan.state is None:
+            return None
+        again = self._again.get(plan.branch)
+        if (again is None or again.state is not plan.state
+                or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+                or _again_key(runtime, q, k, v, scale, hidden_tokens, encoder_tokens, plan.threshold) != again.key):
+            return None
+        out = repeat_call(plan.state, again.repeat, q, k, v)
+        if out is not None:
+            self.reached = True
+            self.last_call = (plan, "", 0)
+        return out
+
+    def forget_calls(self) -> None:
+        """Drops the calls :meth:`attend_again` would make again (their states are being dropped)."""
+        self._again.clear()
+
+    def _remember(self, call: AttentionCall, plan: CallPlan) -> None:
+        """Keeps a sparse call :meth:`attend_again` can make again: no key mask, problem or shards, a repeat left on
+        the state, no text tokens handed to the layers after it (a double-stream joint call hands them on each time)."""
+        state = plan.state
+        if (call.key_mask is None and call.problem is None and call.shards == 1 and state.repeat is not None
+                and not self._streams_text):
+            key = _again_key(self.runtime, call.q, call.k, call.v, call.scale, call.hidden_tokens, call.encoder_tokens,
+                             plan.threshold)
+            self._again[plan.branch] = _Again(key, state, state.repeat)
+        else:
+            self._again.pop(plan.branch, None)
 
     def attend_planned(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                        scale: float | None, must: list[tuple[int, int]]) -> torch.Tensor:
@@ -324,6 +372,30 @@ class LayerPatch:
         self._tiles["last"] = plan.state.tiles
         self.last_call = (plan, "", 0)
         return out
+
+
+class _Again(NamedTuple):
+    """A sparse call :meth:`LayerPatch.attend_again` makes again: what decided it (:func:`_again_key`), its state,
+    and the repeat :func:`~litepatch.kernels.lite_attention` left on that state."""
+
+    key: tuple
+    state: SkipState
+    repeat: object
+
+
+def _form_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: bool, hidden_tokens, encoder_tokens,
+              shards: int, text_tokens) -> tuple:
+    """What decides how a call is classified, refused and split into must-compute ranges (:meth:`LayerPatch._form`)."""
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, masked, hidden_tokens,
+            encoder_tokens, shards, text_tokens)
+
+
+def _again_key(runtime: Runtime, q, k, v, scale, hidden_tokens, encoder_tokens, threshold: float) -> tuple:
+    """What decides an unmasked, unsharded sparse call beyond its plan's state: its form and the arguments
+    :meth:`LayerPatch._run` gives :func:`~litepatch.kernels.lite_attention`, the registry's generation among them."""
+    return (_form_key(q, k, v, False, hidden_tokens, encoder_tokens, 1,
+                      runtime.stream_text_tokens or runtime.text_tokens),
+            scale, threshold, runtime.recipe.order, runtime.backend, registry.generation)
 
 
 def _autograd_refusal(call: AttentionCall) -> str | None:

@@ -73,6 +73,7 @@ class Runtime:
     def reset_states(self) -> None:
         for layer in self.layers.values():
             layer.states.clear()
+            layer.forget_calls()
             layer.plan = None
 
     def flush(self) -> None:
