@@ -303,7 +303,7 @@ class LayerPatch:
             return None
         again = self._again.get(plan.branch)
         if (again is None or again.state is not plan.state
-                or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+                or _autograd_records(q, k, v)
                 or _again_key(runtime, q, k, v, scale, hidden_tokens, encoder_tokens, plan.threshold) != again.key):
             return None
         out = repeat_call(plan.state, again.repeat, q, k, v)
@@ -318,7 +318,8 @@ class LayerPatch:
 
     def _remember(self, call: AttentionCall, plan: CallPlan) -> None:
         """Keeps a sparse call :meth:`attend_again` can make again: no key mask, problem or shards, a repeat left on
-        the state, no text tokens handed to the layers after it (a double-stream joint call hands them on each time)."""
+        the state, no text tokens handed to the layers after it (a double-stream joint call hands them on at each
+        call)."""
         state = plan.state
         if (call.key_mask is None and call.problem is None and call.shards == 1 and state.repeat is not None
                 and not self._streams_text):
@@ -399,10 +400,14 @@ def _again_key(runtime: Runtime, q, k, v, scale, hidden_tokens, encoder_tokens, 
 
 
 def _autograd_refusal(call: AttentionCall) -> str | None:
-    q, k, v = call.q, call.k, call.v
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if _autograd_records(call.q, call.k, call.v):
         return "autograd is recording (the LiteAttention kernel has no backward)"
     return None
+
+
+def _autograd_records(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether autograd records this call (the kernel has no backward: such calls run the model's own attention)."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 def _sharded(ranges: list[tuple[int, int]], local: int, shards: int) -> list[tuple[int, int]]:
