@@ -1,9 +1,9 @@
 """lite_attention's repeated call (``Backend.repeat``): the next call of the same form on a state skips the checks,
 sizing and dispatch, and anything that makes a call differ goes through the backend's forward again.
 
-A CPU backend stands in for the CuTe one: its forward is the reference, and its repeat makes the reference call with
-the arguments it was given once, counting what ran. Every call's output and state must equal the reference
-backend's, called the usual way, bit for bit.
+A CPU backend stands in for the CuTe one (``repeating_backend.py``: its forward is the reference, and its repeat makes
+the reference call with the arguments it was given once, counting what ran). Every call's output and state must equal
+the reference backend's, called the usual way, bit for bit.
 """
 
 from __future__ import annotations
@@ -14,46 +14,16 @@ import pytest
 import torch
 
 from litepatch.kernels import SkipState, lite_attention, registry
-from litepatch.kernels.reference import reference_forward
-from litepatch.kernels.registry import Backend, Constraints
+
+from repeating_backend import registered
 
 NAME = "test-repeat"
 
 
-class Repeating:
-    """The stand-in backend's forward and repeat, counting what ran; ``stale``: its repeats refuse to run."""
-
-    def __init__(self):
-        self.ran: list[str] = []
-        self.lse_wanted: list[bool] = []
-        self.stale = False
-
-    def forward(self, *args, **kwargs):
-        self.ran.append("forward")
-        return reference_forward(*args, **kwargs)
-
-    def repeat(self, q, k, v, keep, anchor, kept, must_q, must_k, key_valid, **options):
-        if not options["use_anchor"]:  # the visiting direction of "alternate" changes every call
-            return None
-
-        def again(q, k, v, lse_wanted=True):
-            if self.stale:
-                return None
-            self.ran.append("repeat")
-            self.lse_wanted.append(lse_wanted)
-            return reference_forward(q, k, v, keep, anchor, kept, must_q, must_k, key_valid, **options)
-
-        return again
-
-
 @pytest.fixture
 def backend():
-    repeating = Repeating()
-    registry.register_backend(Backend(
-        NAME, repeating.forward, registry.get("reference").tiles,  # the twins' tiles: one state layout
-        Constraints(device_types=("cpu",), dtypes=(torch.float32,)), repeat=repeating.repeat))
-    yield repeating
-    registry._REGISTERED.pop(NAME)
+    with registered(NAME) as repeating:
+        yield repeating
 
 
 def inputs(seq=512, seed=0, heads=2):

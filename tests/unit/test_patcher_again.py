@@ -3,9 +3,9 @@ classification, plan and lite_attention checks in between, where nothing but ``q
 made it; anything else (another form, autograd, a new generation, a state copied out of inference mode) goes the
 whole way.
 
-A CPU backend stands in for the CuTe one (its forward is the reference; its repeat makes the reference call again with
-the arguments it was given). Every output and every kept count must equal those of a twin patched with the reference
-backend, which has no repeat and takes the whole path every time, bit for bit.
+A CPU backend stands in for the CuTe one (``repeating_backend.py``: its forward is the reference; its repeat makes the
+reference call again with the arguments it was given). Every output and every kept count must equal those of a twin
+patched with the reference backend, which has no repeat and takes the whole path every time, bit for bit.
 """
 
 from __future__ import annotations
@@ -17,11 +17,8 @@ import torch
 
 import litepatch
 from litepatch import layer_patch
-from litepatch.kernels import registry
-from litepatch.kernels.reference import reference_forward
-from litepatch.kernels.registry import Backend, Constraints
-
 import tiny_models as tm
+from repeating_backend import registered
 
 pytest.importorskip("diffusers")
 
@@ -31,19 +28,9 @@ STEPS = (999.0, 980.0, 960.0, 940.0)
 
 @pytest.fixture
 def repeats():
-    """Registers the stand-in backend; yields the list of what its repeated calls ran."""
-    ran: list[str] = []
-
-    def repeat(q, k, v, keep, anchor, kept, must_q, must_k, key_valid, **options):
-        def again(q, k, v, lse_wanted=True):
-            ran.append("repeat")
-            return reference_forward(q, k, v, keep, anchor, kept, must_q, must_k, key_valid, **options)
-        return again
-
-    registry.register_backend(Backend(NAME, reference_forward, registry.get("reference").tiles,
-                                      Constraints(device_types=("cpu",), dtypes=(torch.float32,)), repeat=repeat))
-    yield ran
-    registry._REGISTERED.pop(NAME)
+    """Registers the stand-in backend; yields what it ran (the whole path's forwards and its repeats)."""
+    with registered(NAME) as repeating:
+        yield repeating.ran
 
 
 @pytest.fixture
@@ -91,7 +78,7 @@ def test_later_steps_repeat_the_kernel_call_and_match_the_whole_path_bit_for_bit
             assert torch.equal(run(model, inputs, step), run(twin, inputs, step))
             if step != STEPS[0]:  # the twin's two layers went the whole way; this model's went again
                 assert len(full_calls) - before == 2, step
-    assert repeats == ["repeat"] * 2 * (len(STEPS) - 1)
+    assert repeats == ["forward"] * 2 + ["repeat"] * 2 * (len(STEPS) - 1)  # each layer's first call, then repeats
     assert_same_records(handles)
     assert any(kept < total for _, _, kept, total in kept_counts(handles[0]))  # the calls skipped tiles
 
@@ -118,7 +105,7 @@ def test_autograd_is_refused_as_before(repeats):
         run(model, inputs, STEPS[0]), run(model, inputs, STEPS[1])
     with pytest.warns(UserWarning, match="autograd is recording"):
         out = run(model, inputs, STEPS[2])  # the weights require grad: q, k, v do
-    assert out.requires_grad and repeats == ["repeat"] * 2
+    assert out.requires_grad and repeats == ["forward"] * 2 + ["repeat"] * 2  # nothing under autograd
     assert torch.equal(out, run(unpatched, inputs, STEPS[2]))
 
 
