@@ -351,8 +351,8 @@ def _dispatch_interceptor(layer, cell: dict, sdpa, original):
 
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
-        if (attn_mask is None and parallel_config is None and not dropout_p and not is_causal and not enable_gqa
-                and not attention_kwargs and isinstance(query, torch.Tensor) and not torch.compiler.is_compiling()):
+        if (attn_mask is None and parallel_config is None and not torch.compiler.is_compiling()
+                and _dispatch_problem(query, key, dropout_p, is_causal, enable_gqa, attention_kwargs) is None):
             out = layer.attend_again(query, key, value, scale, cell["hidden_tokens"], cell["encoder_tokens"])
             if out is not None:  # the layer's last sparse call again (LayerPatch.attend_again)
                 return out
